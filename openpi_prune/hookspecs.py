@@ -1,0 +1,54 @@
+"""The decisions a pruning method makes, as pluggy hooks.
+
+Built-in methods (`openpi_prune.methods`) implement these through the same plugin manager as
+third-party plugins, which are found in the `openpi_prune` entry-point group. A method-specific
+implementation returns None unless `settings.method` names its method. Array arguments are JAX
+arrays, traced when the model is jitted: implementations must be `jax.numpy` code.
+"""
+
+import pluggy
+
+NAME = "openpi_prune"
+hookspec = pluggy.HookspecMarker(NAME)
+hookimpl = pluggy.HookimplMarker(NAME)
+
+
+class PruneSpec:
+    @hookspec
+    def openpi_prune_methods(self):
+        """Names of the pruning methods this plugin provides, as a list of str."""
+
+    @hookspec
+    def openpi_prune_init_model(self, model, config, rngs, settings):
+        """Add the method's trainable parameters to a newly created `Pi0` (e.g. a projector).
+
+        Called after OpenPI's own `Pi0.__init__`, with its config and `nnx.Rngs`.
+        """
+
+    @hookspec(firstresult=True)
+    def openpi_prune_task_context(self, model, text_tokens, text_mask, noisy_actions, time, settings):
+        """Build the tokens the patches vote against: `(task_tokens [b,t,d], task_mask [b,t])`.
+
+        `text_tokens`/`text_mask` are the prompt's embeddings and mask as `embed_prefix` made them;
+        `noisy_actions [b,h,a]` and `time [b]` are the flow-matching input of this call (`x_t` in
+        training, the initial noise at time 1 in `sample_actions`), or None outside those calls.
+        """
+
+    @hookspec(firstresult=True)
+    def openpi_prune_score(self, image_tokens, candidate_mask, task_tokens, task_mask, settings):
+        """Score the patches: `[b,n,n]`, row i's preference for keeping patch j."""
+
+    @hookspec(firstresult=True)
+    def openpi_prune_select(self, scores, candidate_mask, settings):
+        """The kept set at inference, `kept_mask [b,n]` (a subset of `candidate_mask`)."""
+
+    @hookspec(firstresult=True)
+    def openpi_prune_attn_mask(self, attn_mask, input_mask, mask_ar, settings):
+        """Adjust the mask OpenPI's `make_attn_mask` built (`[b,q,k]`), or return None to keep it.
+
+        Called for every mask `Pi0.compute_loss` / `sample_actions` build with `make_attn_mask`.
+        """
+
+    @hookspec
+    def openpi_prune_report(self, telemetry):
+        """Receive the `Telemetry` of one pruned prefix, on the host, as numpy arrays."""

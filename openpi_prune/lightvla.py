@@ -1,0 +1,128 @@
+"""LightVLA's token pruner as pure `jax.numpy` functions.
+
+Nothing here knows OpenPI. Shapes: `b` batch, `n` image patches (all cameras together), `t` task
+tokens, `d` width. Masks are True where a token is live. Patches with a False `candidate_mask`
+neither vote nor can be voted for; task tokens with a False `task_mask` are not attended to.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+_EPS = 1e-6
+# Finite stand-in for -inf, so that a row with nothing live gives zeros, never NaN.
+_NEG = -1e30
+
+
+def rms_normalize(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """Weight-free RMS normalisation over the last axis (LightVLA normalises without a scale)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _EPS)
+
+
+def _masked_softmax(logits, mask):
+    logits = jnp.where(mask, logits, _NEG)
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(mask, weights, 0.0)
+
+
+def task_queries(
+    patches: Float[Array, "b n d"], task_tokens: Float[Array, "b t d"], task_mask: Bool[Array, "b t"]
+) -> Float[Array, "b n d"]:
+    """Each patch's attention over the live task tokens: the queries that cast its vote."""
+    p, t = rms_normalize(patches), rms_normalize(task_tokens)
+    logits = jnp.einsum("bnd,btd->bnt", p, t) / jnp.sqrt(p.shape[-1])
+    return jnp.einsum("bnt,btd->bnd", _masked_softmax(logits, task_mask[:, None, :]), t)
+
+
+def vote_scores(
+    patches: Float[Array, "b n d"], task_tokens: Float[Array, "b t d"], task_mask: Bool[Array, "b t"]
+) -> Float[Array, "b n n"]:
+    """Row i scores every patch j as the one patch i would keep: normalised query_i . patch_j."""
+    queries = rms_normalize(task_queries(patches, task_tokens, task_mask))
+    return jnp.einsum("bnd,bmd->bnm", queries, rms_normalize(patches)) / jnp.sqrt(patches.shape[-1])
+
+
+def mask_candidates(scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"]) -> Float[Array, "b n n"]:
+    """Scores with non-candidate columns pushed to the bottom, so no row can pick them."""
+    return jnp.where(candidate_mask[:, None, :], scores, _NEG)
+
+
+def votes(scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"]) -> Int[Array, "b n"]:
+    """How many live rows pick each patch as their argmax."""
+    picks = jnp.argmax(mask_candidates(scores, candidate_mask), axis=-1)
+    one_hot = jax.nn.one_hot(picks, scores.shape[-1], dtype=jnp.int32)
+    return jnp.sum(one_hot * candidate_mask[..., None], axis=1)
+
+
+def union_of_argmax(scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"]) -> Bool[Array, "b n"]:
+    """LightVLA's inference rule: keep every patch that is some live row's argmax."""
+    return votes(scores, candidate_mask) > 0
+
+
+def straight_through(
+    scores: Float[Array, "b n n"],
+    candidate_mask: Bool[Array, "b n"],
+    patches: Float[Array, "b n d"],
+    noise: Float[Array, "b n n"],
+) -> Float[Array, "b n d"]:
+    """LightVLA's training rule: each live row becomes the patch it picks (forward: one-hot argmax of
+    the noisy scores; backward: their softmax), so the loss's gradient reaches the scores. Rows of
+    non-candidates keep their own patch; the length is unchanged and duplicates are allowed."""
+    noisy = mask_candidates(scores + noise, candidate_mask)
+    soft = jax.nn.softmax(noisy, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), scores.shape[-1], dtype=soft.dtype)
+    weights = hard + soft - jax.lax.stop_gradient(soft)
+    picked = jnp.einsum("bnm,bmd->bnd", weights, patches.astype(weights.dtype)).astype(patches.dtype)
+    return jnp.where(candidate_mask[..., None], picked, patches)
+
+
+def fit_capacity(
+    kept_mask: Bool[Array, "b n"], priority: Int[Array, "b n"], capacity: int
+) -> tuple[Int[Array, "b c"], Bool[Array, "b c"], Int[Array, "b"]]:
+    """Static-size selection for a compact prefix.
+
+    Returns the indices of `capacity` patches in their original order, which slots hold a kept
+    patch, and how many kept patches did not fit. When more are kept than fit, the highest
+    `priority` (ties: the earlier patch) wins. Slots left over hold unkept patches, marked False.
+    """
+    n = kept_mask.shape[-1]
+    if not 0 < capacity <= n:
+        raise ValueError(f"capacity must be in 1..{n}, got {capacity}")
+    # Kept patches outrank every unkept one; lax.top_k prefers the lower index on ties.
+    rank = jnp.where(kept_mask, priority.astype(jnp.int32) + 1, 0)
+    _, chosen = jax.lax.top_k(rank, capacity)
+    indices = jnp.sort(chosen, axis=-1)
+    slot_mask = jnp.take_along_axis(kept_mask, indices, axis=-1)
+    overflow = jnp.sum(kept_mask, axis=-1) - jnp.sum(slot_mask, axis=-1)
+    return indices, slot_mask, overflow
+
+
+def spread(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, " b"]:
+    """How different the live tokens are, 0 (all the same) to 1 (no shared component):
+    sqrt(mean |x_i - mean x|^2 / mean |x_i|^2) over the live tokens of each sample."""
+    x = x.astype(jnp.float32)
+    w = mask[..., None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    mean = jnp.sum(x * w, axis=1, keepdims=True) / count[:, None]
+    spread_sq = jnp.sum(jnp.square(x - mean) * w, axis=(1, 2)) / count[:, 0]
+    power = jnp.sum(jnp.square(x) * w, axis=(1, 2)) / count[:, 0]
+    return jnp.sqrt(spread_sq / jnp.maximum(power, _EPS))
+
+
+def vote_statistics(
+    scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"]
+) -> dict[str, Float[Array, " b"] | Int[Array, " b"]]:
+    """Per-sample numbers that tell a healthy vote from a collapsed one."""
+    live = candidate_mask.astype(jnp.float32)
+    voters = jnp.maximum(jnp.sum(live, axis=-1), 1.0)
+    counts = votes(scores, candidate_mask)
+    top2 = jax.lax.top_k(mask_candidates(scores, candidate_mask), 2)[0]
+    gap = jnp.where(candidate_mask, top2[..., 0] - top2[..., 1], 0.0)
+    # With fewer than two candidates there is no runner-up: report no gap.
+    gap = jnp.where(jnp.sum(candidate_mask, axis=-1, keepdims=True) >= 2, gap, 0.0)
+    return {
+        "union_picks": jnp.sum(counts > 0, axis=-1),
+        "top1_vote_share": jnp.max(counts, axis=-1) / voters,
+        "score_gap": jnp.sum(gap, axis=-1) / voters,
+    }

@@ -1,0 +1,362 @@
+"""Patching OpenPI with wrapt: checked first, all or nothing, and undone exactly.
+
+This module knows OpenPI's code and nothing of the pruning math: each wrapper calls the original
+and hands its result to `openpi_prune.prefix`, which asks the hooks what to do.
+"""
+
+import dataclasses
+import functools
+import gc
+import importlib
+import inspect
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+
+import wrapt
+
+from openpi_prune.errors import IncompatibleOpenPIError, OpenPINotFoundError
+
+logger = logging.getLogger("openpi_prune")
+
+MODULE = "openpi.models.pi0"
+# Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
+# and never folds it, so this draws nothing OpenPI uses.
+_PRUNER_RNG_FOLD = 0x5052554E
+
+
+class TracedBeforeChangeWarning(UserWarning):
+    """A model function was compiled before the patches changed; it keeps the old behaviour."""
+
+
+class PruneFunctionWrapper(wrapt.FunctionWrapper):
+    """Marks openpi-prune's wrappers, and keeps them on the path of `nnx_utils.module_jit`.
+
+    OpenPI's `Policy` jits `meth.__func__` of a bound method; a plain wrapt bound wrapper answers
+    `__func__` with the unwrapped function, which would skip the wrapper under every Policy.
+    """
+
+
+class _BoundPruneFunctionWrapper(wrapt.BoundFunctionWrapper):
+    @property
+    def __func__(self):
+        parent = self._self_parent
+
+        @functools.wraps(self.__wrapped__.__func__)
+        def through_wrapper(instance, /, *args, **kwargs):
+            return parent.__get__(instance, type(instance))(*args, **kwargs)
+
+        return through_wrapper
+
+
+PruneFunctionWrapper.__bound_function_wrapper__ = _BoundPruneFunctionWrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One attribute of `openpi.models.pi0` we wrap, and what must hold for the wrapper to be right."""
+
+    owner: str  # "" for the module itself, else a class name in it
+    name: str
+    parameters: tuple[str, ...]
+    # Statements (whitespace-insensitive) the wrapper relies on, in the order they must appear.
+    source: tuple[str, ...] = ()
+
+    @property
+    def qualname(self) -> str:
+        return f"{MODULE}.{self.owner + '.' if self.owner else ''}{self.name}"
+
+
+TARGETS = (
+    Target("", "make_attn_mask", ("input_mask", "mask_ar")),
+    Target("Pi0", "__init__", ("self", "config", "rngs")),
+    Target(
+        "Pi0",
+        "embed_prefix",
+        ("self", "obs"),
+        # Output layout: every camera's tokens in `obs.images` order, then the prompt's.
+        (
+            "for name in obs.images:",
+            "image_tokens, _ = self.PaliGemma.img(obs.images[name], train=False)",
+            "tokenized_inputs = self.PaliGemma.llm(obs.tokenized_prompt, method=\"embed\")",
+            "tokens = jnp.concatenate(tokens, axis=1)",
+        ),
+    ),
+    Target(
+        "Pi0",
+        "compute_loss",
+        ("self", "rng", "observation", "actions", "train"),
+        # The wrapper re-derives x_t and time from the rng exactly as these lines do.
+        (
+            "preprocess_rng, noise_rng, time_rng = jax.random.split(rng, 3)",
+            "batch_shape = actions.shape[:-2]",
+            "noise = jax.random.normal(noise_rng, actions.shape)",
+            "time = jax.random.beta(time_rng, 1.5, 1, batch_shape) * 0.999 + 0.001",
+            "time_expanded = time[..., None, None]",
+            "x_t = time_expanded * noise + (1 - time_expanded) * actions",
+            "prefix_tokens, prefix_mask, prefix_ar_mask = self.embed_prefix(observation)",
+            "self.embed_suffix(observation, x_t, time)",
+        ),
+    ),
+    Target(
+        "Pi0",
+        "sample_actions",
+        ("self", "rng", "observation", "num_steps", "noise"),
+        # The wrapper draws this same noise and passes it in, so the pruner sees what OpenPI uses.
+        (
+            "batch_size = observation.state.shape[0]",
+            "if noise is None:",
+            "noise = jax.random.normal(rng, (batch_size, self.action_horizon, self.action_dim))",
+            "prefix_tokens, prefix_mask, prefix_ar_mask = self.embed_prefix(observation)",
+        ),
+    ),
+)
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def import_openpi():
+    try:
+        return importlib.import_module(MODULE)
+    except ImportError as error:
+        raise OpenPINotFoundError(
+            f"cannot import {MODULE} ({error}). openpi-prune patches an installed OpenPI: install "
+            "upstream openpi (e.g. from its repository, or `pip install --no-deps rpent-openpi==0.2.2` "
+            "plus its JAX dependencies) into this environment."
+        ) from error
+
+
+def _resolve(module, target: Target):
+    owner = getattr(module, target.owner) if target.owner else module
+    return owner, getattr(owner, target.name)
+
+
+def check(module) -> list[str]:
+    """What differs between the installed OpenPI and what the wrappers assume (empty: compatible)."""
+    problems = []
+    for target in TARGETS:
+        try:
+            _, function = _resolve(module, target)
+        except AttributeError:
+            problems.append(f"{target.qualname} is missing")
+            continue
+        function = inspect.unwrap(function)
+        try:
+            parameters = tuple(inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            parameters = ()
+        if parameters != target.parameters:
+            problems.append(
+                f"{target.qualname} takes ({', '.join(parameters)}), expected ({', '.join(target.parameters)})"
+            )
+        if target.source:
+            try:
+                source = _squash(inspect.getsource(function))
+            except (OSError, TypeError):
+                problems.append(f"{target.qualname}: source unavailable, cannot check its statements")
+                continue
+            position = 0
+            for statement in target.source:
+                found = source.find(_squash(statement), position)
+                if found < 0:
+                    problems.append(f"{target.qualname} no longer has `{statement}` (in this order)")
+                    break
+                position = found
+    return problems
+
+
+@dataclasses.dataclass
+class _State:
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    handles: dict[Target, object] = dataclasses.field(default_factory=dict)
+    traced: bool = False
+
+
+_state = _State()
+
+
+def is_installed() -> bool:
+    return bool(_state.handles)
+
+
+def installed() -> dict[str, bool]:
+    """Each target's qualified name -> whether our wrapper is still in place on it."""
+    with _state.lock:
+        if not _state.handles:
+            return {}
+        module = importlib.import_module(MODULE)
+        return {t.qualname: wrapt.is_wrapped_by(_resolve(module, t)[1], h) for t, h in _state.handles.items()}
+
+
+def note_patches_changed(what: str) -> None:
+    """Warn if a wrapped model function was traced since the last change, then start afresh."""
+    if _state.traced:
+        warnings.warn(
+            f"openpi-prune {what} after a pruned model function was jit-compiled; compiled functions "
+            "keep the behaviour they were traced with. Re-jit them (e.g. create the Policy or the "
+            "train step anew) to pick up the change.",
+            TracedBeforeChangeWarning,
+            stacklevel=3,
+        )
+    _state.traced = False
+
+
+def compiled_model_functions() -> list[str]:
+    """Names of jit-compiled functions in this process that call a `Pi0` method (as `Policy` makes)."""
+    found = []
+    for obj in gc.get_objects():
+        if type(obj).__name__ != "PjitFunction" or not obj._cache_size():
+            continue
+        wrapped = getattr(obj, "__wrapped__", None)
+        cells = [c.cell_contents for c in getattr(wrapped, "__closure__", None) or () if _cell_filled(c)]
+        for candidate in (wrapped, *cells):
+            name = getattr(getattr(candidate, "__func__", candidate), "__qualname__", "")
+            if name.startswith("Pi0."):
+                found.append(name)
+                break
+    return found
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
+    """Wrap every target with `wrappers[name]`, or none of them. Returns whether it patched."""
+    module = import_openpi()
+    with _state.lock:
+        if _state.handles:
+            return True
+        problems = check(module)
+        if problems:
+            message = "the installed OpenPI does not match what openpi-prune patches:\n  " + "\n  ".join(problems)
+            message += f"\n(OpenPI at {getattr(module, '__file__', '?')}.) Nothing was patched."
+            if strict:
+                raise IncompatibleOpenPIError(message + " Set strict=False to carry on unpruned.")
+            logger.warning("%s Pruning is off.", message)
+            return False
+        late = compiled_model_functions()
+        if late:
+            warnings.warn(
+                f"openpi-prune was enabled after {', '.join(sorted(set(late)))} was jit-compiled; "
+                "those compiled functions run unpruned. Enable it before creating the Policy or "
+                "the train step (OPENPI_PRUNE=1 does so at start-up).",
+                TracedBeforeChangeWarning,
+                stacklevel=3,
+            )
+        done = {}
+        try:
+            for target in TARGETS:
+                owner = getattr(module, target.owner) if target.owner else module
+                done[target] = wrapt.wrap_object(owner, target.name, PruneFunctionWrapper, (wrappers[target.name],))
+        except BaseException:
+            for target, handle in done.items():
+                wrapt.unwrap_object(_resolve(module, target)[0], target.name, handle)
+            raise
+        _state.handles = done
+        _state.traced = False
+        return True
+
+
+def uninstall() -> bool:
+    """Remove exactly our wrappers (others' stay). Returns whether anything was removed."""
+    with _state.lock:
+        if not _state.handles:
+            return False
+        module = importlib.import_module(MODULE)
+        note_patches_changed("was disabled")
+        for target, handle in _state.handles.items():
+            wrapt.unwrap_object(_resolve(module, target)[0], target.name, handle, missing_ok=True)
+        _state.handles = {}
+        return True
+
+
+def note_call(*values) -> None:
+    """Remember that a wrapper ran under a JAX trace (for `note_patches_changed`)."""
+    if not _state.traced:
+        import jax
+
+        _state.traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
+
+
+# The wrappers: each calls the original and hands over to `openpi_prune.prefix`.
+
+
+def _bind(wrapped, args, kwargs):
+    return inspect.signature(wrapped).bind(*args, **kwargs).arguments
+
+
+def wrap_init(wrapped, instance, args, kwargs):
+    from openpi_prune import prefix
+
+    wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    prefix.init_model(instance, bound["config"], bound["rngs"])
+
+
+def wrap_embed_prefix(wrapped, instance, args, kwargs):
+    from openpi_prune import prefix
+
+    tokens, input_mask, ar_mask = wrapped(*args, **kwargs)
+    observation = _bind(wrapped, args, kwargs)["obs"]
+    note_call(tokens)
+    return prefix.prune(instance, observation, tokens, input_mask, ar_mask)
+
+
+def wrap_make_attn_mask(wrapped, instance, args, kwargs):
+    from openpi_prune import prefix
+
+    attn_mask = wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    return prefix.adjust_attn_mask(attn_mask, bound["input_mask"], bound["mask_ar"])
+
+
+def wrap_compute_loss(wrapped, instance, args, kwargs):
+    import jax
+
+    from openpi_prune import prefix
+
+    bound = _bind(wrapped, args, kwargs)
+    rng, actions = bound["rng"], bound["actions"]
+    # The same x_t and time OpenPI's compute_loss draws (checked against its source at install).
+    _, noise_rng, time_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, actions.shape)
+    time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
+    time_expanded = time[..., None, None]
+    x_t = time_expanded * noise + (1 - time_expanded) * actions
+    rng_for_pruner = jax.random.fold_in(rng, _PRUNER_RNG_FOLD)
+    with prefix.noisy_actions(x_t, time, rng=rng_for_pruner, train=bool(bound.get("train", False))):
+        return wrapped(*args, **kwargs)
+
+
+def wrap_sample_actions(wrapped, instance, args, kwargs):
+    import jax
+    import jax.numpy as jnp
+
+    from openpi_prune import prefix
+
+    bound = _bind(wrapped, args, kwargs)
+    noise = bound.get("noise")
+    if noise is None:
+        batch_size = bound["observation"].state.shape[0]
+        noise = jax.random.normal(bound["rng"], (batch_size, instance.action_horizon, instance.action_dim))
+        kwargs = {**kwargs, "noise": noise}
+    time = jnp.ones(noise.shape[:1], dtype=jnp.float32)
+    with prefix.noisy_actions(noise, time, rng=None, train=False):
+        return wrapped(*args, **kwargs)
+
+
+WRAPPERS = {
+    "make_attn_mask": wrap_make_attn_mask,
+    "__init__": wrap_init,
+    "embed_prefix": wrap_embed_prefix,
+    "compute_loss": wrap_compute_loss,
+    "sample_actions": wrap_sample_actions,
+}

@@ -1,0 +1,120 @@
+"""Pruning settings: one frozen dataclass, from code or from the `OPENPI_PRUNE` variable.
+
+`OPENPI_PRUNE` is `1` for the defaults, or comma-separated `key=value` pairs naming fields of
+`PruneSettings`, e.g. `OPENPI_PRUNE="method=language_only,mode=masked,capacity=96"`.
+This module imports nothing heavy: the start-up hook parses the variable with it.
+"""
+
+import dataclasses
+from typing import Literal
+
+from openpi_prune.errors import SettingsError
+
+ENV_VAR = "OPENPI_PRUNE"
+Mode = Literal["compact", "masked"]
+MODES = ("compact", "masked")
+# Default inference budget: LightVLA keeps ~78 of 512 patches (15 %) on LIBERO; a quarter of each
+# camera's 256 tokens leaves headroom over that before the most-voted rule has to drop any.
+CAPACITY_PER_CAMERA = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    # Which registered pruning method decides the task context (see `openpi-prune doctor`).
+    method: str = "scheme_b"
+    # compact: kept tokens are gathered into `capacity` slots, so the prefix is really shorter.
+    # masked: same length, pruned tokens leave `input_mask` (numerically the same, no speed-up).
+    mode: Mode = "compact"
+    # Image-token slots of the compact prefix, for all cameras together; None: 64 per camera.
+    capacity: int | None = None
+    # Uniform noise added to the vote scores in training (LightVLA anneals it from 1 to 0).
+    noise_scale: float = 1.0
+    # A telemetry report whose mean kept count is below this warns of collapse.
+    warn_below: int = 8
+    # Report telemetry to `openpi_prune_report` hooks (a host callback per prefix).
+    telemetry: bool = True
+    # Incompatible OpenPI: raise (True) or log and leave OpenPI untouched (False).
+    strict: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method:
+            raise SettingsError(f"method must be a non-empty string, got {self.method!r}")
+        if self.mode not in MODES:
+            raise SettingsError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.capacity is not None and (
+            isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity <= 0
+        ):
+            raise SettingsError(
+                f"capacity must be a positive number of image tokens (or unset for "
+                f"{CAPACITY_PER_CAMERA} per camera); got {self.capacity!r}"
+            )
+        if not isinstance(self.noise_scale, int | float) or self.noise_scale < 0:
+            raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
+        if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:
+            raise SettingsError(f"warn_below must be an integer >= 0; got {self.warn_below!r}")
+
+    def capacity_for(self, num_cameras: int) -> int:
+        return self.capacity if self.capacity is not None else CAPACITY_PER_CAMERA * num_cameras
+
+    def replace(self, **changes) -> "PruneSettings":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {_known()}")
+        return dataclasses.replace(self, **changes)
+
+
+def _known() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(PruneSettings))
+
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def _convert(name: str, text: str):
+    field = {f.name: f for f in dataclasses.fields(PruneSettings)}[name]
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if name == "capacity":
+        if text.lower() in ("", "auto", "none"):
+            return None
+        kind = "int"
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{name} must be one of {'/'.join(_TRUE + _FALSE)}; got {text!r}")
+    if kind in ("int", "float"):
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise SettingsError(f"{name} must be a{'n integer' if kind == 'int' else ' number'}; got {text!r}") from None
+    return text
+
+
+def parse(value: str) -> PruneSettings:
+    """Settings from the text of `OPENPI_PRUNE` (`1`, or `key=value` pairs separated by commas)."""
+    value = value.strip()
+    if value.lower() in _TRUE:
+        return PruneSettings()
+    changes = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise SettingsError(
+                f"{ENV_VAR}={value!r}: {item!r} is not key=value; use 1 for the defaults or e.g. "
+                f"{ENV_VAR}=method=scheme_b,mode=compact,capacity=192"
+            )
+        if key not in {f.name for f in dataclasses.fields(PruneSettings)}:
+            raise SettingsError(f"{ENV_VAR}={value!r}: unknown setting {key!r}; known: {_known()}")
+        if key in changes:
+            raise SettingsError(f"{ENV_VAR}={value!r}: {key!r} is given twice")
+        try:
+            changes[key] = _convert(key, text.strip())
+        except SettingsError as error:
+            raise SettingsError(f"{ENV_VAR}={value!r}: {error}") from None
+    try:
+        return PruneSettings(**changes)
+    except SettingsError as error:
+        raise SettingsError(f"{ENV_VAR}={value!r}: {error}") from None

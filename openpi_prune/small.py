@@ -1,0 +1,104 @@
+"""Small real OpenPI models and inputs, for the demo, the benchmark and the tests.
+
+They are upstream `Pi0` instances with OpenPI's `dummy` Gemma and, by default, SigLIP `mu/14`
+instead of the hard-coded `So400m/14`: still 256 tokens per 224x224 image, but ~17M parameters
+that create in seconds on a CPU. No weights are downloaded.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@contextlib.contextmanager
+def siglip_variant(variant: str | None):
+    """Make `Pi0.__init__` build SigLIP `variant` (None: OpenPI's own So400m/14)."""
+    from openpi.models import siglip
+
+    if variant is None:
+        yield
+        return
+    original = siglip.Module
+
+    def module(num_classes=None, *, variant=None, **kwargs):  # noqa: ARG001 - replaced on purpose
+        return original(num_classes, variant=_variant, **kwargs)
+
+    _variant = variant
+    siglip.Module = module
+    try:
+        yield
+    finally:
+        siglip.Module = original
+
+
+def config(*, pi05: bool = True, action_horizon: int = 10, max_token_len: int = 32, **changes):
+    from openpi.models import pi0_config
+
+    return pi0_config.Pi0Config(
+        paligemma_variant="dummy",
+        action_expert_variant="dummy",
+        dtype="float32",
+        pi05=pi05,
+        action_horizon=action_horizon,
+        max_token_len=max_token_len,
+        **changes,
+    )
+
+
+def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb: bool = True):
+    """A real `Pi0`; `perturb` gives SigLIP's zero-initialised head random weights, since a fresh
+    model's image tokens are otherwise all zero and there is nothing to prune by."""
+    with siglip_variant(siglip):
+        model = model_config.create(jax.random.key(seed))
+    if perturb:
+        head = model.PaliGemma.img.head
+        kernel = head["kernel"] if isinstance(head, dict) else head.kernel
+        value = jax.random.normal(jax.random.key(seed + 1), kernel.value.shape, kernel.value.dtype)
+        kernel.value = value / jnp.sqrt(kernel.value.shape[0])
+    return model
+
+
+def observation(
+    model_config,
+    *,
+    batch_size: int = 1,
+    seed: int = 0,
+    prompt_tokens: int | list[int] = 12,
+    camera_masks: dict[str, list[bool]] | None = None,
+):
+    """A random observation: smooth random images in [-1, 1], a random prompt of `prompt_tokens`
+    live tokens (per sample if a list) padded to `max_token_len`, all cameras live unless masked."""
+    from openpi.models import model as _model
+
+    rng = np.random.default_rng(seed)
+    spec, _ = model_config.inputs_spec(batch_size=batch_size)
+    images, masks = {}, {}
+    for name, image in spec.images.items():
+        coarse = rng.uniform(-1, 1, (batch_size, 14, 14, 3))
+        images[name] = jnp.asarray(np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2), jnp.float32)
+        live = (camera_masks or {}).get(name, [True] * batch_size)
+        masks[name] = jnp.asarray(live, dtype=bool)
+    lengths = prompt_tokens if isinstance(prompt_tokens, list) else [prompt_tokens] * batch_size
+    width = model_config.max_token_len
+    tokens = rng.integers(2, 250_000, (batch_size, width))
+    prompt_mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+    return _model.Observation(
+        images=images,
+        image_masks=masks,
+        state=jnp.asarray(rng.normal(size=(batch_size, model_config.action_dim)), jnp.float32),
+        tokenized_prompt=jnp.asarray(np.where(prompt_mask, tokens, 0), jnp.int32),
+        tokenized_prompt_mask=jnp.asarray(prompt_mask),
+    )
+
+
+def actions(model_config, *, batch_size: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed + 7)
+    shape = (batch_size, model_config.action_horizon, model_config.action_dim)
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+def parameter_count(model) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))

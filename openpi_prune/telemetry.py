@@ -1,0 +1,128 @@
+"""What the pruner kept and why, per sample and per camera, to tell collapse from health.
+
+Inside a traced function, `collect()` hands training code the numbers as JAX arrays (log them
+from the train step). On the host, every pruned prefix is reported to the `openpi_prune_report`
+hook as a `Telemetry` of numpy arrays; the built-in recorder keeps the latest ones (`recent()`)
+and warns when the kept count collapses.
+"""
+
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import threading
+import warnings
+
+import numpy as np
+
+from openpi_prune.hookspecs import hookimpl
+
+# Per-sample numbers, shape [b] unless noted.
+FIELDS = (
+    "kept",  # image tokens kept (after capacity)
+    "kept_per_camera",  # [b, cameras]
+    "candidates",  # live image tokens that could be kept (cameras not masked)
+    "union_picks",  # distinct argmax picks (LightVLA's kept set, before capacity)
+    "top1_vote_share",  # votes of the most-voted patch / voters
+    "query_spread",  # spread of the normalised queries (0: all rows ask the same)
+    "patch_spread",  # spread of the normalised patches
+    "task_spread",  # spread of the normalised live task tokens
+    "score_gap",  # mean over voters of top-1 minus top-2 score
+    "live_task_tokens",  # task tokens the patches attended to
+    "overflow",  # kept tokens dropped because the capacity was full
+    "kept_mask",  # [b, n] which image tokens were kept
+)
+
+
+class CollapseWarning(UserWarning):
+    """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Telemetry:
+    method: str
+    mode: str  # "compact", "masked" or "train"
+    capacity: int
+    warn_below: int
+    values: dict[str, np.ndarray]
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of the per-sample numbers."""
+        return {k: float(np.mean(v)) for k, v in self.values.items() if k not in ("kept_mask", "kept_per_camera")}
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(np.mean(self.values["kept"]) < self.warn_below)
+
+
+_collectors: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("openpi_prune_collectors", default=())
+
+
+@contextlib.contextmanager
+def collect():
+    """Collect the telemetry arrays of every prefix pruned inside the block (traced or not).
+
+    >>> with openpi_prune.telemetry.collect() as reports:
+    ...     loss = model.compute_loss(rng, obs, actions, train=True)
+    >>> reports[0]["kept"]   # a JAX array: return it from the train step to log it
+    """
+    reports: list[dict] = []
+    token = _collectors.set((*_collectors.get(), reports))
+    try:
+        yield reports
+    finally:
+        _collectors.reset(token)
+
+
+def deliver_traced(values: dict) -> None:
+    for reports in _collectors.get():
+        reports.append(values)
+
+
+class Recorder:
+    """Built-in `openpi_prune_report` plugin: keeps the latest reports and warns of collapse."""
+
+    def __init__(self, size: int = 64):
+        self._lock = threading.Lock()
+        self._reports: collections.deque[Telemetry] = collections.deque(maxlen=size)
+
+    @hookimpl(trylast=True)
+    def openpi_prune_report(self, telemetry: Telemetry):
+        with self._lock:
+            self._reports.append(telemetry)
+        if telemetry.collapsed:
+            warnings.warn(
+                f"openpi-prune ({telemetry.method}, {telemetry.mode}) kept "
+                f"{np.mean(telemetry.values['kept']):.1f} image tokens on average, below warn_below="
+                f"{telemetry.warn_below}: the vote has collapsed (top-1 vote share "
+                f"{np.mean(telemetry.values['top1_vote_share']):.2f}, query spread "
+                f"{np.mean(telemetry.values['query_spread']):.3f}).",
+                CollapseWarning,
+                stacklevel=2,
+            )
+
+    def recent(self) -> list[Telemetry]:
+        with self._lock:
+            return list(self._reports)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reports.clear()
+
+
+RECORDER = Recorder()
+
+
+def recent() -> list[Telemetry]:
+    """The latest host-side reports, oldest first (call `jax.effects_barrier()` first after jit)."""
+    return RECORDER.recent()
+
+
+def clear() -> None:
+    RECORDER.clear()
