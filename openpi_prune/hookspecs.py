@@ -43,6 +43,14 @@ class PruneSpec:
         """The kept set at inference, `kept_mask [b,n]` (a subset of `candidate_mask`)."""
 
     @hookspec(firstresult=True)
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, settings):
+        """The image tokens a training forward pass sees: `(image_tokens [b,n,d], kept_mask [b,n])`.
+
+        Same length as the input, and differentiable with respect to `scores`, so the loss trains
+        whatever made them. `noise [b,n,n]` is the method's exploration noise for this step.
+        """
+
+    @hookspec(firstresult=True)
     def openpi_prune_attn_mask(self, attn_mask, input_mask, mask_ar, settings):
         """Adjust the mask OpenPI's `make_attn_mask` built (`[b,q,k]`), or return None to keep it.
 

@@ -25,6 +25,11 @@ class LightVLAVote:
     def openpi_prune_select(self, scores, candidate_mask, settings):
         return lightvla.union_of_argmax(scores, candidate_mask)
 
+    @hookimpl(trylast=True)
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, settings):
+        picked = lightvla.straight_through(scores, candidate_mask, image_tokens, noise)
+        return picked, lightvla.union_of_argmax(scores + noise, candidate_mask)
+
 
 class LanguageOnly:
     name = "language_only"
@@ -46,6 +51,10 @@ class KeepAll(LanguageOnly):
     @hookimpl
     def openpi_prune_select(self, scores, candidate_mask, settings):
         return candidate_mask if settings.method == self.name else None
+
+    @hookimpl
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, settings):
+        return (image_tokens, candidate_mask) if settings.method == self.name else None
 
 
 class SchemeB:

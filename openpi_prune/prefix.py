@@ -134,13 +134,14 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     counts = lightvla.votes(scores, candidate_mask)
 
     if context is not None and context.train:
-        # LightVLA's training: same length, each live patch replaced by its noisy pick.
+        # Training keeps the length (LightVLA: each live patch becomes its noisy pick).
         scale = _noise_scale.get()
         scale = settings.noise_scale if scale is None else scale
         noise = jax.random.uniform(context.rng, scores.shape, dtype=scores.dtype) * scale
-        picked = lightvla.straight_through(scores, candidate_mask, image_tokens, noise)
+        picked, kept_mask = hook.openpi_prune_select_train(
+            scores=scores, candidate_mask=candidate_mask, image_tokens=image_tokens, noise=noise, settings=settings
+        )
         tokens = jnp.concatenate([picked, text_tokens], axis=1)
-        kept_mask = lightvla.union_of_argmax(scores + noise, candidate_mask)
         mode, slot_capacity, overflow = "train", image_len, jnp.zeros(tokens.shape[:1], jnp.int32)
     else:
         kept_mask = hook.openpi_prune_select(scores=scores, candidate_mask=candidate_mask, settings=settings)

@@ -49,15 +49,21 @@ def config(*, pi05: bool = True, action_horizon: int = 10, max_token_len: int = 
 
 
 def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb: bool = True):
-    """A real `Pi0`; `perturb` gives SigLIP's zero-initialised head random weights, since a fresh
-    model's image tokens are otherwise all zero and there is nothing to prune by."""
+    """A real `Pi0`. OpenPI zero-initialises some kernels (SigLIP's head, pi0.5's adaRMS
+    modulation), so a fresh model's image tokens are all zero and its actions ignore the
+    observation; `perturb` gives every all-zero kernel random weights, so there is something to
+    prune by and pruning shows in the actions."""
     with siglip_variant(siglip):
         model = model_config.create(jax.random.key(seed))
     if perturb:
-        head = model.PaliGemma.img.head
-        kernel = head["kernel"] if isinstance(head, dict) else head.kernel
-        value = jax.random.normal(jax.random.key(seed + 1), kernel.value.shape, kernel.value.dtype)
-        kernel.value = value / jnp.sqrt(kernel.value.shape[0])
+        flat = nnx.state(model, nnx.Param).flat_state()
+        key = jax.random.key(seed + 1)
+        for path, param in flat.items():
+            value = param.value
+            if path[-1] == "kernel" and not bool(jnp.any(value)):
+                key, draw = jax.random.split(key)
+                param.value = jax.random.normal(draw, value.shape, value.dtype) / jnp.sqrt(value.shape[-2])
+        nnx.update(model, nnx.State.from_flat_path(flat))
     return model
 
 
@@ -102,3 +108,25 @@ def actions(model_config, *, batch_size: int = 1, seed: int = 0):
 
 def parameter_count(model) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+
+
+def add_shared_component(model, *, scale: float = 2.0, seed: int = 0) -> None:
+    """Give every image token and every prompt token one shared direction, `scale` times their RMS.
+
+    Trained transformer embeddings share such a component (anisotropy); on random weights this
+    reproduces the collapse a straight LightVLA port shows on pi0.5 (see the README).
+    """
+    state = nnx.state(model, nnx.Param)
+    flat = state.flat_state()
+    head_bias = flat[("PaliGemma", "img", "head", "bias")]
+    table = flat[("PaliGemma", "llm", "embedder", "input_embedding")]
+    width = head_bias.value.shape[-1]
+    direction = jax.random.normal(jax.random.key(seed), (width,))
+    direction = direction / jnp.sqrt(jnp.mean(jnp.square(direction)))  # RMS 1
+    # Image tokens: head(x) = x @ kernel + bias; their RMS is measured on a random image batch.
+    image = jax.random.uniform(jax.random.key(seed + 1), (1, 224, 224, 3), minval=-1, maxval=1)
+    tokens, _ = model.PaliGemma.img(image, train=False)
+    head_bias.value = head_bias.value + scale * jnp.sqrt(jnp.mean(jnp.square(tokens))) * direction
+    rows = table.value
+    table.value = rows + scale * jnp.sqrt(jnp.mean(jnp.square(rows))) * direction.astype(rows.dtype)
+    nnx.update(model, nnx.State.from_flat_path(flat))
