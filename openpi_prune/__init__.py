@@ -27,6 +27,7 @@ __all__ = [
     "PruneInputError",
     "PruneSettings",
     "SettingsError",
+    "current_settings",
     "disable",
     "disabled",
     "enable",
@@ -34,7 +35,6 @@ __all__ = [
     "is_enabled",
     "noise_scale",
     "noisy_actions",
-    "settings",
 ]
 
 _lock = threading.RLock()
@@ -77,7 +77,7 @@ def is_enabled() -> bool:
     return patch.is_installed()
 
 
-def settings() -> PruneSettings | None:
+def current_settings() -> PruneSettings | None:
     """The settings in force, or None when disabled."""
     from openpi_prune import prefix
 
@@ -94,7 +94,7 @@ def _restore(previous: PruneSettings | None) -> None:
 @contextlib.contextmanager
 def enabled(settings: PruneSettings | None = None, /, **changes):
     """Prune inside the block; afterwards restore what was in force before."""
-    previous = globals()["settings"]()
+    previous = current_settings()
     try:
         yield enable(settings, **changes)
     finally:
@@ -104,7 +104,7 @@ def enabled(settings: PruneSettings | None = None, /, **changes):
 @contextlib.contextmanager
 def disabled():
     """Run OpenPI unpatched inside the block; afterwards restore what was in force before."""
-    previous = settings()
+    previous = current_settings()
     disable()
     try:
         yield

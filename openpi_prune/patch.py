@@ -188,7 +188,13 @@ def installed() -> dict[str, bool]:
         if not _state.handles:
             return {}
         module = importlib.import_module(MODULE)
-        return {t.qualname: wrapt.is_wrapped_by(_resolve(module, t)[1], h) for t, h in _state.handles.items()}
+        return {t.qualname: wrapt.is_wrapped_by(_static(module, t), h) for t, h in _state.handles.items()}
+
+
+def _static(module, target: Target):
+    """The attribute as stored (a class attribute, not the bound wrapper its descriptor makes)."""
+    owner = getattr(module, target.owner) if target.owner else module
+    return inspect.getattr_static(owner, target.name)
 
 
 def note_patches_changed(what: str) -> None:

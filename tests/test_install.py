@@ -1,9 +1,9 @@
-"""openpi-prune as a user gets it: the built wheel in a fresh venv, its start-up hook, a third-party plugin.
+"""openpi-prune as a user gets it: the wheel in a fresh venv, its start-up hook, a third-party plugin.
 
 Everything runs in subprocesses of a fresh venv that holds only the two wheels built here; OpenPI
 and its JAX stack come from the dev venv through a plain path `.pth` line (no reinstall). The wheels
-and the venv are made once per module, and the subprocesses (each imports OpenPI, ~7 s) of a group
-run side by side.
+and the venv are made once per module, and all the subprocesses (each imports OpenPI, ~7 s of CPU)
+are started together, so the module takes about their CPU time over the cores.
 """
 
 import importlib.util
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_SRC = Path(__file__).resolve().parent / "thirdparty_plugin"
 STARTUP_FILES = ("_openpi_prune_startup.py", "openpi-prune-startup.pth", "openpi-prune-startup.start")
 TIMEOUT = 600
+HAS_CLI = (REPO / "openpi_prune" / "cli.py").exists()
 
 # Prints, as JSON, what the start-up hook did in this interpreter. argv: actions, see below.
 PROBE = r'''
@@ -35,7 +36,8 @@ def wrappers():
     from openpi.models import pi0
 
     counts = {}
-    for owner, name in [(pi0, "make_attn_mask")] + [(pi0.Pi0, n) for n in ("__init__", "embed_prefix", "compute_loss", "sample_actions")]:
+    methods = ("__init__", "embed_prefix", "compute_loss", "sample_actions")
+    for owner, name in [(pi0, "make_attn_mask")] + [(pi0.Pi0, n) for n in methods]:
         obj, count = inspect.getattr_static(owner, name), 0
         for _ in range(50):
             count += type(obj).__name__ == "PruneFunctionWrapper"
@@ -85,13 +87,14 @@ from openpi_prune import plugins, small, telemetry
 cfg = small.config(pi05=True)
 model = small.create(cfg)
 obs = small.observation(cfg, batch_size=1)
+assert openpi_prune.is_enabled(), "OPENPI_PRUNE did not enable openpi-prune"
 log = os.environ["EVERY_OTHER_LOG"]
 before = (list(openpi_prune_every_other.REPORTS), os.path.exists(log))
 actions = model.sample_actions(jax.random.key(0), obs, num_steps=1)
 jax.effects_barrier()
 kept_mask = telemetry.recent()[-1].values["kept_mask"]
 print(json.dumps({
-    "settings": repr(openpi_prune.settings()),
+    "settings": repr(openpi_prune.current_settings()),
     "before": before,
     "reports": openpi_prune_every_other.REPORTS,
     "log": open(log).read().splitlines(),
@@ -122,16 +125,13 @@ print(json.dumps({"error": error, "enabled": openpi_prune.is_enabled(),
 
 
 def _python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return venv / "bin" / "python"
 
 
 def _clean_env(**changes) -> dict[str, str]:
     """The test's environment without anything that would steer openpi-prune or the imports."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OPENPI_PRUNE") and k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "EVERY_OTHER_LOG")
-    }
+    dropped = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "EVERY_OTHER_LOG")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE") and k not in dropped}
     env["JAX_PLATFORMS"] = "cpu"
     env.update(changes)
     return env
@@ -210,7 +210,8 @@ def install(tmp_path_factory) -> Install:
         )
 
     _check([sys.executable, "-m", "venv", "--without-pip", inst.venv])
-    inst.site = Path(_check([inst.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    purelib = _check([inst.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    inst.site = Path(purelib.stdout.strip())
     # A path line: site adds the dev venv's directory but runs none of its .pth files (so neither its
     # editable openpi_prune nor its start-up hook). "00-" sorts before openpi-prune-startup.pth, which
     # needs wrapt from there.
@@ -256,8 +257,12 @@ def jobs(install):
     # The third-party plugin: used, then blocked or not allowed.
     log = str(install.work / "every_other.log")
     jobs.start("plugin", [py, run], _clean_env(OPENPI_PRUNE=chosen, EVERY_OTHER_LOG=log))
-    jobs.start("blocked", [py, blocked, "import"], _clean_env(OPENPI_PRUNE=chosen, OPENPI_PRUNE_DISABLE_PLUGINS="every_other"))
+    block = _clean_env(OPENPI_PRUNE=chosen, OPENPI_PRUNE_DISABLE_PLUGINS="every_other")
+    jobs.start("blocked", [py, blocked, "import"], block)
     jobs.start("not-allowed", [py, blocked], _clean_env(OPENPI_PRUNE_PLUGINS="somethingelse"))
+    if HAS_CLI:
+        # Wide enough that rich's tables don't wrap the names.
+        jobs.start("doctor", [install.venv / "bin" / "openpi-prune", "doctor"], _clean_env(COLUMNS="200"))
     yield jobs
     jobs.close()
 
@@ -340,9 +345,8 @@ def test_blocked_plugin_method_is_unknown(jobs, case):
     assert not result["plugin_loaded"], "a blocked plugin was imported"
 
 
-def test_doctor_lists_the_plugin(install):
-    if not (REPO / "openpi_prune" / "cli.py").exists():
-        pytest.skip("openpi_prune/cli.py does not exist yet")
-    script = install.venv / ("Scripts/openpi-prune.exe" if os.name == "nt" else "bin/openpi-prune")
-    done = _check([script, "doctor"], env=_clean_env(), cwd=install.work)
-    assert "every_other" in done.stdout
+@pytest.mark.skipif(not HAS_CLI, reason="openpi_prune/cli.py does not exist yet")
+def test_doctor_lists_the_plugin(jobs):
+    done = jobs.result("doctor")
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert "openpi-prune-every-other 0.1.0" in done.stdout and "every_other" in done.stdout

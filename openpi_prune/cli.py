@@ -1,0 +1,75 @@
+"""`openpi-prune doctor` (is OpenPI patchable, what is patched, which plugins) and `openpi-prune demo`."""
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _openpi_location() -> tuple[str, str]:
+    spec = importlib.util.find_spec("openpi")
+    if spec is None:
+        return "not installed", "-"
+    dists = importlib.metadata.packages_distributions().get("openpi", [])
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in dists) or "unknown distribution"
+    return versions, str(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
+
+
+def doctor(_args) -> int:
+    import openpi_prune
+    from openpi_prune import patch, plugins, settings
+
+    dist, where = _openpi_location()
+    console.print(f"[bold]OpenPI[/]: {dist} at {where}")
+    console.print(f"[bold]openpi-prune[/]: {importlib.metadata.version('openpi-prune')} at {os.path.dirname(__file__)}")
+    env = os.environ.get(settings.ENV_VAR)
+    console.print(f"[bold]{settings.ENV_VAR}[/]: {env!r}" if env is not None else f"[bold]{settings.ENV_VAR}[/]: unset")
+    if dist == "not installed":
+        console.print("[red]OpenPI is not importable here: nothing can be patched.[/]")
+        return 1
+    module = patch.import_openpi()
+    problems = patch.check(module)
+    targets = Table("target", "compatible", "patched")
+    patched = patch.installed()
+    for target in patch.TARGETS:
+        bad = [p for p in problems if p.startswith(target.qualname)]
+        targets.add_row(target.qualname, "yes" if not bad else "[red]no[/]: " + "; ".join(bad), "yes" if patched.get(target.qualname) else "no")
+    console.print(targets)
+    console.print(f"settings in force: {openpi_prune.current_settings() or 'disabled'}")
+    table = Table("plugin", "distribution", "methods")
+    manager = plugins.get_manager()
+    methods = plugins.known_methods(manager)
+    for name, dist_name in plugins.plugin_distributions(manager):
+        table.add_row(name, dist_name, ", ".join(m for m, p in methods.items() if p == name))
+    console.print(table)
+    blocked = [name for name in os.environ.get(plugins.BLOCK_VAR, "").split(",") if name]
+    if blocked or os.environ.get(plugins.ALLOW_VAR):
+        console.print(f"{plugins.ALLOW_VAR}={os.environ.get(plugins.ALLOW_VAR, '')!r} {plugins.BLOCK_VAR}={','.join(blocked)!r}")
+    return 1 if problems else 0
+
+
+def demo(args) -> int:
+    from openpi_prune import demo as _demo
+
+    return _demo.run(out=args.out, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="openpi-prune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="which OpenPI, whether its targets match, what is patched, which plugins")
+    run = sub.add_parser("demo", help="prune a real (small) pi0.5 and show what was kept")
+    run.add_argument("--out", default="openpi-prune-demo", help="folder for the pictures (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return {"doctor": doctor, "demo": demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The patch layer: guarded, all or nothing, undoable, and honest about compiled functions."""
+
+import inspect
+import logging
+
+import jax
+import pytest
+import wrapt
+
+import openpi_prune
+from openpi.models import pi0 as openpi_pi0
+from openpi.shared import nnx_utils
+from openpi_prune import IncompatibleOpenPIError, hookspecs, patch, plugins, small
+
+from conftest import last_report
+
+
+def _ours(name):
+    return isinstance(inspect.getattr_static(openpi_pi0.Pi0, name), patch.PruneFunctionWrapper)
+
+
+def test_enable_wraps_every_target_and_disable_removes_only_ours():
+    def theirs(wrapped, instance, args, kwargs):
+        return wrapped(*args, **kwargs)
+
+    openpi_prune.enable()
+    assert all(patch.installed().values()) and len(patch.installed()) == len(patch.TARGETS)
+    # Someone else wraps embed_prefix on top of us; disabling us must leave theirs in place.
+    handle = wrapt.wrap_function_wrapper(openpi_pi0.Pi0, "embed_prefix", theirs)
+    openpi_prune.disable()
+    assert inspect.getattr_static(openpi_pi0.Pi0, "embed_prefix") is handle
+    assert not isinstance(handle.__wrapped__, patch.PruneFunctionWrapper)
+    wrapt.unwrap_object(openpi_pi0.Pi0, "embed_prefix", handle)
+    assert not any(_ours(n) for n in ("__init__", "embed_prefix", "compute_loss", "sample_actions"))
+
+
+def test_incompatible_openpi_is_named_and_nothing_is_patched(monkeypatch, caplog):
+    def compute_loss(self, rng, observation, actions, *, train=False):
+        return None  # an upstream rewrite that no longer draws x_t the way the wrapper mirrors
+
+    monkeypatch.setattr(openpi_pi0.Pi0, "compute_loss", compute_loss)
+    with pytest.raises(IncompatibleOpenPIError, match=r"Pi0.compute_loss no longer has `preprocess_rng, noise_rng"):
+        openpi_prune.enable()
+    assert not openpi_prune.is_enabled() and not _ours("embed_prefix")
+    with caplog.at_level(logging.WARNING, logger="openpi_prune"):
+        openpi_prune.enable(strict=False)
+    assert "does not match" in caplog.text and not openpi_prune.is_enabled() and not _ours("embed_prefix")
+
+
+def test_signature_change_is_reported(monkeypatch):
+    monkeypatch.setattr(openpi_pi0, "make_attn_mask", lambda input_mask, mask_ar, extra=None: None)
+    problems = patch.check(openpi_pi0)
+    assert problems == ["openpi.models.pi0.make_attn_mask takes (input_mask, mask_ar, extra), expected (input_mask, mask_ar)"]
+
+
+def test_a_failing_wrap_rolls_back_the_others(monkeypatch):
+    original = patch.WRAPPERS["sample_actions"]
+    monkeypatch.setitem(patch.WRAPPERS, "sample_actions", None)  # wrapt refuses a None wrapper
+    with pytest.raises(Exception):
+        openpi_prune.enable()
+    monkeypatch.setitem(patch.WRAPPERS, "sample_actions", original)
+    assert not openpi_prune.is_enabled()
+    assert not any(_ours(n) for n in ("__init__", "embed_prefix", "compute_loss", "sample_actions"))
+    assert not isinstance(openpi_pi0.make_attn_mask, patch.PruneFunctionWrapper)
+
+
+def test_changes_after_tracing_warn(pi05):
+    cfg, model = pi05
+    obs = small.observation(cfg)
+    openpi_prune.enable(method="language_only")
+    jitted = nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))
+    jitted(jax.random.key(0), obs, num_steps=1)
+    with pytest.warns(patch.TracedBeforeChangeWarning, match="settings changed after a pruned model function was jit-compiled"):
+        openpi_prune.enable(method="scheme_b")
+    openpi_prune.disable()
+    # Enabling after a Policy-style function was compiled unpruned: those functions stay unpruned.
+    late = nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))
+    late(jax.random.key(0), obs, num_steps=1)
+    with pytest.warns(patch.TracedBeforeChangeWarning, match="enabled after Pi0.sample_actions was jit-compiled"):
+        openpi_prune.enable()
+    del jitted, late
+
+
+class _MaskSpy:
+    def __init__(self):
+        self.calls = 0
+
+    @hookspecs.hookimpl
+    def openpi_prune_attn_mask(self, attn_mask, input_mask, mask_ar, settings):
+        self.calls += 1
+        return None
+
+
+def test_attn_mask_hook_sees_every_mask_openpi_builds(pi0):
+    cfg, model = pi0
+    spy = _MaskSpy()
+    plugins.get_manager().register(spy)
+    try:
+        with openpi_prune.enabled(method="keep_all"):
+            model.sample_actions(jax.random.key(0), small.observation(cfg), num_steps=2)
+    finally:
+        plugins.get_manager().unregister(spy)
+    # sample_actions builds one prefix mask, then one suffix mask per denoising step (traced once
+    # in OpenPI's while_loop).
+    assert spy.calls == 2
+
+
+def test_plugin_manager_blocks_and_allows_by_environment(monkeypatch):
+    monkeypatch.setenv(plugins.BLOCK_VAR, "every_other")
+    manager = plugins.create_manager()
+    assert manager.is_blocked("every_other") or "every_other" not in [n for n, _ in manager.list_name_plugin()]
+    assert set(plugins.known_methods(manager)) == {"scheme_b", "language_only", "keep_all"}
+
+
+def test_doctor_reports_targets_plugins_and_patches(capsys):
+    from openpi_prune import cli
+
+    openpi_prune.enable()
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "rpent-openpi" in out or "openpi" in out
+    for target in patch.TARGETS:
+        assert target.qualname in out
+    assert "scheme_b" in out and "builtin:SchemeB" in out
+    assert out.count("yes") >= 2 * len(patch.TARGETS)  # compatible and patched, each

@@ -1,0 +1,244 @@
+"""Scheme B and the status quo inside real pi0 / pi0.5 models: training, inference, both modes."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import openpi_prune
+from openpi.models import pi0 as openpi_pi0
+from openpi_prune import PruneInputError, SettingsError, hookspecs, methods, plugins, small, telemetry
+from openpi_prune.prefix import linear_noise_scale
+from openpi_prune.telemetry import CollapseWarning
+
+from conftest import last_report
+
+
+class _Spy:
+    """Records what the pruner's task-context hook receives, then lets the real method answer."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookspecs.hookimpl(tryfirst=True)
+    def openpi_prune_task_context(self, model, text_tokens, text_mask, noisy_actions, time, settings):
+        self.seen.append((noisy_actions, time))
+
+
+@pytest.fixture
+def spy():
+    spy = _Spy()
+    plugins.get_manager().register(spy)
+    yield spy
+    plugins.get_manager().unregister(spy)
+
+
+def test_compute_loss_pruner_sees_exactly_what_embed_suffix_gets(any_model, spy, monkeypatch):
+    cfg, model = any_model
+    obs, actions = small.observation(cfg, batch_size=2), small.actions(cfg, batch_size=2)
+    suffix_inputs = []
+    original = openpi_pi0.Pi0.embed_suffix
+
+    def recording_embed_suffix(self, obs, noisy_actions, timestep):
+        suffix_inputs.append((noisy_actions, timestep))
+        return original(self, obs, noisy_actions, timestep)
+
+    monkeypatch.setattr(openpi_pi0.Pi0, "embed_suffix", recording_embed_suffix)
+    with openpi_prune.enabled(method="scheme_b", mode="masked"):
+        loss = model.compute_loss(jax.random.key(11), obs, actions, train=True)
+    assert np.isfinite(np.asarray(loss)).all()
+    (x_t, time), = spy.seen
+    (suffix_x_t, suffix_time), = suffix_inputs
+    assert np.array_equal(np.asarray(x_t), np.asarray(suffix_x_t))
+    assert np.array_equal(np.asarray(time), np.asarray(suffix_time))
+
+
+def test_sample_actions_pruner_sees_the_initial_noise(pi05, spy):
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=2)
+    rng = jax.random.key(5)
+    with openpi_prune.enabled(method="scheme_b"):
+        model.sample_actions(rng, obs, num_steps=1)
+        given = jax.random.normal(jax.random.key(6), (2, cfg.action_horizon, cfg.action_dim))
+        model.sample_actions(rng, obs, num_steps=1, noise=given)
+    (drawn, t_drawn), (passed, t_passed) = spy.seen
+    # Without `noise`, OpenPI draws it from the rng like this; the pruner saw that same draw.
+    expected = jax.random.normal(rng, (2, cfg.action_horizon, cfg.action_dim))
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    assert np.array_equal(np.asarray(passed), np.asarray(given))
+    assert np.all(np.asarray(t_drawn) == 1.0) and np.all(np.asarray(t_passed) == 1.0)
+
+
+def test_training_step_reaches_scores_and_projector(any_model):
+    cfg, model = any_model
+    obs, actions = small.observation(cfg, batch_size=2), small.actions(cfg, batch_size=2)
+    with openpi_prune.enabled(method="scheme_b"):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, rest)
+            return jnp.mean(m.compute_loss(jax.random.key(2), obs, actions, train=True))
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    assert np.isfinite(float(loss))
+    projector = grads[methods.PROJECTOR]
+    # The projector only reaches the loss through the vote scores (straight-through estimator).
+    assert float(jnp.abs(projector["kernel"].value).sum()) > 0
+    assert float(jnp.abs(projector["bias"].value).sum()) > 0
+    assert last_report().mode == "train"
+
+
+def test_compact_prefix_is_capacity_plus_text_and_masked_tokens_never_kept(pi05):
+    cfg, model = pi05
+    obs = small.observation(
+        cfg, batch_size=2, prompt_tokens=[12, 3], camera_masks={"left_wrist_0_rgb": [False, True]}
+    )
+    noise = jax.random.normal(jax.random.key(0), (2, cfg.action_horizon, cfg.action_dim))
+    with openpi_prune.enabled(method="scheme_b", mode="compact", capacity=100):
+        with openpi_prune.noisy_actions(noise, jnp.ones(2)):
+            tokens, input_mask, ar_mask = model.embed_prefix(obs)
+        assert tokens.shape[1] == 100 + cfg.max_token_len == input_mask.shape[1] == ar_mask.shape[0]
+        actions = model.sample_actions(jax.random.key(0), obs, noise=noise, num_steps=2)
+        again = model.sample_actions(jax.random.key(0), obs, noise=noise, num_steps=2)
+    assert np.array_equal(np.asarray(actions), np.asarray(again)), "inference is not deterministic"
+    assert np.isfinite(np.asarray(actions)).all()
+    report = last_report()
+    assert report.kept_per_camera[0, 1] == 0, "a patch of a masked camera was kept"
+    assert report.kept_mask[0, 256:512].sum() == 0
+    assert report.kept[0] != report.kept[1], "batch samples should keep different counts"
+    assert np.all(report.kept <= 100) and np.all(report.kept + report.overflow == report.union_picks)
+    assert report.live_task_tokens.tolist() == [12 + cfg.action_horizon, 3 + cfg.action_horizon]
+
+
+@pytest.mark.parametrize("method", ["scheme_b", "language_only"])
+def test_masked_and_compact_agree_with_enough_capacity(pi0, method):
+    cfg, model = pi0
+    obs, actions = small.observation(cfg, batch_size=2, prompt_tokens=[10, 6]), small.actions(cfg, batch_size=2)
+    out = {}
+    for mode in ("masked", "compact"):
+        with openpi_prune.enabled(method=method, mode=mode, capacity=768):
+            out[mode] = (
+                model.compute_loss(jax.random.key(1), obs, actions, train=False),
+                model.sample_actions(jax.random.key(1), obs, num_steps=2),
+            )
+        report = last_report()
+        assert 0 < report.kept.min() < 768
+    for masked, compact in zip(out["masked"], out["compact"]):
+        np.testing.assert_allclose(np.asarray(masked), np.asarray(compact), rtol=1e-4, atol=1e-5)
+
+
+def test_overflow_keeps_the_most_voted(pi05):
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=1)
+    with openpi_prune.enabled(method="language_only", mode="compact", capacity=768):
+        model.sample_actions(jax.random.key(0), obs, num_steps=1)
+    full = last_report()
+    with openpi_prune.enabled(method="language_only", mode="compact", capacity=8):
+        model.sample_actions(jax.random.key(0), obs, num_steps=1)
+    small_cap = last_report()
+    assert small_cap.kept[0] == 8 and small_cap.overflow[0] == full.kept[0] - 8
+    assert set(np.flatnonzero(small_cap.kept_mask[0])) <= set(np.flatnonzero(full.kept_mask[0]))
+
+
+def test_policy_runs_the_pruned_model(pi05):
+    """OpenPI's own Policy (module_jit of sample_actions) goes through the wrappers."""
+    from openpi.policies import policy as _policy
+
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=1)
+    inputs = {
+        "image": {k: np.asarray(v[0]) for k, v in obs.images.items()},
+        "image_mask": {k: np.asarray(v[0]) for k, v in obs.image_masks.items()},
+        "state": np.asarray(obs.state[0]),
+        "tokenized_prompt": np.asarray(obs.tokenized_prompt[0]),
+        "tokenized_prompt_mask": np.asarray(obs.tokenized_prompt_mask[0]),
+    }
+    with openpi_prune.enabled(method="scheme_b", mode="compact"):
+        policy = _policy.Policy(model, sample_kwargs={"num_steps": 2})
+        result = policy.infer(inputs)
+        report = last_report()
+    assert result["actions"].shape == (cfg.action_horizon, cfg.action_dim)
+    assert report.mode == "compact" and report.capacity == 192 and 0 < report.kept[0] <= 192
+
+
+def test_collapse_reproduced_on_a_real_model(pi05):
+    """Embeddings sharing one direction (2x their RMS): verbatim LightVLA keeps <= 3 tokens."""
+    cfg, _ = pi05
+    with openpi_prune.enabled(method="scheme_b"):
+        model = small.create(cfg, seed=3)
+    small.add_shared_component(model, scale=2.0, seed=3)
+    obs = small.observation(cfg, batch_size=2, prompt_tokens=20)
+    kept = {}
+    for method in ("language_only", "scheme_b"):
+        with openpi_prune.enabled(method=method, mode="masked"), pytest.warns(CollapseWarning):
+            model.sample_actions(jax.random.key(0), obs, num_steps=1)
+            report = last_report()
+        kept[method] = report.kept.tolist()
+        assert report.query_spread.max() < 0.05
+    assert max(kept["language_only"]) <= 3
+    print("kept under a shared direction:", kept)
+
+
+def test_bad_input_gets_clear_errors(pi05):
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=1)
+    with pytest.raises(SettingsError, match="unknown pruning method 'nope'.*known: keep_all, language_only, scheme_b"):
+        openpi_prune.enable(method="nope")
+    assert not openpi_prune.is_enabled()
+    with pytest.raises(SettingsError, match="capacity must be a positive"):
+        openpi_prune.enable(capacity=0)
+    with openpi_prune.enabled(capacity=769):
+        with pytest.raises(PruneInputError, match="capacity 769 exceeds the 768 image tokens"):
+            model.sample_actions(jax.random.key(0), obs, num_steps=1)
+    no_prompt = obs.replace(tokenized_prompt=None, tokenized_prompt_mask=None)
+    with openpi_prune.enabled(), pytest.raises(PruneInputError, match="no tokenized prompt"):
+        model.sample_actions(jax.random.key(0), no_prompt, num_steps=1)
+    with openpi_prune.enabled(), pytest.raises(PruneInputError, match="noisy actions"):
+        model.embed_prefix(obs)
+
+
+def test_every_camera_masked_keeps_nothing_and_stays_finite(pi05):
+    cfg, model = pi05
+    masks = {name: [False] for name in ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")}
+    obs, actions = small.observation(cfg, batch_size=1, camera_masks=masks), small.actions(cfg)
+    with openpi_prune.enabled(method="scheme_b", mode="compact", warn_below=0):
+        sampled = model.sample_actions(jax.random.key(0), obs, num_steps=2)
+        loss = model.compute_loss(jax.random.key(0), obs, actions, train=False)
+        report = last_report()
+        train_loss = model.compute_loss(jax.random.key(0), obs, actions, train=True)
+    assert report.kept[0] == 0 and report.candidates[0] == 0
+    for value in (sampled, loss, train_loss):
+        assert np.isfinite(np.asarray(value)).all()
+
+
+def test_collapse_warning_threshold(pi05):
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=1)
+    with openpi_prune.enabled(method="language_only", warn_below=10_000):
+        with pytest.warns(CollapseWarning, match="below warn_below=10000"):
+            model.sample_actions(jax.random.key(0), obs, num_steps=1)
+            jax.effects_barrier()
+    with openpi_prune.enabled(method="language_only", warn_below=0), warnings.catch_warnings():
+        warnings.simplefilter("error", CollapseWarning)
+        model.sample_actions(jax.random.key(0), obs, num_steps=1)
+        jax.effects_barrier()
+
+
+def test_training_code_collects_telemetry_inside_jit(pi0):
+    cfg, model = pi0
+    obs, actions = small.observation(cfg, batch_size=2), small.actions(cfg, batch_size=2)
+
+    @jax.jit
+    def step(step_number):
+        with telemetry.collect() as reports, openpi_prune.noise_scale(linear_noise_scale(step_number, 100)):
+            loss = model.compute_loss(jax.random.key(0), obs, actions, train=True)
+        return loss, reports[0]["kept"], reports[0]["query_spread"]
+
+    with openpi_prune.enabled(method="scheme_b", telemetry=False):
+        loss, kept, spread = step(10)
+    assert kept.shape == (2,) and np.all(np.asarray(kept) > 0)
+    assert np.all((0 < np.asarray(spread)) & (np.asarray(spread) <= 1))
+    assert telemetry.recent() == []  # telemetry=False: no host callback
