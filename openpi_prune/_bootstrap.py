@@ -10,9 +10,9 @@ _pending = None
 def arm(value: str) -> None:
     """Validate the variable now (a bad value is reported at start-up), patch on OpenPI's import."""
     global _pending
-    from openpi_prune import settings
+    from openpi_prune.settings import parse
 
-    _pending = settings.parse(value)
+    _pending = parse(value)
     import wrapt
 
     wrapt.register_post_import_hook(_on_import, "openpi.models.pi0")
