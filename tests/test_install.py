@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_SRC = Path(__file__).resolve().parent / "thirdparty_plugin"
 STARTUP_FILES = ("_openpi_prune_startup.py", "openpi-prune-startup.pth", "openpi-prune-startup.start")
 TIMEOUT = 600
-HAS_CLI = (REPO / "openpi_prune" / "cli.py").exists()
+
+# Builds two wheels and a venv and starts nine interpreters: skipped by -m "not slow".
+pytestmark = pytest.mark.slow
 
 # Prints, as JSON, what the start-up hook did in this interpreter. argv: actions, see below.
 PROBE = r'''
@@ -260,9 +262,8 @@ def jobs(install):
     block = _clean_env(OPENPI_PRUNE=chosen, OPENPI_PRUNE_DISABLE_PLUGINS="every_other")
     jobs.start("blocked", [py, blocked, "import"], block)
     jobs.start("not-allowed", [py, blocked], _clean_env(OPENPI_PRUNE_PLUGINS="somethingelse"))
-    if HAS_CLI:
-        # Wide enough that rich's tables don't wrap the names.
-        jobs.start("doctor", [install.venv / "bin" / "openpi-prune", "doctor"], _clean_env(COLUMNS="200"))
+    # Wide enough that rich's tables don't wrap the names.
+    jobs.start("doctor", [install.venv / "bin" / "openpi-prune", "doctor"], _clean_env(COLUMNS="200"))
     yield jobs
     jobs.close()
 
@@ -345,7 +346,6 @@ def test_blocked_plugin_method_is_unknown(jobs, case):
     assert not result["plugin_loaded"], "a blocked plugin was imported"
 
 
-@pytest.mark.skipif(not HAS_CLI, reason="openpi_prune/cli.py does not exist yet")
 def test_doctor_lists_the_plugin(jobs):
     done = jobs.result("doctor")
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr}"
