@@ -67,8 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("demo", help="prune a real (small) pi0.5 and show what was kept")
     run.add_argument("--out", default="openpi-prune-demo", help="folder for the pictures (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="time pruned variants against upstream OpenPI in one run")
+    bench.add_argument("--siglip", default="mu/14", help="SigLIP variant (So400m/14 is OpenPI's own; default %(default)s)")
+    bench.add_argument("--paligemma", default="dummy", help="Gemma variant of PaliGemma (default %(default)s)")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="compact capacities to time")
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "demo": demo}[args.command](args)
+    return {"doctor": doctor, "demo": demo, "bench": _bench}[args.command](args)
+
+
+def _bench(args) -> int:
+    from openpi_prune import bench
+
+    return bench.main(args)
 
 
 if __name__ == "__main__":

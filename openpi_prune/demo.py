@@ -6,6 +6,7 @@ writes a picture of the kept patches per camera.
 """
 
 import os
+import warnings
 import pathlib
 
 import jax
@@ -38,6 +39,7 @@ def _prefix_length(model, observation, noise) -> tuple[int, int]:
 
 
 def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
+    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # each method is traced anew
     env = os.environ.get(_settings.ENV_VAR, "").strip()
     base = _settings.parse(env) if env else _settings.PruneSettings()
     openpi_prune.enable(base.replace(warn_below=0))

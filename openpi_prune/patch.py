@@ -197,7 +197,7 @@ def _static(module, target: Target):
     return inspect.getattr_static(owner, target.name)
 
 
-def note_patches_changed(what: str) -> None:
+def note_patches_changed(what: str, stacklevel: int = 3) -> None:
     """Warn if a wrapped model function was traced since the last change, then start afresh."""
     if _state.traced:
         warnings.warn(
@@ -205,7 +205,7 @@ def note_patches_changed(what: str) -> None:
             "keep the behaviour they were traced with. Re-jit them (e.g. create the Policy or the "
             "train step anew) to pick up the change.",
             TracedBeforeChangeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     _state.traced = False
 
@@ -277,7 +277,7 @@ def uninstall() -> bool:
         if not _state.handles:
             return False
         module = importlib.import_module(MODULE)
-        note_patches_changed("was disabled")
+        note_patches_changed("was disabled", stacklevel=4)
         for target, handle in _state.handles.items():
             wrapt.unwrap_object(_resolve(module, target)[0], target.name, handle, missing_ok=True)
         _state.handles = {}

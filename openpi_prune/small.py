@@ -35,17 +35,18 @@ def siglip_variant(variant: str | None):
 
 
 def config(*, pi05: bool = True, action_horizon: int = 10, max_token_len: int = 32, **changes):
+    """A `Pi0Config` with OpenPI's `dummy` Gemma for both experts, in float32 (any field may be changed)."""
     from openpi.models import pi0_config
 
-    return pi0_config.Pi0Config(
+    fields = dict(
         paligemma_variant="dummy",
         action_expert_variant="dummy",
         dtype="float32",
         pi05=pi05,
         action_horizon=action_horizon,
         max_token_len=max_token_len,
-        **changes,
     )
+    return pi0_config.Pi0Config(**{**fields, **changes})
 
 
 def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb: bool = True):

@@ -54,11 +54,16 @@ def test_signature_change_is_reported(monkeypatch):
 
 
 def test_a_failing_wrap_rolls_back_the_others(monkeypatch):
-    original = patch.WRAPPERS["sample_actions"]
-    monkeypatch.setitem(patch.WRAPPERS, "sample_actions", None)  # wrapt refuses a None wrapper
-    with pytest.raises(Exception):
+    real_wrap = wrapt.wrap_object
+
+    def wrap_object(owner, name, factory, args):
+        if name == "sample_actions":  # the last target: everything before it is already wrapped
+            raise RuntimeError("cannot wrap sample_actions")
+        return real_wrap(owner, name, factory, args)
+
+    monkeypatch.setattr(patch.wrapt, "wrap_object", wrap_object)
+    with pytest.raises(RuntimeError, match="cannot wrap sample_actions"):
         openpi_prune.enable()
-    monkeypatch.setitem(patch.WRAPPERS, "sample_actions", original)
     assert not openpi_prune.is_enabled()
     assert not any(_ours(n) for n in ("__init__", "embed_prefix", "compute_loss", "sample_actions"))
     assert not isinstance(openpi_pi0.make_attn_mask, patch.PruneFunctionWrapper)
