@@ -9,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=max(Console().width, 120))
 
 
 def _openpi_location() -> tuple[str, str]:
@@ -33,8 +33,8 @@ def doctor(_args) -> int:
     if dist == "not installed":
         console.print("[red]OpenPI is not importable here: nothing can be patched.[/]")
         return 1
-    module = patch.import_openpi()
-    problems = patch.check(module)
+    patch.import_openpi()
+    problems = patch.check()
     targets = Table("target", "compatible", "patched")
     patched = patch.installed()
     for target in patch.TARGETS:

@@ -22,7 +22,9 @@ class PruneSpec:
     def openpi_prune_init_model(self, model, config, rngs, settings):
         """Add the method's trainable parameters to a newly created `Pi0` (e.g. a projector).
 
-        Called after OpenPI's own `Pi0.__init__`, with its config and `nnx.Rngs`.
+        Called after OpenPI's own `Pi0.__init__`, with its config and `nnx.Rngs`. Name what you
+        add `prune_*`: checkpoints made without your method lack it, and OpenPI's loaders
+        (`BaseModelConfig.load`, `CheckpointWeightLoader`) then keep the fresh values.
         """
 
     @hookspec(firstresult=True)
@@ -55,6 +57,8 @@ class PruneSpec:
         """Adjust the mask OpenPI's `make_attn_mask` built (`[b,q,k]`), or return None to keep it.
 
         Called for every mask `Pi0.compute_loss` / `sample_actions` build with `make_attn_mask`.
+        (In `sample_actions` the suffix-to-prefix block is built from the prefix's `input_mask`
+        directly, so a token pruned from that mask is hidden from the suffix as well.)
         """
 
     @hookspec

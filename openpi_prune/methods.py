@@ -13,7 +13,7 @@ from openpi_prune import lightvla
 from openpi_prune.errors import PruneInputError
 from openpi_prune.hookspecs import hookimpl
 
-PROJECTOR = "prune_action_proj"
+PROJECTOR = "prune_action_proj"  # prefix.PARAMETER_PREFIX: loaders fill it in when missing
 
 
 class LightVLAVote:

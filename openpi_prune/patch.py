@@ -10,6 +10,7 @@ import gc
 import importlib
 import inspect
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from openpi_prune.errors import IncompatibleOpenPIError, OpenPINotFoundError
 logger = logging.getLogger("openpi_prune")
 
 MODULE = "openpi.models.pi0"
+MODULES = (MODULE, "openpi.models.model", "openpi.training.weight_loaders")
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
 # and never folds it, so this draws nothing OpenPI uses.
 _PRUNER_RNG_FOLD = 0x5052554E
@@ -55,17 +57,23 @@ PruneFunctionWrapper.__bound_function_wrapper__ = _BoundPruneFunctionWrapper
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One attribute of `openpi.models.pi0` we wrap, and what must hold for the wrapper to be right."""
+    """One attribute of OpenPI we wrap, and what must hold for the wrapper to be right."""
 
     owner: str  # "" for the module itself, else a class name in it
     name: str
     parameters: tuple[str, ...]
     # Statements (whitespace-insensitive) the wrapper relies on, in the order they must appear.
     source: tuple[str, ...] = ()
+    module: str = MODULE
 
     @property
     def qualname(self) -> str:
-        return f"{MODULE}.{self.owner + '.' if self.owner else ''}{self.name}"
+        return f"{self.module}.{self.owner + '.' if self.owner else ''}{self.name}"
+
+    @property
+    def key(self) -> str:
+        """The name its wrapper is registered under in `WRAPPERS`."""
+        return f"{self.owner}.{self.name}" if self.owner else self.name
 
 
 TARGETS = (
@@ -111,6 +119,9 @@ TARGETS = (
             "prefix_tokens, prefix_mask, prefix_ar_mask = self.embed_prefix(observation)",
         ),
     ),
+    # Parameters a method adds (named `prune_*`) are absent from checkpoints made without it.
+    Target("BaseModelConfig", "load", ("self", "params", "remove_extra_params"), module="openpi.models.model"),
+    Target("CheckpointWeightLoader", "load", ("self", "params"), module="openpi.training.weight_loaders"),
 )
 
 
@@ -119,27 +130,35 @@ def _squash(text: str) -> str:
 
 
 def import_openpi():
+    """The module of `Pi0`, after importing every module a target lives in."""
     try:
-        return importlib.import_module(MODULE)
+        for name in reversed(MODULES):
+            importlib.import_module(name)
+        return sys.modules[MODULE]
     except ImportError as error:
         raise OpenPINotFoundError(
-            f"cannot import {MODULE} ({error}). openpi-prune patches an installed OpenPI: install "
+            f"cannot import OpenPI's {error.name or MODULE} ({error}). openpi-prune patches an installed OpenPI: install "
             "upstream openpi (e.g. from its repository, or `pip install --no-deps rpent-openpi==0.2.2` "
             "plus its JAX dependencies) into this environment."
         ) from error
 
 
-def _resolve(module, target: Target):
-    owner = getattr(module, target.owner) if target.owner else module
+def _owner(target: Target):
+    module = sys.modules[target.module]
+    return getattr(module, target.owner) if target.owner else module
+
+
+def _resolve(target: Target):
+    owner = _owner(target)
     return owner, getattr(owner, target.name)
 
 
-def check(module) -> list[str]:
+def check() -> list[str]:
     """What differs between the installed OpenPI and what the wrappers assume (empty: compatible)."""
     problems = []
     for target in TARGETS:
         try:
-            _, function = _resolve(module, target)
+            _, function = _resolve(target)
         except AttributeError:
             problems.append(f"{target.qualname} is missing")
             continue
@@ -187,14 +206,12 @@ def installed() -> dict[str, bool]:
     with _state.lock:
         if not _state.handles:
             return {}
-        module = importlib.import_module(MODULE)
-        return {t.qualname: wrapt.is_wrapped_by(_static(module, t), h) for t, h in _state.handles.items()}
+        return {t.qualname: wrapt.is_wrapped_by(_static(t), h) for t, h in _state.handles.items()}
 
 
-def _static(module, target: Target):
+def _static(target: Target):
     """The attribute as stored (a class attribute, not the bound wrapper its descriptor makes)."""
-    owner = getattr(module, target.owner) if target.owner else module
-    return inspect.getattr_static(owner, target.name)
+    return inspect.getattr_static(_owner(target), target.name)
 
 
 def note_patches_changed(what: str, stacklevel: int = 3) -> None:
@@ -240,7 +257,7 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
     with _state.lock:
         if _state.handles:
             return True
-        problems = check(module)
+        problems = check()
         if problems:
             message = "the installed OpenPI does not match what openpi-prune patches:\n  " + "\n  ".join(problems)
             message += f"\n(OpenPI at {getattr(module, '__file__', '?')}.) Nothing was patched."
@@ -260,11 +277,10 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
         done = {}
         try:
             for target in TARGETS:
-                owner = getattr(module, target.owner) if target.owner else module
-                done[target] = wrapt.wrap_object(owner, target.name, PruneFunctionWrapper, (wrappers[target.name],))
+                done[target] = wrapt.wrap_object(_owner(target), target.name, PruneFunctionWrapper, (wrappers[target.key],))
         except BaseException:
             for target, handle in done.items():
-                wrapt.unwrap_object(_resolve(module, target)[0], target.name, handle)
+                wrapt.unwrap_object(_owner(target), target.name, handle)
             raise
         _state.handles = done
         _state.traced = False
@@ -276,10 +292,9 @@ def uninstall() -> bool:
     with _state.lock:
         if not _state.handles:
             return False
-        module = importlib.import_module(MODULE)
         note_patches_changed("was disabled", stacklevel=4)
         for target, handle in _state.handles.items():
-            wrapt.unwrap_object(_resolve(module, target)[0], target.name, handle, missing_ok=True)
+            wrapt.unwrap_object(_owner(target), target.name, handle, missing_ok=True)
         _state.handles = {}
         return True
 
@@ -359,10 +374,33 @@ def wrap_sample_actions(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
 
 
+def wrap_config_load(wrapped, instance, args, kwargs):
+    """`BaseModelConfig.load`: give a pi0 checkpoint made without this method its fresh parameters."""
+    from openpi.models import pi0_config
+
+    from openpi_prune import prefix
+
+    if not isinstance(instance, pi0_config.Pi0Config):
+        return wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    params = prefix.complete_params(instance, bound["params"])
+    return wrapped(params, **{k: v for k, v in bound.items() if k != "params"})
+
+
+def wrap_checkpoint_load(wrapped, instance, args, kwargs):
+    """`CheckpointWeightLoader.load`: treat a method's parameters like LoRA's, kept from `params`."""
+    from openpi_prune import prefix
+
+    loaded = wrapped(*args, **kwargs)
+    return prefix.add_missing_from_reference(loaded, _bind(wrapped, args, kwargs)["params"])
+
+
 WRAPPERS = {
     "make_attn_mask": wrap_make_attn_mask,
-    "__init__": wrap_init,
-    "embed_prefix": wrap_embed_prefix,
-    "compute_loss": wrap_compute_loss,
-    "sample_actions": wrap_sample_actions,
+    "Pi0.__init__": wrap_init,
+    "Pi0.embed_prefix": wrap_embed_prefix,
+    "Pi0.compute_loss": wrap_compute_loss,
+    "Pi0.sample_actions": wrap_sample_actions,
+    "BaseModelConfig.load": wrap_config_load,
+    "CheckpointWeightLoader.load": wrap_checkpoint_load,
 }

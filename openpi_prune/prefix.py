@@ -9,9 +9,11 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from openpi_prune import lightvla, plugins, telemetry
 from openpi_prune.errors import PruneInputError
@@ -67,9 +69,49 @@ def linear_noise_scale(step, total_steps: int, start: float = 1.0):
     return start * jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
 
 
+# Parameters a method adds to `Pi0` are named so; loaders fill them in like OpenPI's LoRA weights.
+PARAMETER_PREFIX = "prune_"
+
+
+class UntrainedParametersWarning(UserWarning):
+    """A checkpoint lacks the parameters the pruning method adds; they start from scratch."""
+
+
 def init_model(model, config, rngs) -> None:
     settings = active_settings()
     plugins.get_manager().hook.openpi_prune_init_model(model=model, config=config, rngs=rngs, settings=settings)
+
+
+class _Additions(nnx.Module):
+    """Stands in for a `Pi0` to collect only what `openpi_prune_init_model` adds."""
+
+
+def fresh_parameters(config) -> dict:
+    """The parameters the active method adds to a model of `config`, freshly initialised (seed 0)."""
+    holder = _Additions()
+    init_model(holder, config, nnx.Rngs(0))
+    return nnx.state(holder, nnx.Param).to_pure_dict()
+
+
+def complete_params(config, params: dict) -> dict:
+    """`params` plus fresh values for the method's parameters it lacks (warning that they are new)."""
+    missing = {k: v for k, v in fresh_parameters(config).items() if k not in params}
+    if not missing:
+        return params
+    warnings.warn(
+        f"the checkpoint has no {', '.join(sorted(missing))} (it was trained without "
+        f"{active_settings().method}); pruning with freshly initialised, untrained parameters. Fine-tune "
+        "with openpi-prune enabled to train them.",
+        UntrainedParametersWarning,
+        stacklevel=4,
+    )
+    return {**params, **missing}
+
+
+def add_missing_from_reference(loaded: dict, reference: dict) -> dict:
+    """`loaded` plus the method's parameters from `reference` where the checkpoint had none."""
+    extra = {k: v for k, v in reference.items() if k.startswith(PARAMETER_PREFIX) and k not in loaded}
+    return {**loaded, **extra} if extra else loaded
 
 
 def adjust_attn_mask(attn_mask, input_mask, mask_ar):
