@@ -33,6 +33,7 @@ __all__ = [
     "enable",
     "enabled",
     "is_enabled",
+    "linear_noise_scale",
     "noise_scale",
     "noisy_actions",
 ]
@@ -124,3 +125,10 @@ def noise_scale(scale):
     from openpi_prune import prefix
 
     return prefix.noise_scale(scale)
+
+
+def linear_noise_scale(step, total_steps: int, start: float = 1.0):
+    """LightVLA's schedule for `noise_scale`: `start` at step 0, falling linearly to 0 at `total_steps`."""
+    from openpi_prune import prefix
+
+    return prefix.linear_noise_scale(step, total_steps, start)

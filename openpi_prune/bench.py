@@ -55,7 +55,9 @@ def _measure(model, observation, num_steps, repeats):
     # The same computation, lowered again, for XLA's analyses. Leaves, not the Observation: its
     # type check rejects the placeholders jax puts in a lowered function's argument tree.
     leaves, tree = jax.tree.flatten(observation)
-    lowered = jax.jit(lambda leaves: model.sample_actions(rng, tree.unflatten(leaves), num_steps=num_steps)).lower(leaves)
+    lowered = jax.jit(lambda leaves: model.sample_actions(rng, tree.unflatten(leaves), num_steps=num_steps)).lower(
+        leaves
+    )
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -97,7 +99,16 @@ def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, 
 def show(rows: list[Row], title: str) -> None:
     base = rows[0]
     table = Table(
-        "variant", "prefix", "kept", "latency ms", "x upstream", "GFLOP", "x upstream", "temp MiB", "x upstream", title=title
+        "variant",
+        "prefix",
+        "kept",
+        "latency ms",
+        "x upstream",
+        "GFLOP",
+        "x upstream",
+        "temp MiB",
+        "x upstream",
+        title=title,
     )
 
     def ratio(value, reference):
@@ -130,7 +141,9 @@ def main(args) -> int:
         repeats=args.repeats,
         capacities=args.capacity,
     )
-    machine = f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    )
     show(
         rows,
         f"pi0.5 sample_actions ({args.paligemma} Gemma, SigLIP {args.siglip}, batch {args.batch_size}, "

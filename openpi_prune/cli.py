@@ -39,7 +39,11 @@ def doctor(_args) -> int:
     patched = patch.installed()
     for target in patch.TARGETS:
         bad = [p for p in problems if p.startswith(target.qualname)]
-        targets.add_row(target.qualname, "yes" if not bad else "[red]no[/]: " + "; ".join(bad), "yes" if patched.get(target.qualname) else "no")
+        targets.add_row(
+            target.qualname,
+            "yes" if not bad else "[red]no[/]: " + "; ".join(bad),
+            "yes" if patched.get(target.qualname) else "no",
+        )
     console.print(targets)
     console.print(f"settings in force: {openpi_prune.current_settings() or 'disabled'}")
     table = Table("plugin", "distribution", "methods")
@@ -50,7 +54,9 @@ def doctor(_args) -> int:
     console.print(table)
     blocked = [name for name in os.environ.get(plugins.BLOCK_VAR, "").split(",") if name]
     if blocked or os.environ.get(plugins.ALLOW_VAR):
-        console.print(f"{plugins.ALLOW_VAR}={os.environ.get(plugins.ALLOW_VAR, '')!r} {plugins.BLOCK_VAR}={','.join(blocked)!r}")
+        console.print(
+            f"{plugins.ALLOW_VAR}={os.environ.get(plugins.ALLOW_VAR, '')!r} {plugins.BLOCK_VAR}={','.join(blocked)!r}"
+        )
     return 1 if problems else 0
 
 
@@ -68,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="openpi-prune-demo", help="folder for the pictures (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="time pruned variants against upstream OpenPI in one run")
-    bench.add_argument("--siglip", default="mu/14", help="SigLIP variant (So400m/14 is OpenPI's own; default %(default)s)")
+    bench.add_argument(
+        "--siglip", default="mu/14", help="SigLIP variant (So400m/14 is OpenPI's own; default %(default)s)"
+    )
     bench.add_argument("--paligemma", default="dummy", help="Gemma variant of PaliGemma (default %(default)s)")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")

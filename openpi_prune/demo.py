@@ -6,8 +6,8 @@ writes a picture of the kept patches per camera.
 """
 
 import os
-import warnings
 import pathlib
+import warnings
 
 import jax
 import numpy as np
@@ -16,7 +16,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, settings as _settings, small, telemetry
+from openpi_prune import patch, small, telemetry
+from openpi_prune import settings as _settings
 
 console = Console(width=max(Console().width, 110))
 METHODS = ("scheme_b", "language_only", "keep_all")
@@ -58,7 +59,9 @@ def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
         collapsed = small.create(cfg, seed=seed)
         small.add_shared_component(collapsed, scale=2.0, seed=seed)
         progress.advance(task)
-        console.print(f"pi0.5 with {small.parameter_count(healthy) / 1e6:.1f}M parameters, 3 cameras x 256 image tokens")
+        console.print(
+            f"pi0.5 with {small.parameter_count(healthy) / 1e6:.1f}M parameters, 3 cameras x 256 image tokens"
+        )
 
         observation = small.observation(cfg, batch_size=1, seed=seed, prompt_tokens=14)
         noise = jax.random.normal(jax.random.key(seed), (1, cfg.action_horizon, cfg.action_dim))
@@ -82,7 +85,9 @@ def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
                     pictures.append((f"{method} ({weights})", report))
                 progress.advance(task)
 
-    result = Table("weights", "method", *SHOWN.values(), title=f"telemetry ({base.mode} mode, capacity {rows[0][2].capacity})")
+    result = Table(
+        "weights", "method", *SHOWN.values(), title=f"telemetry ({base.mode} mode, capacity {rows[0][2].capacity})"
+    )
     for weights, method, report in rows:
         summary = report.summary()
         result.add_row(weights, method, *(f"{summary[k]:.3g}" for k in SHOWN))
@@ -100,7 +105,9 @@ def _picture(observation, reports, out: pathlib.Path) -> pathlib.Path:
     import matplotlib.pyplot as plt
 
     cameras = list(observation.images)
-    fig, axes = plt.subplots(len(reports), len(cameras), figsize=(3.2 * len(cameras), 3.4 * len(reports)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(reports), len(cameras), figsize=(3.2 * len(cameras), 3.4 * len(reports)), squeeze=False
+    )
     for row, (method, report) in enumerate(reports):
         kept = report.kept_mask[0].reshape(len(cameras), 16, 16)
         for col, name in enumerate(cameras):

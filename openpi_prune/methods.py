@@ -95,7 +95,9 @@ class SchemeB:
             )
         steps = noisy_actions.shape[1]
         time_channel = jnp.broadcast_to(time[:, None, None], (time.shape[0], steps, 1))
-        action_tokens = projector(jnp.concatenate([noisy_actions, time_channel], axis=-1).astype(projector.kernel.dtype))
+        action_tokens = projector(
+            jnp.concatenate([noisy_actions, time_channel], axis=-1).astype(projector.kernel.dtype)
+        )
         task_tokens = jnp.concatenate([text_tokens, action_tokens.astype(text_tokens.dtype)], axis=1)
         task_mask = jnp.concatenate([text_mask, jnp.ones(action_tokens.shape[:2], dtype=bool)], axis=1)
         return task_tokens, task_mask

@@ -87,7 +87,7 @@ TARGETS = (
         (
             "for name in obs.images:",
             "image_tokens, _ = self.PaliGemma.img(obs.images[name], train=False)",
-            "tokenized_inputs = self.PaliGemma.llm(obs.tokenized_prompt, method=\"embed\")",
+            'tokenized_inputs = self.PaliGemma.llm(obs.tokenized_prompt, method="embed")',
             "tokens = jnp.concatenate(tokens, axis=1)",
         ),
     ),
@@ -277,7 +277,9 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
         done = {}
         try:
             for target in TARGETS:
-                done[target] = wrapt.wrap_object(_owner(target), target.name, PruneFunctionWrapper, (wrappers[target.key],))
+                done[target] = wrapt.wrap_object(
+                    _owner(target), target.name, PruneFunctionWrapper, (wrappers[target.key],)
+                )
         except BaseException:
             for target, handle in done.items():
                 wrapt.unwrap_object(_owner(target), target.name, handle)

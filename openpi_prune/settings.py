@@ -88,7 +88,9 @@ def _convert(name: str, text: str):
         try:
             return int(text) if kind == "int" else float(text)
         except ValueError:
-            raise SettingsError(f"{name} must be a{'n integer' if kind == 'int' else ' number'}; got {text!r}") from None
+            raise SettingsError(
+                f"{name} must be a{'n integer' if kind == 'int' else ' number'}; got {text!r}"
+            ) from None
     return text
 
 

@@ -83,7 +83,7 @@ def observation(
     rng = np.random.default_rng(seed)
     spec, _ = model_config.inputs_spec(batch_size=batch_size)
     images, masks = {}, {}
-    for name, image in spec.images.items():
+    for name in spec.images:
         coarse = rng.uniform(-1, 1, (batch_size, 14, 14, 3))
         images[name] = jnp.asarray(np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2), jnp.float32)
         live = (camera_masks or {}).get(name, [True] * batch_size)

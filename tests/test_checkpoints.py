@@ -5,10 +5,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-
-import openpi_prune
 from openpi.shared import array_typing as at
 from openpi.training import weight_loaders
+
+import openpi_prune
 from openpi_prune import methods, small
 from openpi_prune.prefix import UntrainedParametersWarning
 

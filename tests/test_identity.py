@@ -5,13 +5,16 @@ import inspect
 import jax
 import numpy as np
 import pytest
-
-import openpi_prune
 from openpi.models import pi0 as openpi_pi0
 from openpi.shared import nnx_utils
+
+import openpi_prune
 from openpi_prune import small
 
-ORIGINALS = {name: inspect.getattr_static(openpi_pi0.Pi0, name) for name in ("__init__", "embed_prefix", "compute_loss", "sample_actions")}
+ORIGINALS = {
+    name: inspect.getattr_static(openpi_pi0.Pi0, name)
+    for name in ("__init__", "embed_prefix", "compute_loss", "sample_actions")
+}
 ORIGINAL_MASK = openpi_pi0.make_attn_mask
 
 
@@ -22,11 +25,15 @@ def _outputs(cfg, model, obs, actions):
         "loss_train": model.compute_loss(rng, obs, actions, train=True),
         "actions": model.sample_actions(rng, obs, num_steps=2),
         # The way OpenPI's Policy runs it: module_jit of the bound method.
-        "actions_jit": nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))(rng, obs, num_steps=2),
+        "actions_jit": nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))(
+            rng, obs, num_steps=2
+        ),
     }
 
 
-@pytest.mark.parametrize("settings", [dict(mode="masked"), dict(mode="compact", capacity=768)], ids=["masked", "compact"])
+@pytest.mark.parametrize(
+    "settings", [dict(mode="masked"), dict(mode="compact", capacity=768)], ids=["masked", "compact"]
+)
 def test_keep_all_is_bit_identical_to_openpi(any_model, settings):
     cfg, model = any_model
     # Camera 2 of sample 1 is masked, as OpenPI does for missing cameras.

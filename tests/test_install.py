@@ -78,7 +78,7 @@ print(json.dumps(result))
 '''
 
 # Runs a small real pi0.5 with the plugin's method chosen by OPENPI_PRUNE.
-PLUGIN_RUN = r'''
+PLUGIN_RUN = r"""
 import json, os, sys
 import jax
 import numpy as np
@@ -105,11 +105,11 @@ print(json.dumps({
     "finite": bool(np.isfinite(np.asarray(actions)).all()),
     "distributions": plugins.plugin_distributions(),
 }))
-'''
+"""
 
 # Enabling the plugin's method while the plugin is blocked: through OPENPI_PRUNE at OpenPI's import
 # ("import" in argv) or through `enable()` in code.
-ENABLE_BLOCKED = r'''
+ENABLE_BLOCKED = r"""
 import json, sys
 import openpi_prune
 
@@ -123,7 +123,7 @@ except Exception as e:
     error = [type(e).__name__, str(e)]
 print(json.dumps({"error": error, "enabled": openpi_prune.is_enabled(),
                   "plugin_loaded": "openpi_prune_every_other" in sys.modules}))
-'''
+"""
 
 
 def _python(venv: Path) -> Path:
@@ -220,8 +220,19 @@ def install(tmp_path_factory) -> Install:
     (inst.site / "00-openpi-dev-site.pth").write_text("".join(f"{p}\n" for p in inst.dev_sites))
     # --ignore-installed: pip sees the dev venv's editable openpi-prune and must leave it alone.
     _check(
-        [sys.executable, "-m", "pip", "--python", inst.python, "install", "-q", "--no-deps", "--no-index",
-         "--ignore-installed", *sorted(inst.wheels.glob("*.whl"))],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            inst.python,
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            *sorted(inst.wheels.glob("*.whl")),
+        ],
         env=_clean_env(),
     )
     return inst

@@ -57,7 +57,9 @@ def test_fit_capacity_keeps_most_voted_in_order(seed, capacity):
     rng = np.random.default_rng(seed)
     kept = rng.random((2, 24)) < 0.5
     priority = rng.integers(0, 5, (2, 24))
-    indices, slots, overflow = map(np.asarray, lightvla.fit_capacity(jnp.asarray(kept), jnp.asarray(priority), capacity))
+    indices, slots, overflow = map(
+        np.asarray, lightvla.fit_capacity(jnp.asarray(kept), jnp.asarray(priority), capacity)
+    )
     assert indices.shape == (2, capacity)
     for b in range(2):
         assert np.all(np.diff(indices[b]) > 0), "slots are not in the original order"

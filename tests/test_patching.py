@@ -6,13 +6,11 @@ import logging
 import jax
 import pytest
 import wrapt
-
-import openpi_prune
 from openpi.models import pi0 as openpi_pi0
 from openpi.shared import nnx_utils
-from openpi_prune import IncompatibleOpenPIError, hookspecs, patch, plugins, small
 
-from conftest import last_report
+import openpi_prune
+from openpi_prune import IncompatibleOpenPIError, hookspecs, patch, plugins, small
 
 
 def _ours(name):
@@ -20,7 +18,9 @@ def _ours(name):
 
 
 def _none_of_ours():
-    return not any(isinstance(inspect.getattr_static(patch._owner(t), t.name), patch.PruneFunctionWrapper) for t in patch.TARGETS)
+    return not any(
+        isinstance(inspect.getattr_static(patch._owner(t), t.name), patch.PruneFunctionWrapper) for t in patch.TARGETS
+    )
 
 
 def test_enable_wraps_every_target_and_disable_removes_only_ours():
@@ -54,7 +54,9 @@ def test_incompatible_openpi_is_named_and_nothing_is_patched(monkeypatch, caplog
 def test_signature_change_is_reported(monkeypatch):
     monkeypatch.setattr(openpi_pi0, "make_attn_mask", lambda input_mask, mask_ar, extra=None: None)
     problems = patch.check()
-    assert problems == ["openpi.models.pi0.make_attn_mask takes (input_mask, mask_ar, extra), expected (input_mask, mask_ar)"]
+    assert problems == [
+        "openpi.models.pi0.make_attn_mask takes (input_mask, mask_ar, extra), expected (input_mask, mask_ar)"
+    ]
 
 
 def test_a_failing_wrap_rolls_back_the_others(monkeypatch):
@@ -78,7 +80,9 @@ def test_changes_after_tracing_warn(pi05):
     openpi_prune.enable(method="language_only")
     jitted = nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))
     jitted(jax.random.key(0), obs, num_steps=1)
-    with pytest.warns(patch.TracedBeforeChangeWarning, match="settings changed after a pruned model function was jit-compiled"):
+    with pytest.warns(
+        patch.TracedBeforeChangeWarning, match="settings changed after a pruned model function was jit-compiled"
+    ):
         openpi_prune.enable(method="scheme_b")
     openpi_prune.disable()
     # Enabling after a Policy-style function was compiled unpruned: those functions stay unpruned.

@@ -6,15 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import last_report
 from flax import nnx
+from openpi.models import pi0 as openpi_pi0
 
 import openpi_prune
-from openpi.models import pi0 as openpi_pi0
 from openpi_prune import PruneInputError, SettingsError, hookspecs, methods, plugins, small, telemetry
-from openpi_prune.prefix import linear_noise_scale
 from openpi_prune.telemetry import CollapseWarning
-
-from conftest import last_report
 
 
 class _Spy:
@@ -50,8 +48,8 @@ def test_compute_loss_pruner_sees_exactly_what_embed_suffix_gets(any_model, spy,
     with openpi_prune.enabled(method="scheme_b", mode="masked"):
         loss = model.compute_loss(jax.random.key(11), obs, actions, train=True)
     assert np.isfinite(np.asarray(loss)).all()
-    (x_t, time), = spy.seen
-    (suffix_x_t, suffix_time), = suffix_inputs
+    ((x_t, time),) = spy.seen
+    ((suffix_x_t, suffix_time),) = suffix_inputs
     assert np.array_equal(np.asarray(x_t), np.asarray(suffix_x_t))
     assert np.array_equal(np.asarray(time), np.asarray(suffix_time))
 
@@ -93,9 +91,7 @@ def test_training_step_reaches_scores_and_projector(any_model):
 
 def test_compact_prefix_is_capacity_plus_text_and_masked_tokens_never_kept(pi05):
     cfg, model = pi05
-    obs = small.observation(
-        cfg, batch_size=2, prompt_tokens=[12, 3], camera_masks={"left_wrist_0_rgb": [False, True]}
-    )
+    obs = small.observation(cfg, batch_size=2, prompt_tokens=[12, 3], camera_masks={"left_wrist_0_rgb": [False, True]})
     noise = jax.random.normal(jax.random.key(0), (2, cfg.action_horizon, cfg.action_dim))
     with openpi_prune.enabled(method="scheme_b", mode="compact", capacity=100):
         with openpi_prune.noisy_actions(noise, jnp.ones(2)):
@@ -126,7 +122,7 @@ def test_masked_and_compact_agree_with_enough_capacity(pi0, method):
             )
         report = last_report()
         assert 0 < report.kept.min() < 768
-    for masked, compact in zip(out["masked"], out["compact"]):
+    for masked, compact in zip(out["masked"], out["compact"], strict=True):
         np.testing.assert_allclose(np.asarray(masked), np.asarray(compact), rtol=1e-4, atol=1e-5)
 
 
@@ -233,7 +229,8 @@ def test_training_code_collects_telemetry_inside_jit(pi0):
 
     @jax.jit
     def step(step_number):
-        with telemetry.collect() as reports, openpi_prune.noise_scale(linear_noise_scale(step_number, 100)):
+        scale = openpi_prune.linear_noise_scale(step_number, 100)
+        with telemetry.collect() as reports, openpi_prune.noise_scale(scale):
             loss = model.compute_loss(jax.random.key(0), obs, actions, train=True)
         return loss, reports[0]["kept"], reports[0]["query_spread"]
 

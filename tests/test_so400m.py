@@ -3,11 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from conftest import last_report
 
 import openpi_prune
 from openpi_prune import small
-
-from conftest import last_report
 
 
 @pytest.mark.slow
