@@ -1,7 +1,6 @@
 """Shared real OpenPI models: created once per session (a few seconds each on a CPU)."""
 
 import os
-import warnings
 
 import pytest
 
@@ -12,7 +11,7 @@ for _var in [v for v in os.environ if v.startswith("OPENPI_PRUNE")]:
 import jax  # noqa: E402
 
 import openpi_prune  # noqa: E402
-from openpi_prune import patch, plugins, small, telemetry  # noqa: E402
+from openpi_prune import plugins, small, telemetry  # noqa: E402
 
 
 def _create(pi05: bool):
@@ -43,10 +42,7 @@ def _clean_state():
     openpi_prune.disable()
     telemetry.clear()
     yield
-    with warnings.catch_warnings():
-        # Tests that compiled a pruned function are expected to be told so on this clean-up.
-        warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
-        openpi_prune.disable()
+    openpi_prune.disable()
     plugins.set_manager(None)
     telemetry.clear()
 
