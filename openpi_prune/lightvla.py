@@ -111,12 +111,13 @@ def spread(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "
 
 
 def vote_statistics(
-    scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"]
+    scores: Float[Array, "b n n"], candidate_mask: Bool[Array, "b n"], counts: Int[Array, "b n"] | None = None
 ) -> dict[str, Float[Array, " b"] | Int[Array, " b"]]:
-    """Per-sample numbers that tell a healthy vote from a collapsed one."""
+    """Per-sample numbers that tell a healthy vote from a collapsed one (`counts`: `votes(...)`,
+    if the caller has them already)."""
     live = candidate_mask.astype(jnp.float32)
     voters = jnp.maximum(jnp.sum(live, axis=-1), 1.0)
-    counts = votes(scores, candidate_mask)
+    counts = votes(scores, candidate_mask) if counts is None else counts
     top2 = jax.lax.top_k(mask_candidates(scores, candidate_mask), 2)[0]
     gap = jnp.where(candidate_mask, top2[..., 0] - top2[..., 1], 0.0)
     # With fewer than two candidates there is no runner-up: report no gap.

@@ -46,6 +46,8 @@ _noise_scale: contextvars.ContextVar = contextvars.ContextVar("openpi_prune_nois
 @contextlib.contextmanager
 def noisy_actions(x_t, time, *, rng=None, train: bool = False):
     """Hand the pruner the flow-matching input of the model call made inside the block."""
+    if train and rng is None:
+        raise PruneInputError("noisy_actions(train=True) needs rng=: training adds random noise to the vote scores")
     token = _actions.set(ActionContext(jnp.asarray(x_t), jnp.asarray(time), rng, train))
     try:
         yield
@@ -56,7 +58,7 @@ def noisy_actions(x_t, time, *, rng=None, train: bool = False):
 @contextlib.contextmanager
 def noise_scale(scale):
     """Scale of the training noise on the scores inside the block; may be a traced value, e.g.
-    `lightvla_noise(step)` computed in the train step, overriding `PruneSettings.noise_scale`."""
+    `linear_noise_scale(step, total_steps)` computed in the train step, overriding `PruneSettings.noise_scale`."""
     token = _noise_scale.set(scale)
     try:
         yield
@@ -203,7 +205,11 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             kept_mask = jnp.zeros_like(kept_mask).at[rows, indices].set(slot_mask)
             slot_capacity = capacity
 
-    values = _telemetry(scores, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow)
+    if not (settings.telemetry or telemetry.collecting()):
+        return tokens, input_mask, ar_mask
+    values = _telemetry(
+        scores, counts, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow
+    )
     telemetry.deliver_traced(values)
     if settings.telemetry:
         meta = dict(method=settings.method, mode=mode, capacity=slot_capacity, warn_below=settings.warn_below)
@@ -211,14 +217,14 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     return tokens, input_mask, ar_mask
 
 
-def _telemetry(scores, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow):
+def _telemetry(scores, counts, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow):
     queries = lightvla.rms_normalize(lightvla.task_queries(image_tokens, task_tokens, task_mask))
     b, n = kept_mask.shape
     return {
         "kept": jnp.sum(kept_mask, axis=-1),
         "kept_per_camera": jnp.sum(kept_mask.reshape(b, n // per_camera, per_camera), axis=-1),
         "candidates": jnp.sum(candidate_mask, axis=-1),
-        **lightvla.vote_statistics(scores, candidate_mask),
+        **lightvla.vote_statistics(scores, candidate_mask, counts),
         "query_spread": lightvla.spread(queries, candidate_mask),
         "patch_spread": lightvla.spread(lightvla.rms_normalize(image_tokens), candidate_mask),
         "task_spread": lightvla.spread(lightvla.rms_normalize(task_tokens), task_mask),

@@ -17,22 +17,6 @@ import numpy as np
 
 from openpi_prune.hookspecs import hookimpl
 
-# Per-sample numbers, shape [b] unless noted.
-FIELDS = (
-    "kept",  # image tokens kept (after capacity)
-    "kept_per_camera",  # [b, cameras]
-    "candidates",  # live image tokens that could be kept (cameras not masked)
-    "union_picks",  # distinct argmax picks (LightVLA's kept set, before capacity)
-    "top1_vote_share",  # votes of the most-voted patch / voters
-    "query_spread",  # spread of the normalised queries (0: all rows ask the same)
-    "patch_spread",  # spread of the normalised patches
-    "task_spread",  # spread of the normalised live task tokens
-    "score_gap",  # mean over voters of top-1 minus top-2 score
-    "live_task_tokens",  # task tokens the patches attended to
-    "overflow",  # kept tokens dropped because the capacity was full
-    "kept_mask",  # [b, n] which image tokens were kept
-)
-
 
 class CollapseWarning(UserWarning):
     """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
@@ -40,6 +24,23 @@ class CollapseWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class Telemetry:
+    """One pruned prefix. `values` (also readable as attributes) holds, per sample, shape [b]
+    unless noted:
+
+    kept              image tokens kept (after capacity)
+    kept_per_camera   [b, cameras]
+    candidates        live image tokens that could be kept (cameras not masked)
+    union_picks       distinct argmax picks (LightVLA's kept set, before capacity)
+    top1_vote_share   votes of the most-voted patch / voters
+    query_spread      spread of the normalised queries (0: all rows ask the same)
+    patch_spread      spread of the normalised patches
+    task_spread       spread of the normalised live task tokens
+    score_gap         mean over voters of top-1 minus top-2 score
+    live_task_tokens  task tokens the patches attended to
+    overflow          kept tokens dropped because the capacity was full
+    kept_mask         [b, n] which image tokens were kept
+    """
+
     method: str
     mode: str  # "compact", "masked" or "train"
     capacity: int
@@ -78,6 +79,11 @@ def collect():
         yield reports
     finally:
         _collectors.reset(token)
+
+
+def collecting() -> bool:
+    """Whether a `collect()` block is open around the current call."""
+    return bool(_collectors.get())
 
 
 def deliver_traced(values: dict) -> None:
