@@ -21,12 +21,11 @@ def siglip_variant(variant: str | None):
     if variant is None:
         yield
         return
-    original = siglip.Module
+    original, replacement = siglip.Module, variant
 
-    def module(num_classes=None, *, variant=None, **kwargs):  # noqa: ARG001 - replaced on purpose
-        return original(num_classes, variant=_variant, **kwargs)
+    def module(num_classes=None, *, variant=None, **kwargs):  # noqa: ARG001 - OpenPI's choice is overridden
+        return original(num_classes, variant=replacement, **kwargs)
 
-    _variant = variant
     siglip.Module = module
     try:
         yield
