@@ -1,7 +1,10 @@
 """The patch layer: guarded, all or nothing, undoable, and honest about compiled functions."""
 
+import importlib.metadata
 import inspect
 import logging
+import sys
+import types
 
 import jax
 import pytest
@@ -117,11 +120,46 @@ def test_attn_mask_hook_sees_every_mask_openpi_builds(pi0):
     assert spy.calls == 2
 
 
-def test_plugin_manager_blocks_and_allows_by_environment(monkeypatch):
-    monkeypatch.setenv(plugins.BLOCK_VAR, "every_other")
+class _FakeDistribution(importlib.metadata.Distribution):
+    """An installed distribution with one `openpi_prune` entry point, as pluggy's own tests fake it."""
+
+    def read_text(self, filename):
+        if filename == "METADATA":
+            return "Metadata-Version: 2.1\nName: fake-prune-plugin\nVersion: 1.0\n"
+        if filename == "entry_points.txt":
+            return "[openpi_prune]\nfake = fake_prune_plugin\n"
+        return None
+
+    def locate_file(self, path):
+        return path
+
+
+@pytest.fixture
+def fake_plugin(monkeypatch):
+    module = types.ModuleType("fake_prune_plugin")
+    module.openpi_prune_methods = hookspecs.hookimpl(lambda: ["fake_method"])
+    monkeypatch.setitem(sys.modules, "fake_prune_plugin", module)
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kwargs: iter([_FakeDistribution()]))
+
+
+@pytest.mark.parametrize(
+    "env, loaded",
+    [
+        ({}, True),
+        ({plugins.BLOCK_VAR: "fake"}, False),
+        ({plugins.ALLOW_VAR: "other"}, False),
+        ({plugins.ALLOW_VAR: "fake"}, True),
+    ],
+    ids=["default", "blocked", "not-allowed", "allowed"],
+)
+def test_plugin_manager_blocks_and_allows_by_environment(monkeypatch, fake_plugin, env, loaded):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     manager = plugins.create_manager()
-    assert manager.is_blocked("every_other") or "every_other" not in [n for n, _ in manager.list_name_plugin()]
-    assert set(plugins.known_methods(manager)) == {"scheme_b", "language_only", "keep_all"}
+    methods = plugins.known_methods(manager)
+    assert {"scheme_b", "language_only", "keep_all"} <= set(methods)
+    assert ("fake_method" in methods) is loaded
+    assert (("fake", "fake-prune-plugin 1.0") in plugins.plugin_distributions(manager)) is loaded
 
 
 def test_doctor_reports_targets_plugins_and_patches(capsys):
@@ -130,7 +168,8 @@ def test_doctor_reports_targets_plugins_and_patches(capsys):
     openpi_prune.enable()
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert "rpent-openpi" in out or "openpi" in out
+    openpi_dist = importlib.metadata.packages_distributions()["openpi"][0]
+    assert f"OpenPI: {openpi_dist} {importlib.metadata.version(openpi_dist)}" in out
     for target in patch.TARGETS:
         assert target.qualname in out
     assert "scheme_b" in out and "builtin:SchemeB" in out

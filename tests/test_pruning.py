@@ -239,3 +239,17 @@ def test_training_code_collects_telemetry_inside_jit(pi0):
     assert kept.shape == (2,) and np.all(np.asarray(kept) > 0)
     assert np.all((0 < np.asarray(spread)) & (np.asarray(spread) <= 1))
     assert telemetry.recent() == []  # telemetry=False: no host callback
+
+
+def test_one_compile_per_setting_not_per_sample(pi05):
+    cfg, model = pi05
+    first = small.observation(cfg, batch_size=1, seed=1, prompt_tokens=14)
+    second = small.observation(cfg, batch_size=1, seed=2, prompt_tokens=3)
+    with openpi_prune.enabled(method="scheme_b", mode="compact"):
+        sample = jax.jit(lambda obs: model.sample_actions(jax.random.key(0), obs, num_steps=1))
+        sample(first)
+        kept_first = last_report().kept[0]
+        sample(second)
+        kept_second = last_report().kept[0]
+    assert kept_first != kept_second  # a different number of tokens kept ...
+    assert sample._cache_size() == 1  # ... by the same compiled function
