@@ -28,21 +28,19 @@ def _names(var: str) -> set[str]:
     return {name.strip() for name in os.environ.get(var, "").split(",") if name.strip()}
 
 
-def create_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A fresh manager with the hook specs, the built-in methods and (optionally) entry points."""
+def create_manager() -> pluggy.PluginManager:
+    """A fresh manager with the hook specs, the built-in methods and the allowed entry points."""
     from openpi_prune import methods, telemetry
 
     manager = pluggy.PluginManager(hookspecs.NAME)
     manager.add_hookspecs(hookspecs.PruneSpec)
     for plugin in (*methods.BUILTIN, telemetry.RECORDER):
         manager.register(plugin, name=f"builtin:{type(plugin).__name__}")
-    if load_entry_points:
-        allow, block = _names(ALLOW_VAR), _names(BLOCK_VAR)
-        group = importlib.metadata.entry_points(group=hookspecs.NAME)
-        for name in {ep.name for ep in group}:
-            if name in block or (allow and name not in allow):
-                manager.set_blocked(name)
-        manager.load_setuptools_entrypoints(hookspecs.NAME)
+    allow, block = _names(ALLOW_VAR), _names(BLOCK_VAR)
+    for name in {ep.name for ep in importlib.metadata.entry_points(group=hookspecs.NAME)}:
+        if name in block or (allow and name not in allow):
+            manager.set_blocked(name)
+    manager.load_setuptools_entrypoints(hookspecs.NAME)
     if os.environ.get(TRACE_VAR, "").strip() not in ("", "0"):
         manager.trace.root.setwriter(logger.info)
         manager.enable_tracing()
