@@ -37,8 +37,21 @@ class PruneSpec:
         """
 
     @hookspec(firstresult=True)
+    def openpi_prune_prefix_extension(self, model, task_tokens, task_mask, settings):
+        """Tokens to append to the prefix `[b,e,d]`, hidden from PaliGemma, or None (the default).
+
+        They enter with `input_mask` False, so no prefix or suffix token attends to them and the
+        positions of every other token are unchanged (OpenPI's positions are `cumsum(input_mask)`).
+        Scheme A puts its noisy-action placeholders here.
+        """
+
+    @hookspec(firstresult=True)
     def openpi_prune_score(self, image_tokens, candidate_mask, task_tokens, task_mask, settings):
-        """Score the patches: `[b,n,n]`, row i's preference for keeping patch j."""
+        """Score the patches: `[b,n,n]`, row i's preference for keeping patch j.
+
+        `image_tokens` and `task_tokens` come prepared by `settings.scoring` (`lightvla.prepare`:
+        as they are, centred, or robustly standardised per dimension).
+        """
 
     @hookspec(firstresult=True)
     def openpi_prune_select(self, scores, candidate_mask, settings):

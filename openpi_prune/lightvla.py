@@ -20,6 +20,59 @@ def rms_normalize(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _EPS)
 
 
+def _live_mean(x, mask):
+    w = mask[..., None].astype(jnp.float32)
+    return jnp.sum(x * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+
+
+def centre(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "b k d"]:
+    """Remove each sample's mean over its live tokens: the direction every token shares.
+
+    A shared component larger than the tokens' differences makes every query point the same way
+    after the weight-free RMS norm, and every row then votes for the same few patches.
+    """
+    x = x.astype(jnp.float32)
+    return jnp.where(mask[..., None], x - _live_mean(x, mask), 0.0)
+
+
+def robust_standardise(
+    x: Float[Array, "b k d"], mask: Bool[Array, "b k"], clip: float = 4.0
+) -> Float[Array, "b k d"]:
+    """Per sample and per dimension: subtract the median over live tokens, divide by their median
+    absolute deviation, clip to +-`clip`.
+
+    Centring removes a shared direction but not a few dimensions whose values are huge and vary
+    ("massive activations"): after the RMS norm those dimensions alone decide every similarity.
+    Per-dimension robust scaling gives every dimension an equal say, and the median and the clip
+    keep a few outlier tokens (ViT "registers") from setting the scale.
+    """
+    x = x.astype(jnp.float32)
+    live = mask[..., None]
+    masked = jnp.where(live, x, jnp.nan)
+    median = jnp.nanmedian(masked, axis=1, keepdims=True)
+    mad = jnp.nanmedian(jnp.abs(masked - median), axis=1, keepdims=True)
+    # Samples with no live token give NaN statistics; a constant dimension gives a zero MAD.
+    median, mad = jnp.nan_to_num(median), jnp.nan_to_num(mad)
+    floor = 1e-3 * jnp.median(mad, axis=-1, keepdims=True) + _EPS
+    z = (x - median) / jnp.maximum(1.4826 * mad, floor)
+    return jnp.where(live, jnp.clip(z, -clip, clip), 0.0)
+
+
+def prepare(
+    patches: Float[Array, "b n d"],
+    candidate_mask: Bool[Array, "b n"],
+    task_tokens: Float[Array, "b t d"],
+    task_mask: Bool[Array, "b t"],
+    scoring: str,
+) -> tuple[Float[Array, "b n d"], Float[Array, "b t d"]]:
+    """The patches and task tokens as `scoring` hands them to the vote (each set on its own
+    statistics): `lightvla` as they come, `centred`, or `robust` (per-dimension, see above)."""
+    if scoring == "lightvla":
+        return patches, task_tokens
+    transform = {"centred": centre, "robust": robust_standardise}[scoring]
+    return transform(patches, candidate_mask), transform(task_tokens, task_mask)
+
+
 def _masked_softmax(logits, mask):
     logits = jnp.where(mask, logits, _NEG)
     weights = jax.nn.softmax(logits, axis=-1)

@@ -1,10 +1,16 @@
 """The built-in pruning methods, registered as plugins like any third-party one.
 
-- `scheme_b` (default): the patches vote against the prompt plus the projected noisy actions; the
-  projection is a new trainable layer (`Pi0.prune_action_proj`). PaliGemma never sees them.
-- `language_only`: the same pruner against the prompt alone: the straight port that collapses.
+Each method decides the task tokens the patches vote against:
+- `language_only`: the prompt alone, as LightVLA's released recipe (its action positions are zeros).
+- `scheme_b`: the prompt plus the projected noisy actions (`Pi0.prune_action_proj`, action + time
+  in); PaliGemma never sees them.
+- `scheme_a`: the same task tokens as `scheme_b` (and the same projector), but the action tokens
+  are also appended to the prefix as placeholders, hidden from PaliGemma's attention.
+- `action_queries`: the prompt plus learned query tokens (`Pi0.prune_action_queries`, one per
+  action step), the same in training and at inference, unlike noisy actions.
 - `keep_all`: every live patch is kept; the pipeline runs, the output equals OpenPI's.
-LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it.
+LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it,
+on tokens prepared by `settings.scoring`.
 """
 
 import jax.numpy as jnp
@@ -13,7 +19,9 @@ from openpi_prune import lightvla
 from openpi_prune.errors import PruneInputError
 from openpi_prune.hookspecs import hookimpl
 
-PROJECTOR = "prune_action_proj"  # prefix.PARAMETER_PREFIX: loaders fill it in when missing
+# prefix.PARAMETER_PREFIX: loaders fill these in when a checkpoint lacks them.
+PROJECTOR = "prune_action_proj"
+QUERIES = "prune_action_queries"
 
 
 class LightVLAVote:
@@ -59,6 +67,7 @@ class KeepAll(LanguageOnly):
 
 class SchemeB:
     name = "scheme_b"
+    names = ("scheme_b", "scheme_a")  # both vote against the projected noisy actions
 
     @hookimpl
     def openpi_prune_methods(self):
@@ -66,7 +75,7 @@ class SchemeB:
 
     @hookimpl
     def openpi_prune_init_model(self, model, config, rngs, settings):
-        if settings.method != self.name:
+        if settings.method not in self.names:
             return
         from flax import nnx
         from openpi.models import gemma
@@ -78,18 +87,18 @@ class SchemeB:
 
     @hookimpl
     def openpi_prune_task_context(self, model, text_tokens, text_mask, noisy_actions, time, settings):
-        if settings.method != self.name:
+        if settings.method not in self.names:
             return None
         projector = getattr(model, PROJECTOR, None)
         if projector is None:
             raise PruneInputError(
-                "scheme_b needs the action projector, and this Pi0 has none: it was created before "
-                "openpi-prune was enabled with method scheme_b. Enable it first, then create (or "
-                "load) the model."
+                f"{settings.method} needs the action projector, and this Pi0 has none: it was created "
+                f"before openpi-prune was enabled with method {settings.method}. Enable it first, then "
+                "create (or load) the model."
             )
         if noisy_actions is None:
             raise PruneInputError(
-                "scheme_b needs the noisy actions, which exist only inside Pi0.compute_loss and "
+                f"{settings.method} needs the noisy actions, which exist only inside Pi0.compute_loss and "
                 "Pi0.sample_actions. To call embed_prefix directly, wrap the call in "
                 "`openpi_prune.noisy_actions(x_t, time)`."
             )
@@ -103,4 +112,60 @@ class SchemeB:
         return task_tokens, task_mask
 
 
-BUILTIN = (LightVLAVote(), SchemeB(), LanguageOnly(), KeepAll())
+class SchemeA:
+    """Scheme B's task tokens, also appended to the prefix as placeholders PaliGemma cannot see."""
+
+    name = "scheme_a"
+
+    @hookimpl
+    def openpi_prune_methods(self):
+        return [self.name]
+
+    @hookimpl
+    def openpi_prune_prefix_extension(self, model, task_tokens, task_mask, settings):
+        if settings.method != self.name:
+            return None
+        steps = model.action_horizon  # the projected actions close the task context
+        return task_tokens[:, -steps:]
+
+
+class ActionQueries:
+    """Learned task tokens, one per action step: what the pruner learns it can use at inference."""
+
+    name = "action_queries"
+
+    @hookimpl
+    def openpi_prune_methods(self):
+        return [self.name]
+
+    @hookimpl
+    def openpi_prune_init_model(self, model, config, rngs, settings):
+        if settings.method != self.name:
+            return
+        from flax import nnx
+        from openpi.models import gemma
+
+        width = gemma.get_config(config.paligemma_variant).width
+        # Prompt-sized values: the pruner RMS-normalises them with the prompt's embeddings.
+        init = nnx.initializers.normal(1.0)(rngs.params(), (config.action_horizon, width))
+        setattr(model, QUERIES, nnx.Param(init))
+
+    @hookimpl
+    def openpi_prune_task_context(self, model, text_tokens, text_mask, noisy_actions, time, settings):
+        if settings.method != self.name:
+            return None
+        queries = getattr(model, QUERIES, None)
+        if queries is None:
+            raise PruneInputError(
+                "action_queries needs the learned queries, and this Pi0 has none: it was created before "
+                "openpi-prune was enabled with method action_queries. Enable it first, then create (or "
+                "load) the model."
+            )
+        b = text_tokens.shape[0]
+        learned = jnp.broadcast_to(queries.value[None], (b, *queries.value.shape)).astype(text_tokens.dtype)
+        task_tokens = jnp.concatenate([text_tokens, learned], axis=1)
+        task_mask = jnp.concatenate([text_mask, jnp.ones(learned.shape[:2], dtype=bool)], axis=1)
+        return task_tokens, task_mask
+
+
+BUILTIN = (LightVLAVote(), SchemeB(), SchemeA(), ActionQueries(), LanguageOnly(), KeepAll())

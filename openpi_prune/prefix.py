@@ -167,10 +167,17 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         time=None if context is None else context.time,
         settings=settings,
     )
+    extension = hook.openpi_prune_prefix_extension(
+        model=model, task_tokens=task_tokens, task_mask=task_mask, settings=settings
+    )
+    # What the vote sees; the prefix keeps the tokens as they came.
+    scored_patches, scored_task = lightvla.prepare(
+        image_tokens, candidate_mask, task_tokens, task_mask, settings.scoring
+    )
     scores = hook.openpi_prune_score(
-        image_tokens=image_tokens,
+        image_tokens=scored_patches,
         candidate_mask=candidate_mask,
-        task_tokens=task_tokens,
+        task_tokens=scored_task,
         task_mask=task_mask,
         settings=settings,
     )
@@ -205,15 +212,27 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             kept_mask = jnp.zeros_like(kept_mask).at[rows, indices].set(slot_mask)
             slot_capacity = capacity
 
+    if extension is not None:
+        tokens, input_mask, ar_mask = _extend(tokens, input_mask, ar_mask, extension)
     if not (settings.telemetry or telemetry.collecting()):
         return tokens, input_mask, ar_mask
     values = _telemetry(
-        scores, counts, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow
+        scores, counts, candidate_mask, kept_mask, scored_patches, scored_task, task_mask, per_camera, overflow
     )
     telemetry.deliver_traced(values)
     if settings.telemetry:
         meta = dict(method=settings.method, mode=mode, capacity=slot_capacity, warn_below=settings.warn_below)
         jax.debug.callback(functools.partial(_report, meta), values)
+    return tokens, input_mask, ar_mask
+
+
+def _extend(tokens, input_mask, ar_mask, extension):
+    """Append tokens no one attends to: `input_mask` False hides them from every query, and
+    positions (`cumsum(input_mask)`) of the tokens before them stay the same."""
+    b, e = extension.shape[:2]
+    tokens = jnp.concatenate([tokens, extension.astype(tokens.dtype)], axis=1)
+    input_mask = jnp.concatenate([input_mask, jnp.zeros((b, e), dtype=bool)], axis=1)
+    ar_mask = jnp.concatenate([ar_mask, jnp.zeros((e,), dtype=ar_mask.dtype)])
     return tokens, input_mask, ar_mask
 
 

@@ -13,6 +13,7 @@ from openpi_prune.errors import SettingsError
 ENV_VAR = "OPENPI_PRUNE"
 Mode = Literal["compact", "masked"]
 MODES = ("compact", "masked")
+SCORINGS = ("lightvla", "centred", "robust")  # lightvla.prepare's choices
 # Default inference budget: LightVLA keeps ~78 of 512 patches (15 %) on LIBERO; a quarter of each
 # camera's 256 tokens leaves headroom over that before the most-voted rule has to drop any.
 CAPACITY_PER_CAMERA = 64
@@ -22,6 +23,9 @@ CAPACITY_PER_CAMERA = 64
 class PruneSettings:
     # Which registered pruning method decides the task context (see `openpi-prune doctor`).
     method: str = "scheme_b"
+    # How patches and task tokens are prepared before the vote: lightvla (as they come), centred
+    # (each sample's shared direction removed) or robust (per-dimension median / MAD, clipped).
+    scoring: str = "robust"
     # compact: kept tokens are gathered into `capacity` slots, so the prefix is really shorter.
     # masked: same length, pruned tokens leave `input_mask` (numerically the same, no speed-up).
     mode: Mode = "compact"
@@ -39,6 +43,8 @@ class PruneSettings:
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise SettingsError(f"method must be a non-empty string, got {self.method!r}")
+        if self.scoring not in SCORINGS:
+            raise SettingsError(f"scoring must be one of {', '.join(SCORINGS)}; got {self.scoring!r}")
         if self.mode not in MODES:
             raise SettingsError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.capacity is not None and (

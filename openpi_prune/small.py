@@ -130,3 +130,29 @@ def add_shared_component(model, *, scale: float = 2.0, seed: int = 0) -> None:
     rows = table.value
     table.value = rows + scale * jnp.sqrt(jnp.mean(jnp.square(rows))) * direction.astype(rows.dtype)
     nnx.update(model, nnx.State.from_flat_path(flat))
+
+
+def add_outlier_dimensions(model, *, dims: int = 4, scale: float = 100.0, wobble: float = 0.1, seed: int = 0) -> None:
+    """Give every image and prompt token a few huge dimensions, as trained ViTs and LLMs show
+    ("massive activations"): `scale` times the tokens' RMS, varying by `wobble` of that between tokens.
+
+    Centring removes the constant part but not the variation, which still outweighs every other
+    dimension after the weight-free RMS norm.
+    """
+    state = nnx.state(model, nnx.Param)
+    flat = state.flat_state()
+    head_kernel = flat[("PaliGemma", "img", "head", "kernel")]
+    head_bias = flat[("PaliGemma", "img", "head", "bias")]
+    table = flat[("PaliGemma", "llm", "embedder", "input_embedding")]
+    chosen = jax.random.choice(jax.random.key(seed), head_bias.value.shape[-1], (dims,), replace=False)
+    image = jax.random.uniform(jax.random.key(seed + 1), (1, 224, 224, 3), minval=-1, maxval=1)
+    tokens, _ = model.PaliGemma.img(image, train=False)
+    rms = jnp.sqrt(jnp.mean(jnp.square(tokens)))
+    std = jnp.maximum(jnp.std(tokens[..., chosen], axis=(0, 1)), 1e-6)
+    head_kernel.value = head_kernel.value.at[:, chosen].multiply(wobble * scale * rms / std)
+    head_bias.value = head_bias.value.at[chosen].add(scale * rms)
+    rows = table.value
+    row_rms = jnp.sqrt(jnp.mean(jnp.square(rows)))
+    noise = jax.random.normal(jax.random.key(seed + 2), (rows.shape[0], dims))
+    table.value = rows.at[:, chosen].add((scale * row_rms * (1 + wobble * noise)).astype(rows.dtype))
+    nnx.update(model, nnx.State.from_flat_path(flat))

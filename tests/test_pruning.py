@@ -169,7 +169,7 @@ def test_collapse_reproduced_on_a_real_model(pi05):
     obs = small.observation(cfg, batch_size=2, prompt_tokens=20)
     kept = {}
     for method in ("language_only", "scheme_b"):
-        with openpi_prune.enabled(method=method, mode="masked"), pytest.warns(CollapseWarning):
+        with openpi_prune.enabled(method=method, mode="masked", scoring="lightvla"), pytest.warns(CollapseWarning):
             model.sample_actions(jax.random.key(0), obs, num_steps=1)
             report = last_report()
         kept[method] = report.kept.tolist()
@@ -181,7 +181,7 @@ def test_collapse_reproduced_on_a_real_model(pi05):
 def test_bad_input_gets_clear_errors(pi05):
     cfg, model = pi05
     obs = small.observation(cfg, batch_size=1)
-    with pytest.raises(SettingsError, match="unknown pruning method 'nope'.*known: keep_all, language_only, scheme_b"):
+    with pytest.raises(SettingsError, match="unknown pruning method 'nope'.*known: action_queries, keep_all, language_only, scheme_a, scheme_b"):
         openpi_prune.enable(method="nope")
     assert not openpi_prune.is_enabled()
     with pytest.raises(SettingsError, match="capacity must be a positive"):
