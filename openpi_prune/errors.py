@@ -13,6 +13,10 @@ class OpenPINotFoundError(PruneError, ImportError):
     """No importable OpenPI in this environment."""
 
 
+class OpenPIDependencyError(OpenPINotFoundError):
+    """OpenPI is installed, but a module OpenPI itself imports is missing (the message names it)."""
+
+
 class IncompatibleOpenPIError(PruneError):
     """The installed OpenPI differs from what a patch assumes; nothing was patched."""
 

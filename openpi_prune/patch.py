@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import wrapt
 
-from openpi_prune.errors import IncompatibleOpenPIError, OpenPINotFoundError
+from openpi_prune.errors import IncompatibleOpenPIError, OpenPIDependencyError, OpenPINotFoundError
 
 logger = logging.getLogger("openpi_prune")
 
@@ -136,10 +136,19 @@ def import_openpi():
             importlib.import_module(name)
         return sys.modules[MODULE]
     except ImportError as error:
+        missing = error.name or ""
+        if missing and missing != "openpi" and not missing.startswith("openpi."):
+            # OpenPI is there, but something it imports is not.
+            top = missing.partition(".")[0]
+            raise OpenPIDependencyError(
+                f"OpenPI is installed but cannot be imported: it needs the module {missing!r}, which is "
+                f"missing ({error}). Install the package that provides it into this environment (usually "
+                f"`pip install {top}`; openpi-prune's requirements-openpi.txt lists what OpenPI imports)."
+            ) from error
         raise OpenPINotFoundError(
-            f"cannot import OpenPI's {error.name or MODULE} ({error}). openpi-prune patches an installed OpenPI: install "
-            "upstream openpi (e.g. from its repository, or `pip install --no-deps rpent-openpi==0.2.2` "
-            "plus its JAX dependencies) into this environment."
+            f"OpenPI not found: cannot import {missing or MODULE} ({error}). openpi-prune patches an installed "
+            "OpenPI: install upstream openpi (e.g. from its repository, or `pip install --no-deps "
+            "rpent-openpi==0.2.2` plus its JAX dependencies) into this environment."
         ) from error
 
 
