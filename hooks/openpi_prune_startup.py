@@ -2,7 +2,9 @@
 
 It runs at every Python start through `openpi-prune-startup.pth` (or `.start` on Python 3.15+),
 so it imports nothing but `os` until `OPENPI_PRUNE` asks for pruning, never raises, and only
-registers a post-import hook: OpenPI is patched when `openpi.models.pi0` is imported.
+registers a post-import hook: OpenPI is patched when its package `openpi` is imported, that is
+before any OpenPI module a program imports first, and a program's own `enable()` / `disable()`
+before then takes precedence.
 """
 
 import os

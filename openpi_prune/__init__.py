@@ -13,6 +13,7 @@ import threading
 
 from openpi_prune.errors import (
     IncompatibleOpenPIError,
+    OpenPIDependencyError,
     OpenPINotFoundError,
     PruneError,
     PruneInputError,
@@ -22,6 +23,7 @@ from openpi_prune.settings import PruneSettings
 
 __all__ = [
     "IncompatibleOpenPIError",
+    "OpenPIDependencyError",
     "OpenPINotFoundError",
     "PruneError",
     "PruneInputError",
@@ -41,15 +43,28 @@ __all__ = [
 _lock = threading.RLock()
 
 
-def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings:
-    """Patch OpenPI (importing `openpi.models.pi0`) and prune with these settings from now on.
+def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings | None:
+    """Patch OpenPI (importing the modules it patches) and prune with these settings from now on.
 
     Enable before models are created (Scheme B adds a trainable projector in `Pi0.__init__`)
-    and before anything is jit-compiled. Calling it again changes the settings in place.
+    and before anything is jit-compiled. Calling it again changes the settings in place. These
+    settings replace any from `OPENPI_PRUNE` that are still waiting for OpenPI's import. Returns
+    the settings in force: these, or None when OpenPI did not match and `strict=False` left it
+    unpatched.
     """
-    from openpi_prune import patch, plugins, prefix
+    from openpi_prune import _bootstrap, patch, plugins
 
     settings = (settings or PruneSettings()).replace(**changes)
+    plugins.check_method(settings.method)  # a bad choice leaves the environment's in place
+    _bootstrap.discard()  # the program's choice wins over the environment's
+    # Outside the lock: OpenPI's import hook takes it, perhaps in a thread that holds the import lock.
+    patch.import_openpi()
+    return _apply(settings)
+
+
+def _apply(settings: PruneSettings) -> PruneSettings | None:
+    from openpi_prune import patch, plugins, prefix
+
     with _lock:
         plugins.check_method(settings.method)
         if patch.is_installed():
@@ -60,57 +75,85 @@ def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings
         prefix.set_settings(settings)
         if not patch.install(patch.WRAPPERS, strict=settings.strict):
             prefix.set_settings(PruneSettings())
+            return None
         return settings
 
 
-def disable() -> None:
-    """Remove exactly openpi-prune's wrappers; OpenPI behaves as if never patched."""
-    from openpi_prune import patch, prefix
+def _apply_pending() -> PruneSettings | None:
+    """Apply `OPENPI_PRUNE`'s settings if they are still pending (OpenPI's import hook calls this)."""
+    from openpi_prune import _bootstrap
 
     with _lock:
+        settings = _bootstrap.discard()
+        return None if settings is None else _apply(settings)
+
+
+def disable() -> None:
+    """Remove exactly openpi-prune's wrappers; OpenPI behaves as if never patched.
+
+    Also cancels settings from `OPENPI_PRUNE` still waiting for OpenPI's import."""
+    from openpi_prune import _bootstrap, patch, prefix
+
+    with _lock:
+        _bootstrap.discard()
         patch.uninstall()
         prefix.set_settings(PruneSettings())
 
 
 def is_enabled() -> bool:
+    """Whether OpenPI is patched now."""
     from openpi_prune import patch
 
     return patch.is_installed()
 
 
 def current_settings() -> PruneSettings | None:
-    """The settings in force, or None when disabled."""
-    from openpi_prune import prefix
+    """The settings in force; before OpenPI's import, those `OPENPI_PRUNE` will apply then; else None."""
+    from openpi_prune import _bootstrap, prefix
 
-    return prefix.active_settings() if is_enabled() else None
+    if is_enabled():
+        return prefix.active_settings()
+    return _bootstrap.pending()
 
 
-def _restore(previous: PruneSettings | None) -> None:
-    if previous is None:
-        disable()
-    else:
-        enable(previous)
+def _restore(previous: PruneSettings | None, was_pending: bool) -> None:
+    from openpi_prune import _bootstrap
+
+    with _lock:
+        if previous is None:
+            disable()
+        elif was_pending and not is_enabled() and _bootstrap.repend(previous):
+            pass  # OpenPI was not imported in the block: its import applies them, as before
+        else:
+            enable(previous)
+
+
+def _snapshot() -> tuple[PruneSettings | None, bool]:
+    from openpi_prune import _bootstrap
+
+    with _lock:
+        return current_settings(), not is_enabled() and _bootstrap.pending() is not None
 
 
 @contextlib.contextmanager
 def enabled(settings: PruneSettings | None = None, /, **changes):
-    """Prune inside the block; afterwards restore what was in force before."""
-    previous = current_settings()
+    """Prune inside the block; afterwards restore what was in force (or pending) before."""
+    previous = _snapshot()
     try:
         yield enable(settings, **changes)
     finally:
-        _restore(previous)
+        _restore(*previous)
 
 
 @contextlib.contextmanager
 def disabled():
-    """Run OpenPI unpatched inside the block; afterwards restore what was in force before."""
-    previous = current_settings()
+    """Run OpenPI unpatched inside the block; afterwards restore what was in force (or pending) before."""
+    previous = _snapshot()
     disable()
     try:
         yield
     finally:
-        _restore(previous)
+        _restore(*previous)
 
 
 def noisy_actions(x_t, time, *, rng=None, train: bool = False):

@@ -1,27 +1,87 @@
-"""What `OPENPI_PRUNE` does once the start-up file has seen it set: parse, then wait for OpenPI."""
+"""What `OPENPI_PRUNE` does once the start-up file has seen it set: parse, then wait for OpenPI.
+
+The hook sits on the top-level package `openpi`, not on `openpi.models.pi0`: a program may import
+any OpenPI module first (`openpi.training.config`, `openpi.policies.policy_config`, ...) and reach
+`Pi0` only later, lazily, in the middle of a call such as `config.model.load(params)`. Patching then
+would be too late for that call. The package `openpi` is imported before any of its submodules, so
+the hook runs before any OpenPI code a target affects, and `enable()` imports every module a target
+lives in, completely, before the submodule the program asked for starts.
+
+The environment's settings are *pending* until the hook applies them. A program's own `enable()` or
+`disable()` before that takes precedence and discards them (code beats the environment).
+"""
 
 import logging
+import sys
+import threading
 
 logger = logging.getLogger("openpi_prune")
 
-_pending = None
+PACKAGE = "openpi"
+
+_lock = threading.RLock()
+_pending = None  # PruneSettings from OPENPI_PRUNE, not applied yet
+_registered = False  # the post-import hook is registered
+_fired = False  # it ran: OpenPI was imported
 
 
 def arm(value: str) -> None:
     """Validate the variable now (a bad value is reported at start-up), patch on OpenPI's import."""
-    global _pending
+    global _pending, _registered
     from openpi_prune.settings import parse
 
-    _pending = parse(value)
+    settings = parse(value)
+    with _lock:
+        if _registered:
+            return
+        _pending, _registered = settings, True
     import wrapt
 
-    wrapt.register_post_import_hook(_on_import, "openpi.models.pi0")
+    # Runs `_on_import` at once when `openpi` is already imported.
+    wrapt.register_post_import_hook(_on_import, PACKAGE)
+
+
+def pending():
+    """The environment's settings while they wait for OpenPI's import, else None."""
+    return _pending
+
+
+def discard():
+    """Forget the pending settings (the program chose its own). Returns what was pending."""
+    global _pending
+    with _lock:
+        settings, _pending = _pending, None
+        return settings
+
+
+def repend(settings) -> bool:
+    """Make `settings` pending again if the hook has yet to run; False if it ran (apply them now)."""
+    global _pending
+    with _lock:
+        if not _registered or _fired:
+            return False
+        _pending = settings
+        return True
 
 
 def _on_import(module) -> None:
-    # A strict-mode incompatibility raises here and so fails the import of openpi.models.pi0: the
-    # user asked for pruning, and running unpruned without saying so would hide it.
+    # A strict-mode incompatibility or a missing OpenPI dependency raises here and so fails the
+    # import of `openpi`: the user asked for pruning, and running unpruned without saying so would
+    # hide it.
+    global _fired
     import openpi_prune
 
-    openpi_prune.enable(_pending)
-    logger.info("openpi-prune enabled from the environment: %s", _pending)
+    with _lock:
+        _fired = True
+    before = set(sys.modules)
+    try:
+        settings = openpi_prune._apply_pending()
+    except BaseException:
+        # Python drops the failed `openpi` but keeps the submodules imported here; without them a
+        # later import of OpenPI starts afresh instead of tripping over their remains.
+        for name in set(sys.modules) - before:
+            if name.startswith(PACKAGE + "."):
+                del sys.modules[name]
+        raise
+    if settings is not None:
+        logger.info("openpi-prune enabled from the environment: %s", settings)

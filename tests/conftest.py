@@ -31,6 +31,28 @@ def pi0():
     return _create(pi05=False)
 
 
+@pytest.fixture(scope="session")
+def plain_checkpoint(tmp_path_factory):
+    """A small pi0.5 saved as OpenPI lays out a checkpoint, by a model made without openpi-prune:
+    `params/` (orbax, `{"params": ...}`, what `restore_params` reads) and `assets/plain/norm_stats.json`.
+    Returns the config, the params and the checkpoint folder."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from openpi.shared import normalize
+
+    with openpi_prune.disabled():
+        cfg = small.config(pi05=True)
+        params = nnx.state(small.create(cfg), nnx.Param).to_pure_dict()
+    folder = tmp_path_factory.mktemp("checkpoint")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(folder / "params", {"params": params})
+    dim = cfg.action_dim
+    stats = normalize.NormStats(mean=np.zeros(dim), std=np.ones(dim), q01=-np.ones(dim), q99=np.ones(dim))
+    normalize.save(folder / "assets" / "plain", {"state": stats, "actions": stats})
+    return cfg, params, folder
+
+
 @pytest.fixture(params=["pi0", "pi05"])
 def any_model(request):
     return request.getfixturevalue(request.param)

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from openpi.shared import array_typing as at
@@ -14,15 +13,10 @@ from openpi_prune.prefix import UntrainedParametersWarning
 
 
 @pytest.fixture(scope="module")
-def plain_checkpoint(tmp_path_factory):
+def plain_checkpoint(plain_checkpoint):
     """A pi0.5 checkpoint saved by orbax as OpenPI saves `params`, from a model without openpi-prune."""
-    cfg = small.config(pi05=True)
-    model = small.create(cfg)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    path = tmp_path_factory.mktemp("ckpt") / "params"
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(path, {"params": params})
-    return cfg, params, path
+    cfg, params, folder = plain_checkpoint
+    return cfg, params, folder / "params"
 
 
 def test_serving_loads_a_plain_checkpoint_with_a_fresh_projector(plain_checkpoint):
