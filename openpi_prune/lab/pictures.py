@@ -1,0 +1,81 @@
+"""The lab's pictures: kept patches drawn over the scenes, and the training curves."""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from openpi_prune.lab import scenes  # noqa: E402
+
+SCENES_SHOWN = 2
+
+
+def _overlay(image: np.ndarray, kept: np.ndarray, target: np.ndarray, grid: int) -> np.ndarray:
+    """The image in [0, 1], pruned patches darkened; kept patches at full brightness."""
+    rgb = (image + 1) / 2
+    patch = rgb.shape[0] // grid
+    shade = np.where(kept.reshape(grid, grid), 1.0, 0.25).repeat(patch, 0).repeat(patch, 1)
+    return np.clip(rgb * shade[..., None], 0, 1)
+
+
+def kept_patches(val: scenes.Batch, kept_masks: dict, spec: scenes.SceneSpec, path: pathlib.Path) -> None:
+    """One row per variant: for the first scenes, both live cameras with pruned patches darkened and
+    the target's patches outlined in white."""
+    cameras = list(scenes.TABLES)
+    grid, per = spec.grid, spec.grid**2
+    shown = min(SCENES_SHOWN, val.actions.shape[0])
+    rows = list(kept_masks.items())
+    if not rows:
+        return
+    fig, axes = plt.subplots(
+        len(rows), shown * len(cameras), figsize=(2.2 * shown * len(cameras), 2.3 * len(rows)), squeeze=False
+    )
+    for r, (name, kept) in enumerate(rows):
+        for s in range(shown):
+            for c, camera in enumerate(cameras):
+                ax = axes[r, s * len(cameras) + c]
+                patches = slice(c * per, (c + 1) * per)
+                ax.imshow(_overlay(val.images[camera][s], kept[s, patches], val.target_mask[s, patches], grid))
+                target = val.target_mask[s, patches].reshape(grid, grid)
+                size = spec.image_size / grid
+                for i, j in zip(*np.nonzero(target), strict=True):
+                    ax.add_patch(plt.Rectangle((j * size, i * size), size, size, fill=False, ec="white", lw=0.8))
+                colour = list(scenes.COLOURS)[val.target[s]]
+                ax.set_title(f"{camera.split('_')[0]}, '{colour}': {int(kept[s, patches].sum())} kept", fontsize=7)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle("kept patches (bright) and the target's patches (white outline)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values: list[float], width: int = 10) -> np.ndarray:
+    values = np.asarray(values, float)
+    if len(values) < width:
+        return values
+    return np.convolve(values, np.ones(width) / width, mode="valid")
+
+
+def training(histories: dict, path: pathlib.Path) -> None:
+    """Loss of the baseline, then loss and kept count of each variant over its fine-tuning steps."""
+    fig, (base, loss, kept) = plt.subplots(1, 3, figsize=(15, 4))
+    if "unpruned" in histories:
+        base.plot(_smooth([h["loss"] for h in histories["unpruned"]]))
+    base.set(title="baseline training loss (unpruned)", xlabel="step", yscale="log")
+    for name, history in histories.items():
+        if name == "unpruned" or not history:
+            continue
+        loss.plot(_smooth([h["loss"] for h in history]), label=name)
+        if "kept" in history[0]:
+            kept.plot(_smooth([h["kept"] for h in history]), label=name)
+    loss.set(title="fine-tuning loss", xlabel="step", yscale="log")
+    kept.set(title="kept image tokens (training pass, all cameras)", xlabel="step")
+    kept.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

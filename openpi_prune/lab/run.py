@@ -1,0 +1,200 @@
+"""`openpi-prune lab`: which pruning method keeps the right tokens on a model that has learned?
+
+1. Train an unpruned pi0.5 on the lab's scenes (or reuse the checkpoint of an earlier run), and
+   measure it: the lab proves nothing unless it clearly beats predicting the mean action.
+2. Fine-tune every variant from that checkpoint, as users fine-tune from a released pi0.5, with
+   LightVLA's training rule and noise schedule.
+3. Per variant: validation MSE against the unpruned model, kept tokens per live camera, recall of
+   the target's patches, the training telemetry; and the kept count once the model's embeddings get
+   a shared direction or a few massive dimensions.
+Writes `results.md`, `results.json`, `kept_patches.png` and `training.png` to the output folder.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+import warnings
+
+import numpy as np
+from flax import nnx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import openpi_prune
+from openpi_prune import patch, small
+from openpi_prune.lab import scenes, train
+from openpi_prune.prefix import UntrainedParametersWarning
+
+console = Console(width=max(Console().width, 120))
+
+# name -> settings (None: unpruned). Inference in masked mode: the kept count is the method's own,
+# not cut by a capacity (compact mode keeps the same set when it fits).
+VARIANTS = {
+    "unpruned": None,
+    # The reference: fine-tuned like every variant, with nothing pruned.
+    "unpruned, fine-tuned": dict(method="keep_all", scoring="lightvla"),
+    "language_only (verbatim LightVLA)": dict(method="language_only", scoring="lightvla"),
+    "scheme_b": dict(method="scheme_b", scoring="lightvla"),
+    "scheme_a": dict(method="scheme_a", scoring="lightvla"),
+    "language_only + centred": dict(method="language_only", scoring="centred"),
+    "language_only + robust": dict(method="language_only", scoring="robust"),
+    "scheme_b + robust": dict(method="scheme_b", scoring="robust"),
+    "action_queries + robust": dict(method="action_queries", scoring="robust"),
+}
+STRESSES = {
+    "shared direction": lambda m: small.add_shared_component(m, scale=2.0),
+    "outlier dimensions": lambda m: small.add_outlier_dimensions(m),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabPlan:
+    baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25, train_mode=False)
+    finetune: train.Schedule = train.Schedule(steps=300, lr=3e-4, warmup=20, seed=100_000)
+    validation: int = 64
+    spec: scenes.SceneSpec = scenes.SceneSpec()
+
+
+QUICK = LabPlan(
+    baseline=train.Schedule(steps=3, lr=1e-3, batch_size=4, single_object=0.34, warmup=1),
+    finetune=train.Schedule(steps=2, lr=3e-4, batch_size=4, warmup=1, seed=100_000),
+    validation=4,
+)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _settings(changes: dict) -> openpi_prune.PruneSettings:
+    # Telemetry is collected inside the jitted functions; no host callback needed.
+    return openpi_prune.PruneSettings(mode="masked", telemetry=False, warn_below=0, **changes)
+
+
+def baseline(plan: LabPlan, out: pathlib.Path, progress: Progress, retrain: bool = False):
+    """The unpruned model: trained now, or restored from `out/baseline` when an earlier run left it."""
+    path = out / "baseline" / "params"
+    history_path = out / "baseline" / "history.json"
+    openpi_prune.disable()
+    if path.exists() and not retrain:
+        console.print(f"reusing the trained baseline in {path} (--retrain to train it anew)")
+        return train.load(plan.spec, train.restore_params(path)), json.loads(history_path.read_text())
+    model = train.create(plan.spec)
+    val = train.validation(plan.spec, plan.validation)
+    mean_mse = train.mean_action_mse(plan.spec, val)
+
+    def check(m) -> str:
+        note = f"(validation MSE / predict-the-mean {train.evaluate(m, plan.spec, val, mean_mse).mse_ratio:.3f})"
+        console.print(f"baseline {note}")
+        return note
+
+    history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
+    train.save_params(train.params_of(model), path)
+    history_path.write_text(json.dumps(history))
+    return model, history
+
+
+def run(out: str = "lab-results", quick: bool = False, retrain: bool = False, only: list[str] | None = None) -> dict:
+    plan = QUICK if quick else LabPlan()
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # every variant is traced anew
+    warnings.simplefilter("ignore", UntrainedParametersWarning)  # expected: fine-tuning starts them
+    spec = plan.spec
+    val = train.validation(spec, plan.validation)
+    mean_mse = train.mean_action_mse(spec, val)
+    results, histories, kept_masks = {}, {}, {}
+    started = time.time()
+    with _progress() as progress:
+        base_model, base_history = baseline(plan, out_dir, progress, retrain)
+        base_params = train.params_of(base_model)
+        results["unpruned"] = train.evaluate(base_model, spec, val, mean_mse).summary()
+        histories["unpruned"] = base_history
+        console.print(
+            f"baseline: validation MSE {results['unpruned']['val_mse']:.4f}, "
+            f"{results['unpruned']['mse_vs_mean']:.3f} x predicting the mean"
+        )
+        for name, changes in VARIANTS.items():
+            if changes is None or (only and name not in only):
+                continue
+            settings = _settings(changes)
+            openpi_prune.enable(settings)
+            model = train.load(spec, base_params)  # fresh pruner parameters, the baseline's rest
+            histories[name] = train.train(model, spec, plan.finetune, progress, name)
+            evaluation = train.evaluate(model, spec, val, mean_mse)
+            reference = results.get("unpruned, fine-tuned", results["unpruned"])["val_mse"]
+            row = evaluation.summary() | {"mse_vs_unpruned": evaluation.mse / reference}
+            if changes["method"] == "keep_all":
+                results[name] = row
+                openpi_prune.disable()
+                continue
+            kept_masks[name] = evaluation.kept_mask
+            for stress, apply in STRESSES.items():
+                stressed = nnx.clone(model)
+                apply(stressed)
+                row[f"kept_{stress.replace(' ', '_')}"] = float(
+                    train.evaluate(stressed, spec, val, mean_mse).kept_per_camera.mean()
+                )
+            results[name] = row
+            openpi_prune.disable()
+    report = {
+        "plan": dataclasses.asdict(plan),
+        "results": results,
+        "histories": histories,
+        "minutes": (time.time() - started) / 60,
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "results.md").write_text(markdown_table(results, spec))
+    _print(results, spec)
+    from openpi_prune.lab import pictures
+
+    pictures.kept_patches(val, kept_masks, spec, out_dir / "kept_patches.png")
+    pictures.training(histories, out_dir / "training.png")
+    console.print(f"wrote {out_dir}/results.md, results.json, kept_patches.png, training.png")
+    return report
+
+
+COLUMNS = {
+    "mse_vs_mean": "MSE / predict-mean",
+    "mse_vs_unpruned": "MSE / unpruned fine-tuned",
+    "kept_mean": "kept per live camera (mean)",
+    "kept_min": "min",
+    "kept_max": "max",
+    "kept_fraction": "kept share",
+    "target_recall": "target recall",
+    "query_spread": "query spread",
+    "kept_shared_direction": "kept, shared direction",
+    "kept_outlier_dimensions": "kept, outlier dims",
+}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}"
+
+
+def markdown_table(results: dict, spec: scenes.SceneSpec) -> str:
+    head = f"| variant ({spec.grid**2} patches per camera) | " + " | ".join(COLUMNS.values()) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _print(results: dict, spec: scenes.SceneSpec) -> None:
+    table = Table("variant", *COLUMNS.values(), title=f"lab: {spec.grid**2} patches per camera, 2 live cameras")
+    for name, row in results.items():
+        table.add_row(name, *(_cell(row.get(k)) for k in COLUMNS))
+    console.print(table)

@@ -1,0 +1,206 @@
+"""Train and evaluate a small real pi0.5 on the lab's scenes, unpruned or with a pruning method.
+
+The model is OpenPI's own `Pi0` (pi0.5, `dummy` Gemma for both experts, SigLIP `mu/28`: 8 x 8
+patches a camera), trained with its own `compute_loss` and sampled with its own `sample_actions`.
+The prompt's embedding table stays frozen (the prompt has a handful of fixed words), which
+also keeps the optimiser off its 16M rows.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import openpi_prune
+from openpi_prune import small, telemetry
+from openpi_prune.lab import scenes
+
+SIGLIP = "mu/28"
+VALIDATION_SEED = 1_000_000  # training batches use seeds 0, 1, ...; validation never meets them
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    batch_size: int = 32
+    # Curriculum: the first `single_object` fraction of steps shows one block only (plain
+    # localisation), then the full scenes with distractors.
+    single_object: float = 0.0
+    warmup: int = 50
+    seed: int = 0  # offset of the training batches' seeds
+    # OpenPI's `compute_loss(train=True)`: image augmentation, and the pruner's training rule. The
+    # unpruned baseline may skip it (augmentation is most of a step's time on a CPU).
+    train_mode: bool = True
+
+
+def model_config(spec: scenes.SceneSpec):
+    return small.config(
+        pi05=True, action_horizon=spec.horizon, max_token_len=spec.max_token_len, action_dim=spec.action_dim
+    )
+
+
+def create(spec: scenes.SceneSpec, seed: int = 0):
+    """A fresh pi0.5 for the lab (the active pruning method adds its parameters)."""
+    return small.create(model_config(spec), seed=seed, siglip=SIGLIP)
+
+
+def load(spec: scenes.SceneSpec, params: dict):
+    """A model from `params` through OpenPI's `BaseModelConfig.load`, as OpenPI serves a checkpoint:
+    a method's parameters the checkpoint lacks start fresh (with a warning)."""
+    with small.siglip_variant(SIGLIP):
+        return model_config(spec).load(params)
+
+
+def params_of(model) -> dict:
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+_TRAINABLE = nnx.All(nnx.Param, nnx.Not(lambda path, _: "input_embedding" in path))
+
+
+def train(
+    model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, description: str = "training", check=None
+):
+    """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
+    loss, and with pruning on the pruner's kept count and query spread in the training forward pass.
+    `check(model) -> str`, if given, runs every tenth of the steps and its text joins the progress line."""
+    graphdef, params, rest = nnx.split(model, _TRAINABLE, ...)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, schedule.lr, min(schedule.warmup, schedule.steps // 2), max(schedule.steps, 2), schedule.lr * 0.1
+    )
+    optimizer = optax.adamw(lr, weight_decay=1e-4)
+    opt_state = optimizer.init(params)
+    pruned = openpi_prune.is_enabled()
+
+    @jax.jit
+    def step_fn(step, params, opt_state, observation, actions):
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, rest)
+            rng = jax.random.fold_in(jax.random.key(schedule.seed), step)
+            with telemetry.collect() as reports, openpi_prune.noise_scale(
+                openpi_prune.linear_noise_scale(step, schedule.steps)
+            ):
+                loss = jnp.mean(m.compute_loss(rng, observation, actions, train=schedule.train_mode))
+            info = {}
+            if reports:
+                live = reports[0]["candidates"] > 0
+                info = {
+                    "kept": jnp.mean(reports[0]["kept"]),
+                    "query_spread": jnp.sum(reports[0]["query_spread"] * live) / jnp.maximum(jnp.sum(live), 1),
+                }
+            return loss, info
+
+        (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, **info}
+
+    history = []
+    task = progress.add_task(description, total=schedule.steps) if progress is not None else None
+    single = int(schedule.single_object * schedule.steps)
+    note = ""
+    for step in range(schedule.steps):
+        batch = scenes.render(schedule.seed + step, schedule.batch_size, spec, objects=1 if step < single else None)
+        params, opt_state, info = step_fn(step, params, opt_state, batch.observation(), jnp.asarray(batch.actions))
+        history.append({k: float(v) for k, v in jax.device_get(info).items()})
+        if check is not None and (step + 1) % max(schedule.steps // 10, 1) == 0:
+            nnx.update(model, params)
+            note = check(model)
+            history[-1]["check"] = note
+        if progress is not None:
+            progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
+    nnx.update(model, params)
+    if pruned:
+        assert set(history[-1]) >= {"kept", "query_spread"}
+    return history
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    mse: float  # validation sampled-action MSE
+    mean_mse: float  # MSE of predicting the training actions' mean
+    kept_per_camera: np.ndarray | None  # [samples, live cameras]
+    recall: float | None  # share of the target's patches kept, over the validation set
+    query_spread: float | None
+    kept_mask: np.ndarray | None  # [samples, patches of every camera]
+    patches_per_camera: int = 0
+
+    @property
+    def mse_ratio(self) -> float:
+        return self.mse / self.mean_mse
+
+    @property
+    def kept_fraction(self) -> float | None:
+        return None if self.kept_per_camera is None else float(self.kept_per_camera.mean() / self.patches_per_camera)
+
+    def summary(self) -> dict:
+        row = {"val_mse": self.mse, "mse_vs_mean": self.mse_ratio}
+        if self.kept_per_camera is not None:
+            k = self.kept_per_camera
+            row |= {
+                "kept_mean": float(k.mean()),
+                "kept_min": int(k.min()),
+                "kept_max": int(k.max()),
+                "kept_fraction": self.kept_fraction,
+                "target_recall": self.recall,
+                "query_spread": self.query_spread,
+            }
+        return row
+
+
+def validation(spec: scenes.SceneSpec, size: int = 64) -> scenes.Batch:
+    return scenes.render(VALIDATION_SEED, size, spec)
+
+
+def mean_action_mse(spec: scenes.SceneSpec, val: scenes.Batch) -> float:
+    mean = scenes.render(VALIDATION_SEED + 1, 1024, spec).actions.mean(0)
+    return float(np.mean((val.actions - mean) ** 2))
+
+
+def evaluate(model, spec: scenes.SceneSpec, val: scenes.Batch, mean_mse: float, num_steps: int = 10) -> Evaluation:
+    """Sampled actions (fixed noise) against the truth, and what the pruner in force kept."""
+    pruned = openpi_prune.is_enabled()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def sample(state, observation):
+        m = nnx.merge(graphdef, state)
+        with telemetry.collect() as reports:
+            actions = m.sample_actions(jax.random.key(VALIDATION_SEED), observation, num_steps=num_steps)
+        return actions, (reports[0] if reports else {})
+
+    actions, report = jax.device_get(sample(state, val.observation()))
+    mse = float(np.mean((np.asarray(actions) - val.actions) ** 2))
+    if not pruned or not report:
+        return Evaluation(mse, mean_mse, None, None, None, None)
+    live = [i for i, camera in enumerate(val.images) if camera != scenes.MASKED_CAMERA]
+    kept_mask = np.asarray(report["kept_mask"])
+    target = val.target_mask
+    recall = float((kept_mask & target).sum() / target.sum())
+    return Evaluation(
+        mse,
+        mean_mse,
+        np.asarray(report["kept_per_camera"])[:, live],
+        recall,
+        float(np.mean(report["query_spread"])),
+        kept_mask,
+        spec.grid**2,
+    )
+
+
+def save_params(params: dict, path: pathlib.Path) -> None:
+    """Save as OpenPI saves `params` (orbax, `{"params": ...}`), so OpenPI's `restore_params` reads it."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), {"params": params}, force=True)
+
+
+def restore_params(path: pathlib.Path) -> dict:
+    from openpi.models import model as _model
+
+    return _model.restore_params(path.absolute(), restore_type=np.ndarray)
