@@ -1,8 +1,9 @@
-"""The main job: prune a real pi0.5 (OpenPI's own `Pi0`, small embedded variant) and show the result.
+"""The main job: prune a real pi0.5 (OpenPI's own `Pi0`, small embedded variant) on rendered scenes.
 
-Prints what was patched, the prefix OpenPI builds with and without pruning, the telemetry of each
-built-in method (healthy weights, and weights sharing one direction, where the vote collapses), and
-writes a picture of the kept patches per camera.
+Prints what was patched, the prefix OpenPI builds with and without pruning, and the telemetry of
+the default method and of verbatim LightVLA, on healthy weights and on weights whose embeddings
+share one direction (where verbatim LightVLA collapses). Writes a picture of the kept patches over
+the scenes: three coloured blocks, the prompt naming one of them (its patches outlined).
 """
 
 import os
@@ -18,9 +19,10 @@ from rich.table import Table
 import openpi_prune
 from openpi_prune import patch, small, telemetry
 from openpi_prune import settings as _settings
+from openpi_prune.lab import pictures, scenes
 
-console = Console(width=max(Console().width, 110))
-METHODS = ("scheme_b", "language_only", "keep_all")
+console = Console(width=max(Console().width, 130))
+VERBATIM = dict(method="language_only", scoring="lightvla")  # LightVLA's released recipe
 # Telemetry field -> column title.
 SHOWN = {
     "kept": "kept",
@@ -31,6 +33,8 @@ SHOWN = {
     "score_gap": "score gap",
     "live_task_tokens": "task tokens",
 }
+# The lab's scenes at SigLIP mu/14: 16 x 16 patches a camera, each block 4 x 4 of them.
+SPEC = scenes.SceneSpec(patch=14, block=4, max_token_len=48)
 
 
 def _prefix_length(model, observation, noise) -> tuple[int, int]:
@@ -42,16 +46,18 @@ def _prefix_length(model, observation, noise) -> tuple[int, int]:
 def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
     warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # each method is traced anew
     env = os.environ.get(_settings.ENV_VAR, "").strip()
-    base = _settings.parse(env) if env else _settings.PruneSettings()
-    openpi_prune.enable(base.replace(warn_below=0))
-    console.print(f"[bold]openpi-prune[/] enabled with {base}")
+    default = _settings.parse(env) if env else _settings.PruneSettings()
+    # Create the models with every method's parameters the demo runs (the default's may be a plugin's).
+    methods = {"default": default.replace(warn_below=0), "verbatim LightVLA": default.replace(warn_below=0, **VERBATIM)}
+    openpi_prune.enable(methods["default"])
+    console.print(f"[bold]openpi-prune[/] enabled with {default}")
     table = Table("patched in OpenPI", "by openpi-prune")
     for name, in_place in patch.installed().items():
         table.add_row(name, "yes" if in_place else "no")
     console.print(table)
 
-    cfg = small.config(pi05=True, max_token_len=48)
-    rows, pictures = [], []
+    cfg = small.config(pi05=True, max_token_len=SPEC.max_token_len)
+    rows, kept = [], {}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("creating real pi0.5 models (dummy Gemma, SigLIP mu/14)", total=2)
         healthy = small.create(cfg, seed=seed)
@@ -60,67 +66,47 @@ def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
         small.add_shared_component(collapsed, scale=2.0, seed=seed)
         progress.advance(task)
         console.print(
-            f"pi0.5 with {small.parameter_count(healthy) / 1e6:.1f}M parameters, 3 cameras x 256 image tokens"
+            f"pi0.5 with {small.parameter_count(healthy) / 1e6:.1f}M parameters (random weights), "
+            "3 cameras x 256 image tokens, the third camera masked as in LIBERO"
         )
-
-        observation = small.observation(cfg, batch_size=1, seed=seed, prompt_tokens=14)
+        batch = scenes.render(seed, 1, SPEC)
+        observation = batch.observation()
         noise = jax.random.normal(jax.random.key(seed), (1, cfg.action_horizon, cfg.action_dim))
         with openpi_prune.disabled():
             upstream = healthy.embed_prefix(observation)
         pruned_len, pruned_live = _prefix_length(healthy, observation, noise)
         console.print(
             f"prefix: upstream OpenPI {upstream[0].shape[1]} positions ({int(upstream[1].sum())} live); "
-            f"pruned ({base.mode}) {pruned_len} positions ({pruned_live} live)"
+            f"pruned ({default.mode}) {pruned_len} positions ({pruned_live} live)"
         )
 
-        task = progress.add_task("sampling actions with each method", total=2 * len(METHODS))
+        task = progress.add_task("sampling actions with each method", total=2 * len(methods))
         for weights, model in (("healthy", healthy), ("shared direction", collapsed)):
-            for method in METHODS:
-                with openpi_prune.enabled(base.replace(method=method, warn_below=0)):
+            for label, settings in methods.items():
+                with openpi_prune.enabled(settings):
                     model.sample_actions(jax.random.key(seed), observation, noise=noise, num_steps=2)
                     jax.effects_barrier()
                 report = telemetry.recent()[-1]
-                rows.append((weights, method, report))
-                if method != "keep_all" and (weights == "healthy" or method == "scheme_b"):
-                    pictures.append((f"{method} ({weights})", report))
+                rows.append((weights, label, settings, report))
+                kept[f"{label}\n({weights})"] = report.kept_mask
                 progress.advance(task)
 
     result = Table(
-        "weights", "method", *SHOWN.values(), title=f"telemetry ({base.mode} mode, capacity {rows[0][2].capacity})"
+        "weights",
+        "",
+        "method",
+        "scoring",
+        *SHOWN.values(),
+        title=f"telemetry ({default.mode} mode, capacity {rows[0][3].capacity})",
     )
-    for weights, method, report in rows:
+    for weights, label, settings, report in rows:
         summary = report.summary()
-        result.add_row(weights, method, *(f"{summary[k]:.3g}" for k in SHOWN))
+        result.add_row(weights, label, settings.method, settings.scoring, *(f"{summary[k]:.3g}" for k in SHOWN))
     console.print(result)
-    path = _picture(observation, pictures, pathlib.Path(out))
-    console.print(f"kept patches per camera: {path}")
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "kept_patches.png"
+    pictures.kept_patches(batch, {k: np.asarray(v) for k, v in kept.items()}, SPEC, path, scenes_shown=1)
+    console.print(f"kept patches over the scene: {path}")
     openpi_prune.disable()
     return 0
-
-
-def _picture(observation, reports, out: pathlib.Path) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cameras = list(observation.images)
-    fig, axes = plt.subplots(
-        len(reports), len(cameras), figsize=(3.2 * len(cameras), 3.4 * len(reports)), squeeze=False
-    )
-    for row, (method, report) in enumerate(reports):
-        kept = report.kept_mask[0].reshape(len(cameras), 16, 16)
-        for col, name in enumerate(cameras):
-            image = (np.asarray(observation.images[name][0]) + 1) / 2
-            shade = np.kron(kept[col], np.ones((14, 14)))[..., None]
-            ax = axes[row, col]
-            ax.imshow(image * (0.25 + 0.75 * shade))
-            ax.set_title(f"{method}\n{name}: {int(kept[col].sum())} of 256 kept", fontsize=9)
-            ax.axis("off")
-    fig.suptitle("Image tokens the pruner kept (bright) on a real small pi0.5 with random weights", fontsize=10)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "kept_patches.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

@@ -10,8 +10,6 @@ import numpy as np  # noqa: E402
 
 from openpi_prune.lab import scenes  # noqa: E402
 
-SCENES_SHOWN = 2
-
 
 def _overlay(image: np.ndarray, kept: np.ndarray, target: np.ndarray, grid: int) -> np.ndarray:
     """The image in [0, 1], pruned patches darkened; kept patches at full brightness."""
@@ -21,12 +19,14 @@ def _overlay(image: np.ndarray, kept: np.ndarray, target: np.ndarray, grid: int)
     return np.clip(rgb * shade[..., None], 0, 1)
 
 
-def kept_patches(val: scenes.Batch, kept_masks: dict, spec: scenes.SceneSpec, path: pathlib.Path) -> None:
+def kept_patches(
+    val: scenes.Batch, kept_masks: dict, spec: scenes.SceneSpec, path: pathlib.Path, scenes_shown: int = 2
+) -> None:
     """One row per variant: for the first scenes, both live cameras with pruned patches darkened and
     the target's patches outlined in white."""
     cameras = list(scenes.TABLES)
     grid, per = spec.grid, spec.grid**2
-    shown = min(SCENES_SHOWN, val.actions.shape[0])
+    shown = min(scenes_shown, val.actions.shape[0])
     rows = list(kept_masks.items())
     if not rows:
         return

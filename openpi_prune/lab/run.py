@@ -16,7 +16,6 @@ import pathlib
 import time
 import warnings
 
-import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -103,8 +102,19 @@ def baseline(plan: LabPlan, out: pathlib.Path, progress: Progress, retrain: bool
     return model, history
 
 
-def run(out: str = "lab-results", quick: bool = False, retrain: bool = False, only: list[str] | None = None) -> dict:
+def run(
+    out: str = "lab-results",
+    quick: bool = False,
+    retrain: bool = False,
+    only: list[str] | None = None,
+    finetune_steps: int | None = None,
+) -> dict:
     plan = QUICK if quick else LabPlan()
+    if finetune_steps is not None:
+        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
+    unknown = set(only or ()) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # every variant is traced anew

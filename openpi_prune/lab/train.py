@@ -63,9 +63,7 @@ def params_of(model) -> dict:
 _TRAINABLE = nnx.All(nnx.Param, nnx.Not(lambda path, _: "input_embedding" in path))
 
 
-def train(
-    model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, description: str = "training", check=None
-):
+def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, description: str = "training", check=None):
     """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
     loss, and with pruning on the pruner's kept count and query spread in the training forward pass.
     `check(model) -> str`, if given, runs every tenth of the steps and its text joins the progress line."""
@@ -82,8 +80,9 @@ def train(
         def loss_fn(params):
             m = nnx.merge(graphdef, params, rest)
             rng = jax.random.fold_in(jax.random.key(schedule.seed), step)
-            with telemetry.collect() as reports, openpi_prune.noise_scale(
-                openpi_prune.linear_noise_scale(step, schedule.steps)
+            with (
+                telemetry.collect() as reports,
+                openpi_prune.noise_scale(openpi_prune.linear_noise_scale(step, schedule.steps)),
             ):
                 loss = jnp.mean(m.compute_loss(rng, observation, actions, train=schedule.train_mode))
             info = {}

@@ -1,0 +1,68 @@
+"""The lab's scenes are what they claim, and its pipeline runs end to end (a few steps only)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from openpi_prune.lab import run, scenes
+
+
+def test_scenes_are_deterministic_and_the_target_is_where_the_masks_say():
+    spec = scenes.SceneSpec()
+    a, b = scenes.render(7, 6, spec), scenes.render(7, 6, spec)
+    for camera in a.images:
+        np.testing.assert_array_equal(a.images[camera], b.images[camera])
+    assert not np.array_equal(a.images["base_0_rgb"], scenes.render(8, 6, spec).images["base_0_rgb"])
+    per = spec.grid**2
+    colours = list(scenes.COLOURS)
+    for i in range(6):
+        colour = np.asarray(scenes.COLOURS[colours[a.target[i]]], np.float32)
+        # The prompt names the target's colour.
+        assert scenes.WORDS[colours[a.target[i]]] in a.tokens[i][a.token_mask[i]].tolist()
+        for c, camera in enumerate(scenes.TABLES):
+            mask = a.target_mask[i, c * per : (c + 1) * per].reshape(spec.grid, spec.grid)
+            assert mask.sum() == spec.block**2
+            patches = a.images[camera][i].reshape(spec.grid, spec.patch, spec.grid, spec.patch, 3)
+            means = patches.mean(axis=(1, 3))
+            np.testing.assert_allclose(means[mask], np.broadcast_to(colour, means[mask].shape), atol=1e-4)
+            # No other patch has the target's colour.
+            assert np.abs(means[~mask] - colour).max(-1).min() > 0.5
+        assert not a.target_mask[i, 2 * per :].any(), "the masked camera has no target"
+        # The wrist camera sees the table transposed.
+        base = a.target_mask[i, :per].reshape(spec.grid, spec.grid)
+        np.testing.assert_array_equal(a.target_mask[i, per : 2 * per].reshape(spec.grid, spec.grid), base.T)
+    # The chunk moves from the origin toward the target: its last step is the target's centre.
+    rows, cols = np.nonzero(a.target_mask[0, :per].reshape(spec.grid, spec.grid))
+    centre = (np.array([cols.mean(), rows.mean()]) + 0.5) / spec.grid * 2 - 1
+    np.testing.assert_allclose(a.actions[0, -1], centre, atol=1e-6)
+    assert np.all(np.diff(np.linalg.norm(a.actions[0], axis=-1)) > 0)
+
+
+def test_single_object_curriculum_has_no_distractors():
+    spec = scenes.SceneSpec()
+    one = scenes.render(3, 4, spec, objects=1)
+    coloured = np.abs(one.images["base_0_rgb"]).max(-1) > 0.7
+    assert np.all(coloured.reshape(4, -1).sum(-1) == (spec.block * spec.patch) ** 2)
+
+
+@pytest.mark.slow
+def test_lab_pipeline_writes_its_table_and_pictures(tmp_path):
+    only = ["unpruned, fine-tuned", "language_only (verbatim LightVLA)", "scheme_a", "action_queries + robust"]
+    report = run.run(out=str(tmp_path), quick=True, only=only)
+    results = report["results"]
+    assert set(results) == {"unpruned", *only}
+    for name in only[1:]:
+        row = results[name]
+        assert 0 <= row["kept_min"] <= row["kept_mean"] <= row["kept_max"] <= 64
+        assert 0 <= row["target_recall"] <= 1
+        assert np.isfinite(row["val_mse"]) and np.isfinite(row["kept_shared_direction"])
+        assert len(report["histories"][name]) == run.QUICK.finetune.steps
+        assert {"loss", "kept", "query_spread"} <= set(report["histories"][name][0])
+    for name in ("results.md", "results.json", "kept_patches.png", "training.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["results"].keys() == results.keys()
+    assert "action_queries + robust" in (tmp_path / "results.md").read_text()
+    # A second run reuses the trained baseline (as users fine-tune from a checkpoint).
+    again = run.run(out=str(tmp_path), quick=True, only=only[:1])
+    assert again["results"]["unpruned"] == results["unpruned"]
