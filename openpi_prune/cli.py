@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="compact capacities to time")
+    from openpi_prune import diagnose as _diagnose
+
+    _diagnose.add_arguments(
+        sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
+    )
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "demo": demo, "bench": _bench}[args.command](args)
+    return {"doctor": doctor, "demo": demo, "bench": _bench, "diagnose": _diagnose.run}[args.command](args)
 
 
 def _bench(args) -> int:
