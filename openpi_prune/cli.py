@@ -82,13 +82,38 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="compact capacities to time")
+    lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
+    lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")
+    lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")
+    lab.add_argument("--retrain", action="store_true", help="train the baseline even if --out has one")
+    lab.add_argument("--only", nargs="+", metavar="VARIANT", help="fine-tune only these variants")
+    lab.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 300)")
+    lab.add_argument("--baseline-steps", type=int, help="training steps of the unpruned baseline (default 2000)")
+    lab.add_argument("--batch-size", type=int, help="training batch size (default 32)")
+    lab.add_argument("--baseline-dir", help="where the baseline checkpoint is kept (default: OUT/baseline)")
     from openpi_prune import diagnose as _diagnose
 
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "demo": demo, "bench": _bench, "diagnose": _diagnose.run}[args.command](args)
+    return {"doctor": doctor, "demo": demo, "bench": _bench, "lab": _lab, "diagnose": _diagnose.run}[args.command](args)
+
+
+def _lab(args) -> int:
+    from openpi_prune.lab import run
+
+    run.run(
+        out=args.out,
+        quick=args.quick,
+        retrain=args.retrain,
+        only=args.only,
+        finetune_steps=args.finetune_steps,
+        baseline_steps=args.baseline_steps,
+        batch_size=args.batch_size,
+        baseline_dir=args.baseline_dir,
+    )
+    return 0
 
 
 def _bench(args) -> int:

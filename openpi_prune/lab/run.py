@@ -79,10 +79,10 @@ def _settings(changes: dict) -> openpi_prune.PruneSettings:
     return openpi_prune.PruneSettings(mode="masked", telemetry=False, warn_below=0, **changes)
 
 
-def baseline(plan: LabPlan, out: pathlib.Path, progress: Progress, retrain: bool = False):
-    """The unpruned model: trained now, or restored from `out/baseline` when an earlier run left it."""
-    path = out / "baseline" / "params"
-    history_path = out / "baseline" / "history.json"
+def baseline(plan: LabPlan, folder: pathlib.Path, progress: Progress, retrain: bool = False):
+    """The unpruned model: trained now, or restored from `folder` when an earlier run left it there."""
+    path = folder / "params"
+    history_path = folder / "history.json"
     openpi_prune.disable()
     if path.exists() and not retrain:
         console.print(f"reusing the trained baseline in {path} (--retrain to train it anew)")
@@ -108,10 +108,16 @@ def run(
     retrain: bool = False,
     only: list[str] | None = None,
     finetune_steps: int | None = None,
+    baseline_steps: int | None = None,
+    batch_size: int | None = None,
+    baseline_dir: str | None = None,
 ) -> dict:
     plan = QUICK if quick else LabPlan()
-    if finetune_steps is not None:
-        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
+    for stage, steps in (("baseline", baseline_steps), ("finetune", finetune_steps)):
+        schedule = getattr(plan, stage)
+        schedule = schedule if steps is None else dataclasses.replace(schedule, steps=steps)
+        schedule = schedule if batch_size is None else dataclasses.replace(schedule, batch_size=batch_size)
+        plan = dataclasses.replace(plan, **{stage: schedule})
     unknown = set(only or ()) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
@@ -125,7 +131,8 @@ def run(
     results, histories, kept_masks = {}, {}, {}
     started = time.time()
     with _progress() as progress:
-        base_model, base_history = baseline(plan, out_dir, progress, retrain)
+        folder = pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
+        base_model, base_history = baseline(plan, folder, progress, retrain)
         base_params = train.params_of(base_model)
         results["unpruned"] = train.evaluate(base_model, spec, val, mean_mse).summary()
         histories["unpruned"] = base_history
@@ -146,6 +153,7 @@ def run(
             if changes["method"] == "keep_all":
                 results[name] = row
                 openpi_prune.disable()
+                _write(out_dir, plan, results, histories, started)
                 continue
             kept_masks[name] = evaluation.kept_mask
             for stress, apply in STRESSES.items():
@@ -156,6 +164,18 @@ def run(
                 )
             results[name] = row
             openpi_prune.disable()
+            _write(out_dir, plan, results, histories, started)  # a long run leaves what it has so far
+    report = _write(out_dir, plan, results, histories, started)
+    _print(results, spec)
+    from openpi_prune.lab import pictures
+
+    pictures.kept_patches(val, kept_masks, spec, out_dir / "kept_patches.png")
+    pictures.training(histories, out_dir / "training.png")
+    console.print(f"wrote {out_dir}/results.md, results.json, kept_patches.png, training.png")
+    return report
+
+
+def _write(out_dir: pathlib.Path, plan: LabPlan, results: dict, histories: dict, started: float) -> dict:
     report = {
         "plan": dataclasses.asdict(plan),
         "results": results,
@@ -163,13 +183,7 @@ def run(
         "minutes": (time.time() - started) / 60,
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "results.md").write_text(markdown_table(results, spec))
-    _print(results, spec)
-    from openpi_prune.lab import pictures
-
-    pictures.kept_patches(val, kept_masks, spec, out_dir / "kept_patches.png")
-    pictures.training(histories, out_dir / "training.png")
-    console.print(f"wrote {out_dir}/results.md, results.json, kept_patches.png, training.png")
+    (out_dir / "results.md").write_text(markdown_table(results, plan.spec))
     return report
 
 

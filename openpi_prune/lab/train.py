@@ -160,18 +160,32 @@ def mean_action_mse(spec: scenes.SceneSpec, val: scenes.Batch) -> float:
     return float(np.mean((val.actions - mean) ** 2))
 
 
+_samplers: dict = {}
+
+
+def _sampler(graphdef, state, num_steps: int):
+    """One compiled sampler per model structure and pruning settings (a stressed copy of a model
+    reuses its model's): the settings in force when it was traced stay compiled in."""
+    structure = str(jax.tree_util.tree_structure(jax.tree_util.tree_map(jnp.shape, state.to_pure_dict())))
+    key = (structure, openpi_prune.current_settings(), num_steps)
+    if key not in _samplers:
+
+        @jax.jit
+        def sample(state, observation):
+            m = nnx.merge(graphdef, state)
+            with telemetry.collect() as reports:
+                actions = m.sample_actions(jax.random.key(VALIDATION_SEED), observation, num_steps=num_steps)
+            return actions, (reports[0] if reports else {})
+
+        _samplers[key] = sample
+    return _samplers[key]
+
+
 def evaluate(model, spec: scenes.SceneSpec, val: scenes.Batch, mean_mse: float, num_steps: int = 10) -> Evaluation:
     """Sampled actions (fixed noise) against the truth, and what the pruner in force kept."""
     pruned = openpi_prune.is_enabled()
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sample(state, observation):
-        m = nnx.merge(graphdef, state)
-        with telemetry.collect() as reports:
-            actions = m.sample_actions(jax.random.key(VALIDATION_SEED), observation, num_steps=num_steps)
-        return actions, (reports[0] if reports else {})
-
+    sample = _sampler(graphdef, state, num_steps)
     actions, report = jax.device_get(sample(state, val.observation()))
     mse = float(np.mean((np.asarray(actions) - val.actions) ** 2))
     if not pruned or not report:
