@@ -56,15 +56,36 @@ def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb
     with siglip_variant(siglip):
         model = model_config.create(jax.random.key(seed))
     if perturb:
-        flat = nnx.state(model, nnx.Param).flat_state()
+        params = get_params(model)
         key = jax.random.key(seed + 1)
-        for path, param in flat.items():
-            value = param.value
+        for path, value in params.items():
             if path[-1] == "kernel" and not bool(jnp.any(value)):
                 key, draw = jax.random.split(key)
-                param.value = jax.random.normal(draw, value.shape, value.dtype) / jnp.sqrt(value.shape[-2])
-        nnx.update(model, nnx.State.from_flat_path(flat))
+                params[path] = jax.random.normal(draw, value.shape, value.dtype) / jnp.sqrt(value.shape[-2])
+        set_params(model, params)
     return model
+
+
+def get_params(model) -> dict[tuple, jax.Array]:
+    """The model's parameters by path, e.g. `("PaliGemma", "img", "head", "bias")`."""
+    from flax import traverse_util
+
+    state = nnx.state(model, nnx.Param)
+    pure = state.to_pure_dict() if hasattr(state, "to_pure_dict") else nnx.to_pure_dict(state)
+    return traverse_util.flatten_dict(pure)
+
+
+def set_params(model, params: dict[tuple, jax.Array]) -> None:
+    """Write parameters by path (as `get_params` gives them) back into the model."""
+    from flax import traverse_util
+
+    state = nnx.state(model, nnx.Param)
+    pure = traverse_util.unflatten_dict(params)
+    if hasattr(state, "replace_by_pure_dict"):
+        state.replace_by_pure_dict(pure)
+    else:  # newer flax
+        nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
 
 
 def observation(
@@ -116,20 +137,18 @@ def add_shared_component(model, *, scale: float = 2.0, seed: int = 0) -> None:
     Trained transformer embeddings share such a component (anisotropy); on random weights this
     reproduces the collapse a straight LightVLA port shows on pi0.5 (see the README).
     """
-    state = nnx.state(model, nnx.Param)
-    flat = state.flat_state()
-    head_bias = flat[("PaliGemma", "img", "head", "bias")]
-    table = flat[("PaliGemma", "llm", "embedder", "input_embedding")]
-    width = head_bias.value.shape[-1]
+    params = get_params(model)
+    bias, table = ("PaliGemma", "img", "head", "bias"), ("PaliGemma", "llm", "embedder", "input_embedding")
+    width = params[bias].shape[-1]
     direction = jax.random.normal(jax.random.key(seed), (width,))
     direction = direction / jnp.sqrt(jnp.mean(jnp.square(direction)))  # RMS 1
     # Image tokens: head(x) = x @ kernel + bias; their RMS is measured on a random image batch.
     image = jax.random.uniform(jax.random.key(seed + 1), (1, 224, 224, 3), minval=-1, maxval=1)
     tokens, _ = model.PaliGemma.img(image, train=False)
-    head_bias.value = head_bias.value + scale * jnp.sqrt(jnp.mean(jnp.square(tokens))) * direction
-    rows = table.value
-    table.value = rows + scale * jnp.sqrt(jnp.mean(jnp.square(rows))) * direction.astype(rows.dtype)
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    params[bias] = params[bias] + scale * jnp.sqrt(jnp.mean(jnp.square(tokens))) * direction
+    rows = params[table]
+    params[table] = rows + scale * jnp.sqrt(jnp.mean(jnp.square(rows))) * direction.astype(rows.dtype)
+    set_params(model, params)
 
 
 def add_outlier_dimensions(model, *, dims: int = 4, scale: float = 100.0, wobble: float = 0.1, seed: int = 0) -> None:
@@ -139,20 +158,18 @@ def add_outlier_dimensions(model, *, dims: int = 4, scale: float = 100.0, wobble
     Centring removes the constant part but not the variation, which still outweighs every other
     dimension after the weight-free RMS norm.
     """
-    state = nnx.state(model, nnx.Param)
-    flat = state.flat_state()
-    head_kernel = flat[("PaliGemma", "img", "head", "kernel")]
-    head_bias = flat[("PaliGemma", "img", "head", "bias")]
-    table = flat[("PaliGemma", "llm", "embedder", "input_embedding")]
-    chosen = jax.random.choice(jax.random.key(seed), head_bias.value.shape[-1], (dims,), replace=False)
+    params = get_params(model)
+    kernel, bias = ("PaliGemma", "img", "head", "kernel"), ("PaliGemma", "img", "head", "bias")
+    table = ("PaliGemma", "llm", "embedder", "input_embedding")
+    chosen = jax.random.choice(jax.random.key(seed), params[bias].shape[-1], (dims,), replace=False)
     image = jax.random.uniform(jax.random.key(seed + 1), (1, 224, 224, 3), minval=-1, maxval=1)
     tokens, _ = model.PaliGemma.img(image, train=False)
     rms = jnp.sqrt(jnp.mean(jnp.square(tokens)))
     std = jnp.maximum(jnp.std(tokens[..., chosen], axis=(0, 1)), 1e-6)
-    head_kernel.value = head_kernel.value.at[:, chosen].multiply(wobble * scale * rms / std)
-    head_bias.value = head_bias.value.at[chosen].add(scale * rms)
-    rows = table.value
+    params[kernel] = params[kernel].at[:, chosen].multiply(wobble * scale * rms / std)
+    params[bias] = params[bias].at[chosen].add(scale * rms)
+    rows = params[table]
     row_rms = jnp.sqrt(jnp.mean(jnp.square(rows)))
     noise = jax.random.normal(jax.random.key(seed + 2), (rows.shape[0], dims))
-    table.value = rows.at[:, chosen].add((scale * row_rms * (1 + wobble * noise)).astype(rows.dtype))
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    params[table] = rows.at[:, chosen].add((scale * row_rms * (1 + wobble * noise)).astype(rows.dtype))
+    set_params(model, params)
