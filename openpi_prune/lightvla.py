@@ -35,9 +35,7 @@ def centre(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "
     return jnp.where(mask[..., None], x - _live_mean(x, mask), 0.0)
 
 
-def robust_standardise(
-    x: Float[Array, "b k d"], mask: Bool[Array, "b k"], clip: float = 4.0
-) -> Float[Array, "b k d"]:
+def robust_standardise(x: Float[Array, "b k d"], mask: Bool[Array, "b k"], clip: float = 4.0) -> Float[Array, "b k d"]:
     """Per sample and per dimension: subtract the median over live tokens, divide by their median
     absolute deviation, clip to +-`clip`.
 

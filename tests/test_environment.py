@@ -21,7 +21,7 @@ TIMEOUT = 600
 
 # One scenario per interpreter, named by argv[1]; prints one JSON line. The first statement of
 # each scenario that touches OpenPI is the import under test: nothing before it imports OpenPI.
-CHILD = r'''
+CHILD = r"""
 import json, sys, warnings
 
 scenario, args = sys.argv[1], sys.argv[2:]
@@ -203,7 +203,7 @@ elif scenario == "missing-dependency":
     result["recovered"] = openpi_prune.enable() is not None and targets_wrapped()
 
 print(json.dumps(result))
-'''
+"""
 
 
 def _env(**changes) -> dict[str, str]:

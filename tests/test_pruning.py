@@ -182,7 +182,10 @@ def test_collapse_reproduced_on_a_real_model(pi05):
 def test_bad_input_gets_clear_errors(pi05):
     cfg, model = pi05
     obs = small.observation(cfg, batch_size=1)
-    with pytest.raises(SettingsError, match="unknown pruning method 'nope'.*known: action_queries, keep_all, language_only, scheme_a, scheme_b"):
+    with pytest.raises(
+        SettingsError,
+        match="unknown pruning method 'nope'.*known: action_queries, keep_all, language_only, scheme_a, scheme_b",
+    ):
         openpi_prune.enable(method="nope")
     assert not openpi_prune.is_enabled()
     with pytest.raises(SettingsError, match="capacity must be a positive"):

@@ -216,4 +216,5 @@ def save_params(params: dict, path: pathlib.Path) -> None:
 def restore_params(path: pathlib.Path) -> dict:
     from openpi.models import model as _model
 
-    return _model.restore_params(path.absolute(), restore_type=np.ndarray)
+    # As device arrays: a numpy leaf would be a constant that a traced index cannot read.
+    return jax.tree.map(jnp.asarray, _model.restore_params(path.absolute(), restore_type=np.ndarray))
