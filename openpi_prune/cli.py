@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")
     lab.add_argument("--retrain", action="store_true", help="train the baseline even if --out has one")
     lab.add_argument("--only", nargs="+", metavar="VARIANT", help="fine-tune only these variants")
-    lab.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 300)")
+    lab.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 150)")
     lab.add_argument("--baseline-steps", type=int, help="training steps of the unpruned baseline (default 2000)")
     lab.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     lab.add_argument("--baseline-dir", help="where the baseline checkpoint is kept (default: OUT/baseline)")

@@ -36,11 +36,11 @@ VARIANTS = {
     "unpruned, fine-tuned": dict(method="keep_all", scoring="lightvla"),
     "language_only (verbatim LightVLA)": dict(method="language_only", scoring="lightvla"),
     "scheme_b": dict(method="scheme_b", scoring="lightvla"),
-    "scheme_a": dict(method="scheme_a", scoring="lightvla"),
-    "language_only + centred": dict(method="language_only", scoring="centred"),
     "language_only + robust": dict(method="language_only", scoring="robust"),
     "scheme_b + robust": dict(method="scheme_b", scoring="robust"),
     "action_queries + robust": dict(method="action_queries", scoring="robust"),
+    "scheme_a": dict(method="scheme_a", scoring="lightvla"),
+    "language_only + centred": dict(method="language_only", scoring="centred"),
 }
 STRESSES = {
     "shared direction": lambda m: small.add_shared_component(m, scale=2.0),
@@ -51,7 +51,7 @@ STRESSES = {
 @dataclasses.dataclass(frozen=True)
 class LabPlan:
     baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25, train_mode=False)
-    finetune: train.Schedule = train.Schedule(steps=300, lr=3e-4, warmup=20, seed=100_000)
+    finetune: train.Schedule = train.Schedule(steps=150, lr=3e-4, batch_size=16, warmup=15, seed=100_000)
     validation: int = 64
     spec: scenes.SceneSpec = scenes.SceneSpec()
 
