@@ -24,6 +24,13 @@ PROJECTOR = "prune_action_proj"
 QUERIES = "prune_action_queries"
 
 
+def _append(text_tokens, text_mask, extra):
+    """The prompt's tokens followed by `extra` `[b,k,d]` task tokens, all of them live."""
+    tokens = jnp.concatenate([text_tokens, extra.astype(text_tokens.dtype)], axis=1)
+    mask = jnp.concatenate([text_mask, jnp.ones(extra.shape[:2], dtype=bool)], axis=1)
+    return tokens, mask
+
+
 class LightVLAVote:
     @hookimpl(trylast=True)
     def openpi_prune_score(self, image_tokens, candidate_mask, task_tokens, task_mask, settings):
@@ -107,9 +114,7 @@ class SchemeB:
         action_tokens = projector(
             jnp.concatenate([noisy_actions, time_channel], axis=-1).astype(projector.kernel.dtype)
         )
-        task_tokens = jnp.concatenate([text_tokens, action_tokens.astype(text_tokens.dtype)], axis=1)
-        task_mask = jnp.concatenate([text_mask, jnp.ones(action_tokens.shape[:2], dtype=bool)], axis=1)
-        return task_tokens, task_mask
+        return _append(text_tokens, text_mask, action_tokens)
 
 
 class SchemeA:
@@ -162,10 +167,7 @@ class ActionQueries:
                 "load) the model."
             )
         b = text_tokens.shape[0]
-        learned = jnp.broadcast_to(queries.value[None], (b, *queries.value.shape)).astype(text_tokens.dtype)
-        task_tokens = jnp.concatenate([text_tokens, learned], axis=1)
-        task_mask = jnp.concatenate([text_mask, jnp.ones(learned.shape[:2], dtype=bool)], axis=1)
-        return task_tokens, task_mask
+        return _append(text_tokens, text_mask, jnp.broadcast_to(queries.value[None], (b, *queries.value.shape)))
 
 
 BUILTIN = (LightVLAVote(), SchemeB(), SchemeA(), ActionQueries(), LanguageOnly(), KeepAll())
