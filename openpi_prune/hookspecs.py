@@ -46,8 +46,9 @@ class PruneSpec:
         """
 
     @hookspec(firstresult=True)
-    def openpi_prune_score(self, image_tokens, candidate_mask, task_tokens, task_mask, settings):
-        """Score the patches: `[b,n,n]`, row i's preference for keeping patch j.
+    def openpi_prune_score(self, model, image_tokens, candidate_mask, task_tokens, task_mask, settings):
+        """Score the patches: a vote `[b,n,n]` (row i's preference for keeping patch j), or a
+        relevance `[b,n]` per patch (`model` holds the method's parameters).
 
         `image_tokens` and `task_tokens` come prepared by `settings.scoring` (`lightvla.prepare`:
         as they are, centred, or robustly standardised per dimension).
@@ -62,7 +63,25 @@ class PruneSpec:
         """The image tokens a training forward pass sees: `(image_tokens [b,n,d], kept_mask [b,n])`.
 
         Same length as the input, and differentiable with respect to `scores`, so the loss trains
-        whatever made them. `noise [b,n,n]` is the method's exploration noise for this step.
+        whatever made them. `noise` (shaped like `scores`) is the method's exploration noise for this
+        step. A third element, `[b,n]` bool, hides the patches where it is False from PaliGemma in
+        this pass (default: every candidate stays visible).
+        """
+
+    @hookspec(firstresult=True)
+    def openpi_prune_wants_saliency(self, settings):
+        """True if the method learns from the model's saliency (`openpi_prune_distill_loss`).
+
+        Each training step then also runs the unpruned model once and takes the gradient of its loss
+        with respect to every image token; that costs about one more forward and backward pass.
+        """
+
+    @hookspec(firstresult=True)
+    def openpi_prune_distill_loss(self, scores, saliency, candidate_mask, settings):
+        """A per-sample loss `[b]` added to `compute_loss` in training, or None.
+
+        `saliency [b,n]` is the norm of the unpruned loss's gradient at each image token (no
+        gradient flows into it): which patches the model itself uses, without labels.
         """
 
     @hookspec(firstresult=True)

@@ -8,20 +8,26 @@ Each method decides the task tokens the patches vote against:
   are also appended to the prefix as placeholders, hidden from PaliGemma's attention.
 - `action_queries`: the prompt plus learned query tokens (`Pi0.prune_action_queries`, one per
   action step), the same in training and at inference, unlike noisy actions.
+- `relevance`: no vote; a learned head (`Pi0.prune_relevance_*`) scores each patch against the
+  prompt and the `keep_fraction` most relevant are kept. In training it learns to reproduce the
+  model's own saliency, and the model is fine-tuned on exactly the patches inference keeps.
 - `keep_all`: every live patch is kept; the pipeline runs, the output equals OpenPI's.
 LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it,
 on tokens prepared by `settings.scoring`.
 """
 
+import jax
 import jax.numpy as jnp
 
-from openpi_prune import lightvla
+from openpi_prune import lightvla, relevance
 from openpi_prune.errors import PruneInputError
 from openpi_prune.hookspecs import hookimpl
 
 # prefix.PARAMETER_PREFIX: loaders fill these in when a checkpoint lacks them.
 PROJECTOR = "prune_action_proj"
 QUERIES = "prune_action_queries"
+RELEVANCE_QUERY, RELEVANCE_KEY = "prune_relevance_query", "prune_relevance_key"
+RELEVANCE_RANK = 64
 
 
 def _append(text_tokens, text_mask, extra):
@@ -170,4 +176,60 @@ class ActionQueries:
         return _append(text_tokens, text_mask, jnp.broadcast_to(queries.value[None], (b, *queries.value.shape)))
 
 
-BUILTIN = (LightVLAVote(), SchemeB(), SchemeA(), ActionQueries(), LanguageOnly(), KeepAll())
+class Relevance(LanguageOnly):
+    """A prompt-conditioned relevance head, distilled from the model's own saliency."""
+
+    name = "relevance"
+
+    @hookimpl
+    def openpi_prune_init_model(self, model, config, rngs, settings):
+        if settings.method != self.name:
+            return
+        from flax import nnx
+        from openpi.models import gemma
+
+        width = gemma.get_config(config.paligemma_variant).width
+        init = nnx.initializers.lecun_normal()
+        for name in (RELEVANCE_QUERY, RELEVANCE_KEY):
+            setattr(model, name, nnx.Param(init(rngs.params(), (width, RELEVANCE_RANK))))
+
+    @hookimpl
+    def openpi_prune_score(self, model, image_tokens, candidate_mask, task_tokens, task_mask, settings):
+        if settings.method != self.name:
+            return None
+        query, key = getattr(model, RELEVANCE_QUERY, None), getattr(model, RELEVANCE_KEY, None)
+        if query is None or key is None:
+            raise PruneInputError(
+                "relevance needs its learned head, and this Pi0 has none: it was created before openpi-prune "
+                "was enabled with method relevance. Enable it first, then create (or load) the model."
+            )
+        # The head learns from its own loss only: the model's embeddings are not bent to suit it.
+        patches, task = jax.lax.stop_gradient(image_tokens), jax.lax.stop_gradient(task_tokens)
+        return relevance.scores(patches, task, task_mask, query.value, key.value)
+
+    @hookimpl
+    def openpi_prune_select(self, scores, candidate_mask, settings):
+        if settings.method != self.name:
+            return None
+        return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
+
+    @hookimpl
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, settings):
+        if settings.method != self.name:
+            return None
+        # Train on what inference keeps: the same patches, the others hidden.
+        kept_mask = relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
+        return image_tokens, kept_mask, kept_mask
+
+    @hookimpl
+    def openpi_prune_wants_saliency(self, settings):
+        return True if settings.method == self.name else None
+
+    @hookimpl
+    def openpi_prune_distill_loss(self, scores, saliency, candidate_mask, settings):
+        if settings.method != self.name:
+            return None
+        return relevance.distillation_loss(scores, saliency, candidate_mask)
+
+
+BUILTIN = (LightVLAVote(), SchemeB(), SchemeA(), ActionQueries(), Relevance(), LanguageOnly(), KeepAll())

@@ -22,7 +22,7 @@ from openpi_prune.errors import IncompatibleOpenPIError, OpenPIDependencyError, 
 logger = logging.getLogger("openpi_prune")
 
 MODULE = "openpi.models.pi0"
-MODULES = (MODULE, "openpi.models.model", "openpi.training.weight_loaders")
+MODULES = (MODULE, "openpi.models.gemma", "openpi.models.model", "openpi.training.weight_loaders")
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
 # and never folds it, so this draws nothing OpenPI uses.
 _PRUNER_RNG_FOLD = 0x5052554E
@@ -118,6 +118,15 @@ TARGETS = (
             "noise = jax.random.normal(rng, (batch_size, self.action_horizon, self.action_dim))",
             "prefix_tokens, prefix_mask, prefix_ar_mask = self.embed_prefix(observation)",
         ),
+    ),
+    # OpenPI numbers tokens by `cumsum(input_mask)`, so a pruned prefix would renumber its kept
+    # tokens; the wrapper hands PaliGemma the positions they had upstream.
+    Target(
+        "Module",
+        "__call__",
+        ("self", "embedded", "positions", "mask", "adarms_cond", "kv_cache", "deterministic"),
+        ("self.layers(embedded, kv_cache, positions, mask, adarms_cond, deterministic)",),
+        module="openpi.models.gemma",
     ),
     # Parameters a method adds (named `prune_*`) are absent from checkpoints made without it.
     Target("BaseModelConfig", "load", ("self", "params", "remove_extra_params"), module="openpi.models.model"),
@@ -364,8 +373,15 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
     time_expanded = time[..., None, None]
     x_t = time_expanded * noise + (1 - time_expanded) * actions
     rng_for_pruner = jax.random.fold_in(rng, _PRUNER_RNG_FOLD)
-    with prefix.noisy_actions(x_t, time, rng=rng_for_pruner, train=bool(bound.get("train", False))):
-        return wrapped(*args, **kwargs)
+    train = bool(bound.get("train", False))
+    # A method that learns from the model's saliency gets it from the same call, unpruned.
+    saliency = prefix.saliency(lambda: wrapped(*args, **kwargs)) if train and prefix.wants_saliency() else None
+    extra_losses = []
+    with prefix.noisy_actions(x_t, time, rng=rng_for_pruner, train=train, saliency=saliency, extra_losses=extra_losses):
+        loss = wrapped(*args, **kwargs)
+    for extra in extra_losses:  # per sample; OpenPI's loss is per sample and action step
+        loss = loss + extra.reshape(extra.shape + (1,) * (loss.ndim - extra.ndim)).astype(loss.dtype)
+    return loss
 
 
 def wrap_sample_actions(wrapped, instance, args, kwargs):
@@ -383,6 +399,17 @@ def wrap_sample_actions(wrapped, instance, args, kwargs):
     time = jnp.ones(noise.shape[:1], dtype=jnp.float32)
     with prefix.noisy_actions(noise, time, rng=None, train=False):
         return wrapped(*args, **kwargs)
+
+
+def wrap_llm_call(wrapped, instance, args, kwargs):
+    from openpi_prune import prefix
+
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    positions = prefix.upstream_positions(bound.arguments["embedded"], bound.arguments["positions"])
+    if positions is None:
+        return wrapped(*args, **kwargs)
+    bound.arguments["positions"] = positions
+    return wrapped(*bound.args, **bound.kwargs)
 
 
 def wrap_config_load(wrapped, instance, args, kwargs):
@@ -412,6 +439,7 @@ WRAPPERS = {
     "Pi0.embed_prefix": wrap_embed_prefix,
     "Pi0.compute_loss": wrap_compute_loss,
     "Pi0.sample_actions": wrap_sample_actions,
+    "Module.__call__": wrap_llm_call,
     "BaseModelConfig.load": wrap_config_load,
     "CheckpointWeightLoader.load": wrap_checkpoint_load,
 }

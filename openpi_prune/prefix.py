@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from openpi_prune import lightvla, plugins, telemetry
+from openpi_prune import lightvla, plugins, relevance, telemetry
 from openpi_prune.errors import PruneInputError
 from openpi_prune.settings import CAPACITY_PER_CAMERA, PruneSettings
 
@@ -37,6 +37,11 @@ class ActionContext:
     time: jax.Array
     rng: jax.Array | None  # for the training noise on the scores
     train: bool
+    saliency: jax.Array | None = None  # [b, image tokens], for methods that learn from it
+    extra_losses: list | None = None  # per-sample losses the pruner adds to this training call
+    # What `prune` leaves for `upstream_positions`: per prefix slot and after the prefix, how far
+    # each token's position moved when pruned tokens left the mask.
+    position_shift: dict = dataclasses.field(default_factory=dict)
 
 
 _actions: contextvars.ContextVar[ActionContext | None] = contextvars.ContextVar("openpi_prune_actions", default=None)
@@ -44,15 +49,58 @@ _noise_scale: contextvars.ContextVar = contextvars.ContextVar("openpi_prune_nois
 
 
 @contextlib.contextmanager
-def noisy_actions(x_t, time, *, rng=None, train: bool = False):
-    """Hand the pruner the flow-matching input of the model call made inside the block."""
+def noisy_actions(x_t, time, *, rng=None, train: bool = False, saliency=None, extra_losses: list | None = None):
+    """Hand the pruner the flow-matching input of the model call made inside the block (and, in
+    training, the model's saliency and a list that collects the pruner's own losses)."""
     if train and rng is None:
         raise PruneInputError("noisy_actions(train=True) needs rng=: training adds random noise to the vote scores")
-    token = _actions.set(ActionContext(jnp.asarray(x_t), jnp.asarray(time), rng, train))
+    token = _actions.set(ActionContext(jnp.asarray(x_t), jnp.asarray(time), rng, train, saliency, extra_losses))
     try:
         yield
     finally:
         _actions.reset(token)
+
+
+class _Probe:
+    """Inside `saliency`: `embed_prefix` returns the unpruned prefix with `delta` added to its image
+    tokens (or, with no delta yet, records their shape)."""
+
+    def __init__(self):
+        self.delta = None
+        self.shape = None
+
+    def apply(self, tokens, image_len):
+        if self.delta is None:
+            self.shape = jax.ShapeDtypeStruct(tokens[:, :image_len].shape, tokens.dtype)
+            return tokens
+        return tokens.at[:, :image_len].add(self.delta.astype(tokens.dtype))
+
+
+_probe: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("openpi_prune_probe", default=None)
+
+
+def wants_saliency() -> bool:
+    return bool(plugins.get_manager().hook.openpi_prune_wants_saliency(settings=active_settings()))
+
+
+def saliency(loss_fn) -> jax.Array:
+    """`[b, image tokens]`: the norm of the gradient of the unpruned `loss_fn()` (per-sample losses,
+    e.g. OpenPI's `compute_loss`) at each image token of the prefix; no gradient flows back into it."""
+    probe = _Probe()
+    token = _probe.set(probe)
+    try:
+        jax.eval_shape(loss_fn)
+        if probe.shape is None:
+            raise PruneInputError("saliency: the loss never built a prefix (no embed_prefix call inside it)")
+
+        def total(delta):
+            probe.delta = delta
+            return jnp.sum(loss_fn().astype(jnp.float32))
+
+        grad = jax.grad(total)(jnp.zeros(probe.shape.shape, probe.shape.dtype))
+    finally:
+        _probe.reset(token)
+    return jax.lax.stop_gradient(jnp.linalg.norm(grad.astype(jnp.float32), axis=-1))
 
 
 @contextlib.contextmanager
@@ -149,6 +197,9 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     plugins.check_method(settings.method, manager)
     per_camera, cameras = split_prefix(observation, tokens)
     image_len = per_camera * cameras
+    probe = _probe.get()
+    if probe is not None:
+        return probe.apply(tokens, image_len), input_mask, ar_mask
     capacity = settings.capacity_for(cameras)
     if settings.mode == "compact" and capacity > image_len:
         raise PruneInputError(
@@ -157,6 +208,8 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         )
     image_tokens, text_tokens = tokens[:, :image_len], tokens[:, image_len:]
     candidate_mask, text_mask = input_mask[:, :image_len], input_mask[:, image_len:]
+    unpruned_mask = input_mask
+    slot_source = jnp.broadcast_to(jnp.arange(tokens.shape[1]), input_mask.shape)
     context = _actions.get()
     hook = manager.hook
     task_tokens, task_mask = hook.openpi_prune_task_context(
@@ -175,6 +228,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         image_tokens, candidate_mask, task_tokens, task_mask, settings.scoring
     )
     scores = hook.openpi_prune_score(
+        model=model,
         image_tokens=scored_patches,
         candidate_mask=candidate_mask,
         task_tokens=scored_task,
@@ -182,17 +236,27 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         settings=settings,
     )
     live_task = jnp.sum(task_mask, axis=-1)
-    counts = lightvla.votes(scores, candidate_mask)
+    # A vote ([b,n,n]) ranks patches by their votes; a relevance ([b,n]) by itself.
+    voted = scores.ndim == 3
+    counts = lightvla.votes(scores, candidate_mask) if voted else relevance.priority(scores, candidate_mask)
 
     if context is not None and context.train:
         # Training keeps the length (LightVLA: each live patch becomes its noisy pick).
         scale = _noise_scale.get()
         scale = settings.noise_scale if scale is None else scale
         noise = jax.random.uniform(context.rng, scores.shape, dtype=scores.dtype) * scale
-        picked, kept_mask = hook.openpi_prune_select_train(
+        picked, kept_mask, *visible = hook.openpi_prune_select_train(
             scores=scores, candidate_mask=candidate_mask, image_tokens=image_tokens, noise=noise, settings=settings
         )
         tokens = jnp.concatenate([picked, text_tokens], axis=1)
+        if visible:
+            input_mask = jnp.concatenate([candidate_mask & visible[0], text_mask], axis=1)
+        if context.saliency is not None and context.extra_losses is not None:
+            loss = hook.openpi_prune_distill_loss(
+                scores=scores, saliency=context.saliency, candidate_mask=candidate_mask, settings=settings
+            )
+            if loss is not None:
+                context.extra_losses.append(loss)
         mode, slot_capacity, overflow = "train", image_len, jnp.zeros(tokens.shape[:1], jnp.int32)
     else:
         kept_mask = hook.openpi_prune_select(scores=scores, candidate_mask=candidate_mask, settings=settings)
@@ -211,19 +275,48 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             rows = jnp.arange(kept_mask.shape[0])[:, None]
             kept_mask = jnp.zeros_like(kept_mask).at[rows, indices].set(slot_mask)
             slot_capacity = capacity
+            slot_source = jnp.concatenate([indices, slot_source[:, image_len:]], axis=1)
+
+    if context is not None and settings.keep_positions:
+        shift, after = _position_shift(unpruned_mask, slot_source, input_mask)
+        context.position_shift.update(prefix=shift, after=after)
 
     if extension is not None:
         tokens, input_mask, ar_mask = _extend(tokens, input_mask, ar_mask, extension)
     if not (settings.telemetry or telemetry.collecting()):
         return tokens, input_mask, ar_mask
     values = _telemetry(
-        scores, counts, candidate_mask, kept_mask, scored_patches, scored_task, task_mask, per_camera, overflow
+        scores, counts, candidate_mask, kept_mask, scored_patches, scored_task, task_mask, per_camera, overflow, voted
     )
     telemetry.deliver_traced(values)
     if settings.telemetry:
         meta = dict(method=settings.method, mode=mode, capacity=slot_capacity, warn_below=settings.warn_below)
         jax.debug.callback(functools.partial(_report, meta), values)
     return tokens, input_mask, ar_mask
+
+
+def _position_shift(unpruned_mask, slot_source, input_mask):
+    """Upstream position minus pruned position of every slot (`slot_source`: the unpruned index
+    each slot holds), and of whatever follows the prefix."""
+    upstream = jnp.take_along_axis(jnp.cumsum(unpruned_mask, axis=1), slot_source, axis=1)
+    pruned = jnp.cumsum(input_mask[:, : slot_source.shape[1]], axis=1)
+    after = jnp.sum(unpruned_mask, axis=1) - jnp.sum(input_mask, axis=1)
+    return upstream - pruned, after
+
+
+def upstream_positions(embedded, positions):
+    """`positions` of a PaliGemma call inside a pruned `compute_loss` / `sample_actions`, moved back to
+    where upstream had them; None when nothing is to be moved (`embedded[0]` is the prefix, if present)."""
+    context = _actions.get()
+    shift = None if context is None else context.position_shift
+    if not shift:
+        return None
+    after = shift["after"][:, None]
+    if embedded[0] is None:  # the suffix alone, against the cached prefix
+        return positions + after
+    prefix_shift = shift["prefix"]
+    rest = positions.shape[1] - prefix_shift.shape[1]
+    return positions + jnp.concatenate([prefix_shift, jnp.broadcast_to(after, (after.shape[0], rest))], axis=1)
 
 
 def _extend(tokens, input_mask, ar_mask, extension):
@@ -236,14 +329,20 @@ def _extend(tokens, input_mask, ar_mask, extension):
     return tokens, input_mask, ar_mask
 
 
-def _telemetry(scores, counts, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow):
+def _telemetry(
+    scores, counts, candidate_mask, kept_mask, image_tokens, task_tokens, task_mask, per_camera, overflow, voted
+):
     queries = lightvla.rms_normalize(lightvla.task_queries(image_tokens, task_tokens, task_mask))
     b, n = kept_mask.shape
+    if voted:
+        choice = lightvla.vote_statistics(scores, candidate_mask, counts)
+    else:
+        choice = relevance.statistics(scores, candidate_mask, kept_mask)
     return {
         "kept": jnp.sum(kept_mask, axis=-1),
         "kept_per_camera": jnp.sum(kept_mask.reshape(b, n // per_camera, per_camera), axis=-1),
         "candidates": jnp.sum(candidate_mask, axis=-1),
-        **lightvla.vote_statistics(scores, candidate_mask, counts),
+        **choice,
         "query_spread": lightvla.spread(queries, candidate_mask),
         "patch_spread": lightvla.spread(lightvla.rms_normalize(image_tokens), candidate_mask),
         "task_spread": lightvla.spread(lightvla.rms_normalize(task_tokens), task_mask),

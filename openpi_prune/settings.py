@@ -31,6 +31,11 @@ class PruneSettings:
     mode: Mode = "compact"
     # Image-token slots of the compact prefix, for all cameras together; None: 64 per camera.
     capacity: int | None = None
+    # Give PaliGemma every kept token at the position it had unpruned (OpenPI numbers tokens by
+    # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
+    keep_positions: bool = True
+    # Share of each sample's live patches the `relevance` method keeps.
+    keep_fraction: float = 0.2
     # Uniform noise added to the vote scores in training (LightVLA anneals it from 1 to 0).
     noise_scale: float = 1.0
     # A telemetry report whose mean kept count is below this warns of collapse.
@@ -54,6 +59,12 @@ class PruneSettings:
                 f"capacity must be a positive number of image tokens (or unset for "
                 f"{CAPACITY_PER_CAMERA} per camera); got {self.capacity!r}"
             )
+        if (
+            isinstance(self.keep_fraction, bool)
+            or not isinstance(self.keep_fraction, int | float)
+            or not (0 < self.keep_fraction <= 1)
+        ):
+            raise SettingsError(f"keep_fraction must be a number in (0, 1]; got {self.keep_fraction!r}")
         if not isinstance(self.noise_scale, int | float) or self.noise_scale < 0:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:

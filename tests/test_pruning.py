@@ -257,3 +257,45 @@ def test_one_compile_per_setting_not_per_sample(pi05):
         kept_second = last_report().kept[0]
     assert kept_first != kept_second  # a different number of tokens kept ...
     assert sample._cache_size() == 1  # ... by the same compiled function
+
+
+def test_paligemma_sees_kept_tokens_at_their_upstream_positions(pi05, monkeypatch):
+    """OpenPI numbers tokens by cumsum(input_mask); a pruned prefix must not renumber them."""
+    from openpi.models import gemma
+
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=2, prompt_tokens=[12, 7], camera_masks={"right_wrist_0_rgb": [True, False]})
+    noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
+    seen = {}  # length of the call -> the positions it used (the same in every layer)
+    rope = gemma._apply_rope
+
+    def spy(x, *, positions, **kwargs):
+        jax.debug.callback(lambda p: seen.__setitem__(p.shape[1], np.asarray(p)), positions)
+        return rope(x, positions=positions, **kwargs)
+
+    monkeypatch.setattr(gemma, "_apply_rope", spy)
+    with openpi_prune.disabled():
+        model.sample_actions(jax.random.key(0), obs, num_steps=1, noise=noise)
+        jax.effects_barrier()
+        upstream_prefix, upstream_suffix = seen[max(seen)], seen[min(seen)]
+        _, upstream_mask, _ = model.embed_prefix(obs)
+    for keep_positions in (True, False):
+        seen.clear()
+        with openpi_prune.enabled(mode="compact", capacity=300, warn_below=0, keep_positions=keep_positions):
+            model.sample_actions(jax.random.key(0), obs, num_steps=1, noise=noise)
+            kept = last_report().kept_mask
+            prefix_positions, suffix_positions = seen[max(seen)], seen[min(seen)]
+            with openpi_prune.noisy_actions(noise, jnp.ones(2)):
+                _, slot_mask, _ = model.embed_prefix(obs)
+        image_len = kept.shape[1]
+        for b in range(2):
+            source = np.flatnonzero(kept[b])  # the live compact slots hold the kept patches in order
+            live_prompt = np.flatnonzero(np.asarray(upstream_mask[b, image_len:]))
+            want = np.concatenate([upstream_prefix[b, source], upstream_prefix[b, image_len + live_prompt]])
+            live_slots = np.asarray(slot_mask[b, :300])
+            got = np.concatenate([prefix_positions[b, :300][live_slots], prefix_positions[b, 300 + live_prompt]])
+            if keep_positions:
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(suffix_positions[b], upstream_suffix[b])
+            else:  # OpenPI's own numbering of the shorter prefix: 0, 1, 2, ...
+                np.testing.assert_array_equal(got, np.arange(len(got)))

@@ -34,13 +34,16 @@ VARIANTS = {
     "unpruned": None,
     # The reference: fine-tuned like every variant, with nothing pruned.
     "unpruned, fine-tuned": dict(method="keep_all", scoring="lightvla"),
+    "relevance + robust": dict(method="relevance", scoring="robust"),
     "language_only (verbatim LightVLA)": dict(method="language_only", scoring="lightvla"),
     "scheme_b": dict(method="scheme_b", scoring="lightvla"),
-    "language_only + robust": dict(method="language_only", scoring="robust"),
-    "scheme_b + robust": dict(method="scheme_b", scoring="robust"),
-    "action_queries + robust": dict(method="action_queries", scoring="robust"),
     "scheme_a": dict(method="scheme_a", scoring="lightvla"),
+    "action_queries + robust": dict(method="action_queries", scoring="robust"),
+    "scheme_b + robust": dict(method="scheme_b", scoring="robust"),
+    "language_only + robust": dict(method="language_only", scoring="robust"),
     "language_only + centred": dict(method="language_only", scoring="centred"),
+    # What OpenPI's own numbering of a pruned prefix costs: the same method, tokens renumbered.
+    "relevance, renumbered positions": dict(method="relevance", scoring="robust", keep_positions=False),
 }
 STRESSES = {
     "shared direction": lambda m: small.add_shared_component(m, scale=2.0),
@@ -86,7 +89,7 @@ def baseline(plan: LabPlan, folder: pathlib.Path, progress: Progress, retrain: b
     openpi_prune.disable()
     if path.exists() and not retrain:
         console.print(f"reusing the trained baseline in {path} (--retrain to train it anew)")
-        return train.load(plan.spec, train.restore_params(path)), json.loads(history_path.read_text())
+        return train.load(plan.spec, train.restore_params(path, plan.spec)), json.loads(history_path.read_text())
     model = train.create(plan.spec)
     val = train.validation(plan.spec, plan.validation)
     mean_mse = train.mean_action_mse(plan.spec, val)

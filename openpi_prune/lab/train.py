@@ -210,8 +210,15 @@ def save_params(params: dict, path: pathlib.Path) -> None:
         checkpointer.save(path.absolute(), {"params": params}, force=True)
 
 
-def restore_params(path: pathlib.Path) -> dict:
-    from openpi.models import model as _model
+def restore_params(path: pathlib.Path, spec: scenes.SceneSpec) -> dict:
+    import orbax.checkpoint as ocp
 
-    # As device arrays: a numpy leaf would be a constant that a traced index cannot read.
-    return jax.tree.map(jnp.asarray, _model.restore_params(path.absolute(), restore_type=np.ndarray))
+    # orbax itself, not OpenPI's `restore_params`, which reads metadata as only the orbax version
+    # OpenPI pins lays it out. Each leaf as numpy (the tree from a model of this spec), then as a
+    # device array: a traced index cannot read numpy leaves.
+    with openpi_prune.disabled():
+        tree = params_of(create(spec))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {"params": tree})
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return jax.tree.map(jnp.asarray, restored["params"])

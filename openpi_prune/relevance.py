@@ -1,0 +1,76 @@
+"""A learned relevance score per patch, conditioned on the prompt, as pure `jax.numpy` functions.
+
+Nothing here knows OpenPI. Shapes as in `lightvla`: `b` batch, `n` patches, `t` task tokens, `d`
+width, `r` the head's rank. The head is trained to reproduce the model's own saliency (how much the
+unpruned model's loss depends on each patch), so it learns what the model uses without labels.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+_NEG = -1e30
+
+
+def scores(
+    patches: Float[Array, "b n d"],
+    task_tokens: Float[Array, "b t d"],
+    task_mask: Bool[Array, "b t"],
+    query_kernel: Float[Array, "d r"],
+    key_kernel: Float[Array, "d r"],
+) -> Float[Array, "b n"]:
+    """Each patch's relevance: a soft maximum over the live task tokens of `query . key`.
+
+    A bilinear form lets a word ("red") point at the patches that show it; the soft maximum lets
+    each task token claim its own patches instead of averaging them away.
+    """
+    queries = jnp.einsum("btd,dr->btr", task_tokens.astype(jnp.float32), query_kernel.astype(jnp.float32))
+    keys = jnp.einsum("bnd,dr->bnr", patches.astype(jnp.float32), key_kernel.astype(jnp.float32))
+    logits = jnp.einsum("bnr,btr->bnt", keys, queries) / jnp.sqrt(keys.shape[-1])
+    logits = jnp.where(task_mask[:, None, :], logits, _NEG)
+    # No live task token: every patch scores 0 (nothing to be relevant to).
+    return jnp.where(jnp.any(task_mask, axis=-1)[:, None], jax.nn.logsumexp(logits, axis=-1), 0.0)
+
+
+def rank(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]) -> Int[Array, "b n"]:
+    """0 for the most relevant candidate, 1 for the next, ...; non-candidates rank last (ties: the
+    earlier patch first)."""
+    order = jnp.argsort(-jnp.where(candidate_mask, relevance, _NEG), axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1)
+
+
+def keep_top(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"], fraction: float) -> Bool[Array, "b n"]:
+    """The `fraction` most relevant of each sample's candidates (at least one if any is live)."""
+    live = jnp.sum(candidate_mask, axis=-1, keepdims=True)
+    count = jnp.where(live > 0, jnp.maximum(jnp.ceil(fraction * live), 1), 0)
+    return (rank(relevance, candidate_mask) < count) & candidate_mask
+
+
+def priority(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]) -> Int[Array, "b n"]:
+    """Higher for more relevant patches, as `lightvla.fit_capacity` wants it."""
+    return relevance.shape[-1] - rank(relevance, candidate_mask)
+
+
+def distillation_loss(
+    relevance: Float[Array, "b n"], saliency: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]
+) -> Float[Array, " b"]:
+    """Cross-entropy from the saliency (normalised over the candidates) to the softmax of the relevance."""
+    weights = jnp.where(candidate_mask, saliency, 0.0)
+    target = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-12)
+    log_q = jax.nn.log_softmax(jnp.where(candidate_mask, relevance, _NEG), axis=-1)
+    return -jnp.sum(jnp.where(candidate_mask, target * log_q, 0.0), axis=-1)
+
+
+def statistics(
+    relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"], kept_mask: Bool[Array, "b n"]
+) -> dict[str, Float[Array, " b"] | Int[Array, " b"]]:
+    """The vote's telemetry keys for a relevance score: picks (kept patches), the top patch's share of
+    the softmax, and the gap between the best two scores."""
+    masked = jnp.where(candidate_mask, relevance, _NEG)
+    top2 = jax.lax.top_k(masked, 2)[0]
+    enough = jnp.sum(candidate_mask, axis=-1) >= 2
+    return {
+        "union_picks": jnp.sum(kept_mask, axis=-1),
+        "top1_vote_share": jnp.where(jnp.any(candidate_mask, -1), jnp.max(jax.nn.softmax(masked, -1), -1), 0.0),
+        "score_gap": jnp.where(enough, top2[:, 0] - top2[:, 1], 0.0),
+    }

@@ -1,0 +1,131 @@
+"""The `relevance` method: a learned head distilled from the model's own saliency."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import last_report
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openpi.models import pi0
+
+import openpi_prune
+from openpi_prune import methods, prefix, relevance, small
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), fraction=st.floats(0.01, 1.0), live=st.lists(st.booleans(), min_size=24, max_size=24)
+)
+def test_keep_top_keeps_the_most_relevant_share_of_live_patches(seed, fraction, live):
+    scores = jax.random.normal(jax.random.key(seed), (1, 24))
+    candidate_mask = jnp.asarray([live])
+    kept = np.asarray(relevance.keep_top(scores, candidate_mask, fraction))[0]
+    live_count = sum(live)
+    assert kept.sum() == (max(math.ceil(fraction * live_count), 1) if live_count else 0)
+    assert not (kept & ~np.asarray(live)).any()
+    if kept.any() and (~kept & np.asarray(live)).any():
+        s = np.asarray(scores)[0]
+        assert s[kept].min() >= s[~kept & np.asarray(live)].max()
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_distillation_is_best_when_relevance_matches_saliency(seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    saliency = jnp.abs(jax.random.normal(k1, (2, 16))) + 1e-3
+    candidate_mask = jnp.arange(16)[None] < jnp.asarray([[16], [9]])
+    matched = relevance.distillation_loss(jnp.log(saliency), saliency, candidate_mask)
+    other = relevance.distillation_loss(jax.random.normal(k2, (2, 16)), saliency, candidate_mask)
+    assert np.all(np.asarray(matched) <= np.asarray(other) + 1e-5)
+
+
+@pytest.fixture(scope="module")
+def relevance_model(pi05):
+    cfg, _ = pi05
+    with openpi_prune.enabled(method="relevance"):
+        return cfg, small.create(cfg, seed=1)
+
+
+def _observation(cfg):
+    return small.observation(
+        cfg, batch_size=2, prompt_tokens=[12, 7], camera_masks={"right_wrist_0_rgb": [True, False]}
+    )
+
+
+def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relevance_model, monkeypatch):
+    cfg, model = relevance_model
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    rng = jax.random.key(4)
+    with openpi_prune.enabled(method="relevance"):
+        got = np.asarray(prefix.saliency(lambda: model.compute_loss(rng, obs, actions, train=False)))
+
+    # The same gradient by hand: upstream's compute_loss with a perturbation added to its image tokens.
+    image_len = got.shape[1]
+    embed = pi0.Pi0.embed_prefix
+    delta_box = {}
+
+    def perturbed(self, observation):
+        tokens, input_mask, ar_mask = embed(self, observation)
+        return tokens.at[:, :image_len].add(delta_box["delta"]), input_mask, ar_mask
+
+    monkeypatch.setattr(pi0.Pi0, "embed_prefix", perturbed)
+    width = model.PaliGemma.llm.embedder["input_embedding"].value.shape[-1]
+
+    def total(delta):
+        delta_box["delta"] = delta
+        return jnp.sum(model.compute_loss(rng, obs, actions, train=False))
+
+    want = np.linalg.norm(np.asarray(jax.grad(total)(jnp.zeros((2, image_len, width)))), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    per_camera = image_len // 3
+    # Nothing attends to a masked camera's tokens: the loss cannot depend on them.
+    assert np.all(got[1, 2 * per_camera :] == 0)
+    assert np.all(got[0, 2 * per_camera :] > 0) and np.all(got[:, : 2 * per_camera] > 0)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2])
+def test_relevance_keeps_its_share_of_live_patches_in_both_modes(relevance_model, fraction):
+    cfg, model = relevance_model
+    obs = _observation(cfg)
+    noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
+    out, kept = {}, {}
+    for mode in ("masked", "compact"):
+        with openpi_prune.enabled(method="relevance", keep_fraction=fraction, mode=mode, warn_below=0):
+            out[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
+            report = last_report()
+            kept[mode] = report.kept_mask
+    live = np.asarray([3, 2]) * (report.kept_mask.shape[1] // 3)
+    np.testing.assert_array_equal(kept["masked"].sum(-1), np.ceil(fraction * live))
+    np.testing.assert_array_equal(kept["masked"], kept["compact"])
+    np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
+    assert np.isfinite(out["compact"]).all()
+
+
+def test_relevance_trains_only_its_head_from_saliency_and_hides_what_it_drops(relevance_model):
+    cfg, model = relevance_model
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def losses(p, **settings):
+        with openpi_prune.enabled(method="relevance", warn_below=0, **settings):
+            return nnx.merge(graphdef, p, rest).compute_loss(jax.random.key(0), obs, actions, train=True)
+
+    with openpi_prune.enabled(method="relevance", warn_below=0):
+        grads = jax.grad(lambda p: jnp.mean(losses(p)))(params)
+    for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
+        assert float(jnp.abs(grads[name].value).sum()) > 0, name
+    # The loss is the pruned flow-matching loss plus the distillation term, which a head pointing
+    # away from the saliency makes larger; keeping everything hides nothing and adds no term.
+    kept_all = np.asarray(losses(params, keep_fraction=1.0))
+    pruned = np.asarray(losses(params, keep_fraction=0.1))
+    with openpi_prune.disabled():
+        upstream = np.asarray(model.compute_loss(jax.random.key(0), obs, actions, train=True))
+    # One positive cross-entropy per sample, added to each action step of upstream's loss.
+    extra = kept_all - upstream
+    assert np.all(extra > 0)
+    np.testing.assert_allclose(extra, extra[:, :1].repeat(extra.shape[1], 1), rtol=1e-4)
+    assert not np.allclose(pruned, kept_all)
