@@ -1,7 +1,7 @@
 """openpi-prune: LightVLA-style visual-token pruning for OpenPI's JAX pi0 / pi0.5, as a plugin.
 
     import openpi_prune
-    openpi_prune.enable(method="scheme_b", mode="compact")   # or OPENPI_PRUNE=1 in the environment
+    openpi_prune.enable(method="relevance", mode="compact")  # or OPENPI_PRUNE=1 in the environment
     ...create, train and serve OpenPI models as usual...
     openpi_prune.disable()
 

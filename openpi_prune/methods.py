@@ -10,7 +10,8 @@ Each method decides the task tokens the patches vote against:
   action step), the same in training and at inference, unlike noisy actions.
 - `relevance`: no vote; a learned head (`Pi0.prune_relevance_*`) scores each patch against the
   prompt and the `keep_fraction` most relevant are kept. In training it learns to reproduce the
-  model's own saliency, and the model is fine-tuned on exactly the patches inference keeps.
+  model's own saliency, and the model is fine-tuned on the same share of patches, those the
+  saliency picks.
 - `keep_all`: every live patch is kept; the pipeline runs, the output equals OpenPI's.
 LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it,
 on tokens prepared by `settings.scoring`.
@@ -214,11 +215,13 @@ class Relevance(LanguageOnly):
         return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
 
     @hookimpl
-    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, settings):
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, settings):
         if settings.method != self.name:
             return None
-        # Train on what inference keeps: the same patches, the others hidden.
-        kept_mask = relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
+        # The model trains on the share inference keeps, the rest hidden. Chosen by the saliency the
+        # head learns to reproduce: an untrained head's picks would teach the model from noise.
+        chosen_by = scores if saliency is None else saliency
+        kept_mask = relevance.keep_top(chosen_by, candidate_mask, settings.keep_fraction)
         return image_tokens, kept_mask, kept_mask
 
     @hookimpl

@@ -364,6 +364,8 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
 
     from openpi_prune import prefix
 
+    if prefix.probing():  # a saliency pass around this call wants the unpruned loss
+        return wrapped(*args, **kwargs)
     bound = _bind(wrapped, args, kwargs)
     rng, actions = bound["rng"], bound["actions"]
     # The same x_t and time OpenPI's compute_loss draws (checked against its source at install).

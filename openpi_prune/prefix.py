@@ -79,6 +79,10 @@ class _Probe:
 _probe: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("openpi_prune_probe", default=None)
 
 
+def probing() -> bool:
+    return _probe.get() is not None
+
+
 def wants_saliency() -> bool:
     return bool(plugins.get_manager().hook.openpi_prune_wants_saliency(settings=active_settings()))
 
@@ -246,7 +250,12 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         scale = settings.noise_scale if scale is None else scale
         noise = jax.random.uniform(context.rng, scores.shape, dtype=scores.dtype) * scale
         picked, kept_mask, *visible = hook.openpi_prune_select_train(
-            scores=scores, candidate_mask=candidate_mask, image_tokens=image_tokens, noise=noise, settings=settings
+            scores=scores,
+            candidate_mask=candidate_mask,
+            image_tokens=image_tokens,
+            noise=noise,
+            saliency=context.saliency,
+            settings=settings,
         )
         tokens = jnp.concatenate([picked, text_tokens], axis=1)
         if visible:

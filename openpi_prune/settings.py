@@ -21,8 +21,10 @@ CAPACITY_PER_CAMERA = 64
 
 @dataclasses.dataclass(frozen=True)
 class PruneSettings:
-    # Which registered pruning method decides the task context (see `openpi-prune doctor`).
-    method: str = "scheme_b"
+    # Which registered pruning method prunes (see `openpi-prune doctor`). relevance: a learned head,
+    # distilled from the model's saliency, keeps the right patches in the lab; the LightVLA votes
+    # (language_only, scheme_b, scheme_a, action_queries) do not.
+    method: str = "relevance"
     # How patches and task tokens are prepared before the vote: lightvla (as they come), centred
     # (each sample's shared direction removed) or robust (per-dimension median / MAD, clipped).
     scoring: str = "robust"

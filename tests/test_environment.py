@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import openpi_prune
-from openpi_prune import patch
+from openpi_prune import methods, patch
 from openpi_prune.errors import OpenPIDependencyError, OpenPINotFoundError
 
 TIMEOUT = 600
@@ -26,6 +26,7 @@ import json, sys, warnings
 
 scenario, args = sys.argv[1], sys.argv[2:]
 result = {}
+HEAD = "prune_relevance_query"  # a parameter the default method (relevance) adds
 
 
 def targets_wrapped():
@@ -78,13 +79,13 @@ elif scenario == "serve-load":
 
     cfg = small.config(pi05=True)
     params = _model.restore_params(args[0] + "/params")
-    result["checkpoint_has_projector"] = "prune_action_proj" in params
+    result["checkpoint_has_head"] = HEAD in params
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with small.siglip_variant("mu/14"):
             model = cfg.load(params)
     result["untrained_warnings"] = untrained_warnings(caught)
-    result["has_projector"] = hasattr(model, "prune_action_proj")
+    result["has_head"] = hasattr(model, HEAD)
     actions = model.sample_actions(jax.random.key(0), small.observation(cfg), num_steps=1)
     result["finite"] = bool(np.isfinite(np.asarray(actions)).all())
     result["report"] = pruning_report()
@@ -122,7 +123,7 @@ elif scenario == "serve-policy":
         with small.siglip_variant("mu/14"):
             policy = policy_config.create_trained_policy(train_config, args[0], sample_kwargs={"num_steps": 1})
     result["untrained_warnings"] = untrained_warnings(caught)
-    result["has_projector"] = hasattr(policy._model, "prune_action_proj")
+    result["has_head"] = hasattr(policy._model, HEAD)
     example = jax.tree.map(lambda x: np.asarray(x[0]), small.observation(cfg).to_dict())
     outputs = policy.infer(example)
     result["actions_shape"] = list(outputs["actions"].shape)
@@ -143,11 +144,11 @@ elif scenario == "train":
     cfg = small.config(pi05=True)
     with small.siglip_variant("mu/14"):
         params_shape = nnx.state(nnx.eval_shape(cfg.create, jax.random.key(0)), nnx.Param).to_pure_dict()
-    result["model_has_projector"] = "prune_action_proj" in params_shape
+    result["model_has_head"] = HEAD in params_shape
     loaded = weight_loaders.CheckpointWeightLoader(args[0] + "/params").load(params_shape)
     at.check_pytree_equality(expected=params_shape, got=loaded, check_shapes=True, check_dtypes=True)
     result["checked"] = True
-    result["projector_from_model"] = isinstance(loaded["prune_action_proj"]["kernel"], jax.ShapeDtypeStruct)
+    result["head_from_model"] = isinstance(loaded[HEAD], jax.ShapeDtypeStruct)
 
 elif scenario == "code-beats-env":
     import openpi_prune
@@ -271,6 +272,8 @@ def children(plain_checkpoint):
     kids.close()
 
 
+assert openpi_prune.PruneSettings().method == "relevance" and methods.RELEVANCE_QUERY in CHILD
+
 ENV_SETTINGS = repr(openpi_prune.PruneSettings(method="scheme_b", capacity=96))
 
 
@@ -284,12 +287,12 @@ def test_serving_load_after_importing_the_config_first(children):
     # The model's Pi0 is imported lazily inside `cfg.load`: it must already be patched then.
     result = children.result("serve-load")
     assert result["enabled_at_import"] and result["pi0_imported"]
-    assert not result["checkpoint_has_projector"]
-    assert len(result["untrained_warnings"]) == 1 and "prune_action_proj" in result["untrained_warnings"][0]
-    assert result["has_projector"] and result["finite"]
+    assert not result["checkpoint_has_head"]
+    assert len(result["untrained_warnings"]) == 1 and methods.RELEVANCE_QUERY in result["untrained_warnings"][0]
+    assert result["has_head"] and result["finite"]
     report = result["report"]
     assert report is not None, "sample_actions reported no pruned prefix"
-    assert report["method"] == "scheme_b"
+    assert report["method"] == "relevance"  # the default
     assert report["candidates"] == [768] and 0 < report["kept"][0] < 768
 
 
@@ -297,7 +300,7 @@ def test_create_trained_policy_serves_a_plain_checkpoint(children):
     result = children.result("serve-policy")
     assert result["enabled_at_import"]
     assert len(result["untrained_warnings"]) == 1
-    assert result["has_projector"]
+    assert result["has_head"]
     assert result["actions_shape"] == [10, 32] and result["finite"]
     report = result["report"]
     assert report is not None and report["candidates"] == [768] and 0 < report["kept"][0] < 768
@@ -307,9 +310,9 @@ def test_training_weight_loader_imported_first(children):
     result = children.result("train")
     assert result == {
         "enabled_at_import": True,
-        "model_has_projector": True,
+        "model_has_head": True,
         "checked": True,
-        "projector_from_model": True,
+        "head_from_model": True,
     }
 
 

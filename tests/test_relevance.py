@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from openpi.models import pi0
 
 import openpi_prune
-from openpi_prune import methods, prefix, relevance, small
+from openpi_prune import methods, prefix, relevance, small, telemetry
 
 
 @settings(max_examples=200, deadline=None)
@@ -129,3 +129,17 @@ def test_relevance_trains_only_its_head_from_saliency_and_hides_what_it_drops(re
     assert np.all(extra > 0)
     np.testing.assert_allclose(extra, extra[:, :1].repeat(extra.shape[1], 1), rtol=1e-4)
     assert not np.allclose(pruned, kept_all)
+
+
+def test_in_training_the_model_sees_the_saliency_s_share_of_patches(relevance_model):
+    cfg, model = relevance_model
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    rng = jax.random.key(5)
+    with openpi_prune.enabled(method="relevance", keep_fraction=0.1, warn_below=0):
+        saliency = prefix.saliency(lambda: model.compute_loss(rng, obs, actions, train=True))
+        with telemetry.collect() as reports:
+            model.compute_loss(rng, obs, actions, train=True)
+    per_camera = saliency.shape[1] // 3
+    candidates = jnp.arange(saliency.shape[1])[None] < jnp.asarray([[3 * per_camera], [2 * per_camera]])
+    want = np.asarray(relevance.keep_top(saliency, candidates, 0.1))
+    np.testing.assert_array_equal(np.asarray(reports[0]["kept_mask"]), want)

@@ -35,6 +35,7 @@ VARIANTS = {
     # The reference: fine-tuned like every variant, with nothing pruned.
     "unpruned, fine-tuned": dict(method="keep_all", scoring="lightvla"),
     "relevance + robust": dict(method="relevance", scoring="robust"),
+    "relevance + robust, 30 %": dict(method="relevance", scoring="robust", keep_fraction=0.3),
     "language_only (verbatim LightVLA)": dict(method="language_only", scoring="lightvla"),
     "scheme_b": dict(method="scheme_b", scoring="lightvla"),
     "scheme_a": dict(method="scheme_a", scoring="lightvla"),
