@@ -68,11 +68,12 @@ def _on_import(module) -> None:
     # A strict-mode incompatibility or a missing OpenPI dependency raises here and so fails the
     # import of `openpi`: the user asked for pruning, and running unpruned without saying so would
     # hide it.
-    global _fired
+    global _fired, _pending
     import openpi_prune
 
     with _lock:
         _fired = True
+        asked = _pending
     before = set(sys.modules)
     try:
         settings = openpi_prune._apply_pending()
@@ -82,6 +83,15 @@ def _on_import(module) -> None:
         for name in set(sys.modules) - before:
             if name.startswith(PACKAGE + "."):
                 del sys.modules[name]
+        # And a later import must fail the same way, not run OpenPI unpatched without a word: the
+        # settings wait again, and the hook waits for the next import (with `openpi` gone from
+        # sys.modules, which Python would do anyway, registering does not fire it at once).
+        with _lock:
+            _pending, _fired = asked, False
+        sys.modules.pop(PACKAGE, None)
+        import wrapt
+
+        wrapt.register_post_import_hook(_on_import, PACKAGE)
         raise
     if settings is not None:
         logger.info("openpi-prune enabled from the environment: %s", settings)

@@ -55,6 +55,11 @@ class PruneSpec:
         """
 
     @hookspec(firstresult=True)
+    def openpi_prune_capacity(self, image_tokens, settings):
+        """Image-token slots of a compact prefix when `settings.capacity` is unset: an int that holds
+        every patch the method can keep out of `image_tokens`, or None (64 per camera)."""
+
+    @hookspec(firstresult=True)
     def openpi_prune_select(self, scores, candidate_mask, settings):
         """The kept set at inference, `kept_mask [b,n]` (a subset of `candidate_mask`)."""
 

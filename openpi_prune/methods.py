@@ -17,6 +17,8 @@ LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plu
 on tokens prepared by `settings.scoring`.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -69,6 +71,10 @@ class LanguageOnly:
 
 class KeepAll(LanguageOnly):
     name = "keep_all"
+
+    @hookimpl
+    def openpi_prune_capacity(self, image_tokens, settings):
+        return image_tokens if settings.method == self.name else None
 
     @hookimpl
     def openpi_prune_select(self, scores, candidate_mask, settings):
@@ -207,6 +213,11 @@ class Relevance(LanguageOnly):
         # The head learns from its own loss only: the model's embeddings are not bent to suit it.
         patches, task = jax.lax.stop_gradient(image_tokens), jax.lax.stop_gradient(task_tokens)
         return relevance.scores(patches, task, task_mask, query.value, key.value)
+
+    @hookimpl
+    def openpi_prune_capacity(self, image_tokens, settings):
+        # It keeps the fraction of the live patches, at most this many: nothing ever overflows.
+        return math.ceil(settings.keep_fraction * image_tokens) if settings.method == self.name else None
 
     @hookimpl
     def openpi_prune_select(self, scores, candidate_mask, settings):

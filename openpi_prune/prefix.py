@@ -204,11 +204,15 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     probe = _probe.get()
     if probe is not None:
         return probe.apply(tokens, image_len), input_mask, ar_mask
-    capacity = settings.capacity_for(cameras)
+    capacity = settings.capacity
+    if capacity is None:
+        capacity = manager.hook.openpi_prune_capacity(image_tokens=image_len, settings=settings)
+        capacity = CAPACITY_PER_CAMERA * cameras if capacity is None else capacity
     if settings.mode == "compact" and capacity > image_len:
         raise PruneInputError(
             f"capacity {capacity} exceeds the {image_len} image tokens of this model's {cameras} "
-            f"camera(s); choose 1..{image_len} (or leave it unset for {CAPACITY_PER_CAMERA} per camera)."
+            f"camera(s); choose 1..{image_len} (or leave it unset for the method's own, or {CAPACITY_PER_CAMERA} "
+            "per camera)."
         )
     image_tokens, text_tokens = tokens[:, :image_len], tokens[:, image_len:]
     candidate_mask, text_mask = input_mask[:, :image_len], input_mask[:, image_len:]
@@ -244,6 +248,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     voted = scores.ndim == 3
     counts = lightvla.votes(scores, candidate_mask) if voted else relevance.priority(scores, candidate_mask)
 
+    extra = {}  # training-only telemetry
     if context is not None and context.train:
         # Training keeps the length (LightVLA: each live patch becomes its noisy pick).
         scale = _noise_scale.get()
@@ -266,6 +271,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             )
             if loss is not None:
                 context.extra_losses.append(loss)
+                extra["distill_loss"] = loss
         mode, slot_capacity, overflow = "train", image_len, jnp.zeros(tokens.shape[:1], jnp.int32)
     else:
         kept_mask = hook.openpi_prune_select(scores=scores, candidate_mask=candidate_mask, settings=settings)
@@ -294,8 +300,20 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         tokens, input_mask, ar_mask = _extend(tokens, input_mask, ar_mask, extension)
     if not (settings.telemetry or telemetry.collecting()):
         return tokens, input_mask, ar_mask
-    values = _telemetry(
-        scores, counts, candidate_mask, kept_mask, scored_patches, scored_task, task_mask, per_camera, overflow, voted
+    values = (
+        _telemetry(
+            scores,
+            counts,
+            candidate_mask,
+            kept_mask,
+            scored_patches,
+            scored_task,
+            task_mask,
+            per_camera,
+            overflow,
+            voted,
+        )
+        | extra
     )
     telemetry.deliver_traced(values)
     if settings.telemetry:

@@ -31,7 +31,8 @@ class PruneSettings:
     # compact: kept tokens are gathered into `capacity` slots, so the prefix is really shorter.
     # masked: same length, pruned tokens leave `input_mask` (numerically the same, no speed-up).
     mode: Mode = "compact"
-    # Image-token slots of the compact prefix, for all cameras together; None: 64 per camera.
+    # Image-token slots of the compact prefix, for all cameras together; None: what the method can
+    # keep (relevance: keep_fraction of them, keep_all: all), else 64 per camera.
     capacity: int | None = None
     # Give PaliGemma every kept token at the position it had unpruned (OpenPI numbers tokens by
     # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
@@ -71,9 +72,6 @@ class PruneSettings:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:
             raise SettingsError(f"warn_below must be an integer >= 0; got {self.warn_below!r}")
-
-    def capacity_for(self, num_cameras: int) -> int:
-        return self.capacity if self.capacity is not None else CAPACITY_PER_CAMERA * num_cameras
 
     def replace(self, **changes) -> "PruneSettings":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -39,6 +39,9 @@ class Telemetry:
     live_task_tokens  task tokens the patches attended to
     overflow          kept tokens dropped because the capacity was full
     kept_mask         [b, n] which image tokens were kept
+    distill_loss      the pruner's own loss (training passes of methods that learn from saliency)
+    For a method that scores each patch (`relevance`) rather than voting, union_picks is the kept
+    count, top1_vote_share the top patch's softmax share, score_gap the gap between the best two.
     """
 
     method: str

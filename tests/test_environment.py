@@ -203,6 +203,19 @@ elif scenario == "missing-dependency":
 
     result["recovered"] = openpi_prune.enable() is not None and targets_wrapped()
 
+elif scenario == "unknown-method":
+    # Every attempt to import OpenPI fails the same way; none runs it unpatched.
+    for attempt in ("first", "second"):
+        try:
+            import openpi.models.pi0  # noqa: F401
+
+            result[attempt] = None
+        except Exception as error:
+            result[attempt] = [type(error).__name__, str(error)]
+    import openpi_prune
+
+    result["enabled"] = openpi_prune.is_enabled()
+
 print(json.dumps(result))
 """
 
@@ -268,6 +281,7 @@ def children(plain_checkpoint):
     kids.start("disabled", "disabled", OPENPI_PRUNE="method=scheme_b,capacity=96")
     kids.start("unset", "unset")
     kids.start("missing-dependency", "missing-dependency", OPENPI_PRUNE="1")
+    kids.start("unknown-method", "unknown-method", OPENPI_PRUNE="method=nope")
     yield kids
     kids.close()
 
@@ -369,3 +383,12 @@ def test_missing_openpi_is_not_found(monkeypatch, missing):
     with pytest.raises(OpenPINotFoundError, match="OpenPI not found") as raised:
         patch.import_openpi()
     assert not isinstance(raised.value, OpenPIDependencyError)
+
+
+def test_an_unknown_method_fails_every_import_of_openpi(children):
+    result = children.result("unknown-method")
+    for attempt in ("first", "second"):
+        assert result[attempt] is not None, f"the {attempt} import ran OpenPI unpatched"
+        name, message = result[attempt]
+        assert name == "SettingsError" and "unknown pruning method 'nope'" in message, result[attempt]
+    assert result["enabled"] is False

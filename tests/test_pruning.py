@@ -299,3 +299,19 @@ def test_paligemma_sees_kept_tokens_at_their_upstream_positions(pi05, monkeypatc
                 np.testing.assert_array_equal(suffix_positions[b], upstream_suffix[b])
             else:  # OpenPI's own numbering of the shorter prefix: 0, 1, 2, ...
                 np.testing.assert_array_equal(got, np.arange(len(got)))
+
+
+@pytest.mark.parametrize("method, capacity", [("keep_all", 768), ("relevance", 154)])
+def test_compact_capacity_follows_the_method_so_nothing_overflows(pi05, method, capacity):
+    cfg, _ = pi05
+    with openpi_prune.enabled(method=method):
+        model = small.create(cfg, seed=2)
+    obs = small.observation(cfg, batch_size=2)
+    with openpi_prune.enabled(method=method, mode="compact", warn_below=0):
+        model.sample_actions(jax.random.key(0), obs, num_steps=1)
+        report = last_report()
+    assert report.capacity == capacity
+    assert report.overflow.tolist() == [0, 0]
+    live = report.candidates
+    want = live if method == "keep_all" else np.ceil(0.2 * live)
+    np.testing.assert_array_equal(report.kept, want)

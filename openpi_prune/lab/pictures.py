@@ -70,10 +70,10 @@ def training(histories: dict, path: pathlib.Path) -> None:
     for name, history in histories.items():
         if name == "unpruned" or not history:
             continue
-        loss.plot(_smooth([h["loss"] for h in history]), label=name)
+        loss.plot(_smooth([h.get("action_loss", h["loss"]) for h in history]), label=name)
         if "kept" in history[0]:
             kept.plot(_smooth([h["kept"] for h in history]), label=name)
-    loss.set(title="fine-tuning loss", xlabel="step", yscale="log")
+    loss.set(title="fine-tuning loss (flow matching)", xlabel="step", yscale="log")
     kept.set(title="kept image tokens (training pass, all cameras)", xlabel="step")
     kept.legend(fontsize=7)
     fig.tight_layout()

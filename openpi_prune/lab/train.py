@@ -65,7 +65,8 @@ _TRAINABLE = nnx.All(nnx.Param, nnx.Not(lambda path, _: "input_embedding" in pat
 
 def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, description: str = "training", check=None):
     """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
-    loss, and with pruning on the pruner's kept count and query spread in the training forward pass.
+    loss, and with pruning on the pruner's kept count and query spread in the training forward pass
+    (and, for a method with its own loss, `distill_loss` and the flow-matching `action_loss`).
     `check(model) -> str`, if given, runs every tenth of the steps and its text joins the progress line."""
     graphdef, params, rest = nnx.split(model, _TRAINABLE, ...)
     lr = optax.warmup_cosine_decay_schedule(
@@ -91,6 +92,9 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
                     "kept": jnp.mean(reports[0]["kept"]),
                     "query_spread": jnp.sum(reports[0]["query_spread"] * live) / jnp.maximum(jnp.sum(live), 1),
                 }
+                if "distill_loss" in reports[0]:  # included in `loss`; the flow-matching part apart
+                    info["distill_loss"] = jnp.mean(reports[0]["distill_loss"])
+                    info["action_loss"] = loss - info["distill_loss"]
             return loss, info
 
         (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
