@@ -134,6 +134,11 @@ TARGETS = (
 )
 
 
+# Not among TARGETS: OpenPI's serving module imports torch and its tokenizer (seconds), so it is
+# patched only once a program imports it, and a mismatch there costs the figures, not the pruning.
+SERVING = Target("Policy", "infer", ("self", "obs", "noise"), module="openpi.policies.policy")
+
+
 def _squash(text: str) -> str:
     return "".join(text.split())
 
@@ -171,10 +176,10 @@ def _resolve(target: Target):
     return owner, getattr(owner, target.name)
 
 
-def check() -> list[str]:
+def check(targets: tuple[Target, ...] = TARGETS) -> list[str]:
     """What differs between the installed OpenPI and what the wrappers assume (empty: compatible)."""
     problems = []
-    for target in TARGETS:
+    for target in targets:
         try:
             _, function = _resolve(target)
         except AttributeError:
@@ -209,6 +214,7 @@ def check() -> list[str]:
 class _State:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     handles: dict[Target, object] = dataclasses.field(default_factory=dict)
+    serving: object = None  # the wrapper on Policy.infer, once that module is imported
     traced: bool = False
 
 
@@ -304,7 +310,20 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
             raise
         _state.handles = done
         _state.traced = False
-        return True
+    # Fires at once if OpenPI's serving module is imported already.
+    wrapt.register_post_import_hook(_install_serving, SERVING.module)
+    return True
+
+
+def _install_serving(module) -> None:
+    with _state.lock:
+        if not _state.handles or _state.serving is not None:
+            return
+        problems = check((SERVING,))
+        if problems:
+            logger.warning("openpi-prune: no pruning figures in policy responses: %s", "; ".join(problems))
+            return
+        _state.serving = wrapt.wrap_object(_owner(SERVING), SERVING.name, PruneFunctionWrapper, (wrap_policy_infer,))
 
 
 def uninstall() -> bool:
@@ -316,6 +335,9 @@ def uninstall() -> bool:
         for target, handle in _state.handles.items():
             wrapt.unwrap_object(_owner(target), target.name, handle, missing_ok=True)
         _state.handles = {}
+        if _state.serving is not None:
+            wrapt.unwrap_object(_owner(SERVING), SERVING.name, _state.serving, missing_ok=True)
+            _state.serving = None
         return True
 
 
@@ -412,6 +434,21 @@ def wrap_llm_call(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     bound.arguments["positions"] = positions
     return wrapped(*bound.args, **bound.kwargs)
+
+
+def wrap_policy_infer(wrapped, instance, args, kwargs):
+    """`Policy.infer`: the response carries this call's pruning figures under "pruning"."""
+    import jax
+
+    from openpi_prune import prefix, telemetry
+
+    before = telemetry.RECORDER.count
+    outputs = wrapped(*args, **kwargs)
+    jax.effects_barrier()  # the telemetry's host callback has run
+    figures = prefix.serving_figures(telemetry.RECORDER.since(before))
+    if figures is not None:
+        outputs["pruning"] = figures
+    return outputs
 
 
 def wrap_config_load(wrapped, instance, args, kwargs):

@@ -315,6 +315,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         )
         | extra
     )
+    values["prefix_length"] = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
     telemetry.deliver_traced(values)
     if settings.telemetry:
         meta = dict(method=settings.method, mode=mode, capacity=slot_capacity, warn_below=settings.warn_below)
@@ -384,3 +385,20 @@ def _report(meta, values):
 
     report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, **meta)
     plugins.get_manager().hook.openpi_prune_report(telemetry=report)
+
+
+def serving_figures(reports) -> dict | None:
+    """What a policy server sends with the actions: the pruning of this call (`reports`: its host
+    telemetry, the last one its prefix for the actions), or None without any."""
+    import numpy as np
+
+    if not reports:
+        return None
+    report = reports[-1]
+    return {
+        "method": report.method,
+        "kept": int(report.kept[0]),
+        "kept_per_camera": np.asarray(report.kept_per_camera[0], np.int32),
+        "live_image_tokens": int(report.candidates[0]),
+        "prefix_length": int(report.prefix_length[0]),
+    }

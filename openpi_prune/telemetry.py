@@ -39,6 +39,7 @@ class Telemetry:
     live_task_tokens  task tokens the patches attended to
     overflow          kept tokens dropped because the capacity was full
     kept_mask         [b, n] which image tokens were kept
+    prefix_length     positions of the prefix PaliGemma runs (compact: image slots + prompt)
     distill_loss      the pruner's own loss (training passes of methods that learn from saliency)
     For a method that scores each patch (`relevance`) rather than voting, union_picks is the kept
     count, top1_vote_share the top patch's softmax share, score_gap the gap between the best two.
@@ -100,11 +101,13 @@ class Recorder:
     def __init__(self, size: int = 64):
         self._lock = threading.Lock()
         self._reports: collections.deque[Telemetry] = collections.deque(maxlen=size)
+        self.count = 0  # reports received so far
 
     @hookimpl(trylast=True)
     def openpi_prune_report(self, telemetry: Telemetry):
         with self._lock:
             self._reports.append(telemetry)
+            self.count += 1
         if telemetry.collapsed:
             warnings.warn(
                 f"openpi-prune ({telemetry.method}, {telemetry.mode}) kept "
@@ -119,6 +122,12 @@ class Recorder:
     def recent(self) -> list[Telemetry]:
         with self._lock:
             return list(self._reports)
+
+    def since(self, count: int) -> list[Telemetry]:
+        """The reports received after the `count`-th (as many as are still kept)."""
+        with self._lock:
+            new = min(self.count - count, len(self._reports))
+            return list(self._reports)[len(self._reports) - new :] if new > 0 else []
 
     def clear(self) -> None:
         with self._lock:

@@ -1,0 +1,101 @@
+"""Serving a pruned twin behind OpenPI's WebsocketPolicyServer to the real openpi-client."""
+
+import socket
+import threading
+import time
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from openpi import transforms
+from openpi.policies import policy_config
+from openpi.serving import websocket_policy_server
+from openpi.training import config as _config
+from openpi_client import websocket_client_policy
+
+import openpi_prune
+from openpi_prune import configs, small
+from openpi_prune.prefix import UntrainedParametersWarning
+
+
+def _no_transforms(model_config):
+    return transforms.Group()
+
+
+def _train_config(cfg, folder):
+    return _config.TrainConfig(
+        name="plain",
+        model=cfg,
+        # Normalisation only: OpenPI's prompt transforms would download a tokenizer; the client sends tokens.
+        data=_config.SimpleDataConfig(
+            repo_id="plain",
+            assets=_config.AssetsConfig(asset_id="plain"),
+            data_transforms=_no_transforms,
+            model_transforms=_no_transforms,
+        ),
+        assets_base_dir=str(folder / "no-assets-here"),
+    )
+
+
+def _serve(policy) -> websocket_client_policy.WebsocketClientPolicy:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = websocket_policy_server.WebsocketPolicyServer(policy, host="127.0.0.1", port=port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while True:  # this openpi-client connects once, without waiting for the server
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    return websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+
+
+@pytest.fixture(scope="module")
+def example(plain_checkpoint):
+    cfg, _, _ = plain_checkpoint
+    obs = small.observation(cfg, batch_size=1, camera_masks={"right_wrist_0_rgb": [False]})
+    return jax.tree.map(lambda x: np.asarray(x[0]), obs.to_dict())
+
+
+def test_the_client_receives_actions_and_this_call_s_pruning(plain_checkpoint, example):
+    cfg, _, folder = plain_checkpoint
+    twin = configs.with_pruning(_train_config(cfg, folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedParametersWarning)  # a plain checkpoint: fresh head
+        with small.siglip_variant("mu/14"):
+            policy = policy_config.create_trained_policy(twin, folder, sample_kwargs={"num_steps": 1})
+    client = _serve(policy)
+    response = client.infer(example)
+    assert response["actions"].shape == (cfg.action_horizon, cfg.action_dim)
+    assert np.isfinite(response["actions"]).all()
+    figures = response["pruning"]
+    assert figures["method"] == "relevance"
+    assert figures["live_image_tokens"] == 512  # two live cameras of 256
+    assert figures["kept"] == np.ceil(0.2 * 512) < figures["live_image_tokens"]
+    assert figures["kept_per_camera"].tolist()[2] == 0 and sum(figures["kept_per_camera"]) == figures["kept"]
+    assert figures["prefix_length"] == 154 + cfg.max_token_len  # compact: 20 % of 768 slots, then the prompt
+    # The next call reports its own prefix: the masked camera now live.
+    example3 = {**example, "image_mask": {**example["image_mask"], "right_wrist_0_rgb": np.True_}}
+    assert client.infer(example3)["pruning"]["live_image_tokens"] == 768
+
+
+def test_without_pruning_the_response_is_upstream_s(plain_checkpoint, example):
+    cfg, _, folder = plain_checkpoint
+    openpi_prune.disable()
+
+    def policy():  # each starts from OpenPI's default rng: the same first actions
+        with small.siglip_variant("mu/14"):
+            return policy_config.create_trained_policy(
+                _train_config(cfg, folder), folder, sample_kwargs={"num_steps": 1}
+            )
+
+    response = _serve(policy()).infer(example)
+    direct = policy().infer(example)
+    assert set(response) == set(direct) | {"server_timing"} and "pruning" not in response
+    np.testing.assert_array_equal(response["actions"], direct["actions"])
