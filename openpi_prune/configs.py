@@ -16,6 +16,7 @@ from openpi.models import pi0_config
 
 import openpi_prune
 from openpi_prune.errors import PruneInputError
+from openpi_prune.prefix import PARAMETER_PREFIX
 from openpi_prune.settings import PruneSettings
 
 SUFFIX = "_prune"
@@ -36,9 +37,18 @@ class PrunedPi0Config(pi0_config.Pi0Config):
         return super().load(params, remove_extra_params=remove_extra_params)
 
 
-def with_pruning(config, name: str | None = None, **settings):
+def _not_pruner(path, value) -> bool:
+    return not any(str(part).startswith(PARAMETER_PREFIX) for part in path)
+
+
+def with_pruning(config, name: str | None = None, *, train_only_pruner: bool = False, **settings):
     """A pruned twin of the `TrainConfig` `config` (named `<name>_prune` unless `name` is given),
-    pruning with `PruneSettings(**settings)`; on a twin, the settings change."""
+    pruning with `PruneSettings(**settings)`; on a twin, the settings change.
+    `train_only_pruner` freezes every parameter but the method's own (OpenPI's `freeze_filter`)."""
+    if train_only_pruner:
+        from flax import nnx
+
+        config = dataclasses.replace(config, freeze_filter=nnx.All(nnx.Param, _not_pruner))
     model = config.model
     if not isinstance(model, pi0_config.Pi0Config):
         raise PruneInputError(

@@ -110,3 +110,15 @@ def test_only_pi0_models_can_be_pruned():
     fast = next(c for c in _config._CONFIGS if not isinstance(c.model, pi0_config.Pi0Config))
     with pytest.raises(openpi_prune.PruneInputError, match="pi0 / pi0.5"):
         configs.with_pruning(fast)
+
+
+def test_train_only_pruner_freezes_everything_else(tmp_path):
+    from flax import nnx
+
+    twin = configs.with_pruning(_train_config(tmp_path), train_only_pruner=True)
+    with small.siglip_variant("mu/14"):
+        model = twin.model.create(jax.random.key(0))
+    trainable = nnx.state(model, twin.trainable_filter).to_pure_dict()
+    assert sorted(trainable) == [methods.RELEVANCE_KEY, methods.RELEVANCE_QUERY]
+    plain = configs.with_pruning(_train_config(tmp_path))
+    assert len(nnx.state(model, plain.trainable_filter).to_pure_dict()) > 2
