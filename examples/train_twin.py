@@ -1,0 +1,163 @@
+"""Fine-tune a pruned twin of a small pi0.5 config with OpenPI's own training machinery, on a CPU.
+
+The twin comes from `with_pruning` (as `pi05_libero_prune` comes from `pi05_libero`). Everything else
+is OpenPI's: its `TrainConfig`, its data loader on `FakeDataConfig` (with every camera and prompt
+token marked live), its optimizer and schedule, its `TrainState` and orbax checkpoints. Training starts
+from a checkpoint written without openpi-prune, so the pruner's parameters start fresh. Each step
+logs the pruner's telemetry. The last checkpoint is what `serve_twin.py` serves.
+
+Run: .venv/bin/python examples/train_twin.py --out /tmp/twin [--steps 20]
+"""
+
+import argparse
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from openpi import transforms
+from openpi.training import checkpoints, data_loader, weight_loaders
+from openpi.training import config as _config
+from openpi.training import optimizer as _optimizer
+from openpi.training import utils as training_utils
+from rich.console import Console
+from rich.progress import track
+
+import openpi_prune
+from openpi_prune import configs, small, telemetry
+
+SIGLIP = "mu/14"  # small.config's pi0.5 with a small SigLIP: 256 tokens per camera still
+
+
+def _all_live(data: dict) -> dict:
+    # OpenPI's fake samples mark every camera and prompt token as padding; a robot's are live.
+    return {
+        **data,
+        "image_mask": {k: np.True_ for k in data["image_mask"]},
+        "tokenized_prompt_mask": np.ones_like(data["tokenized_prompt_mask"]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveFakeData(_config.FakeDataConfig):
+    def create(self, assets_dirs, model_config):
+        return dataclasses.replace(
+            # A repack transform: it shapes the dataset's samples only, not what a served policy gets.
+            super().create(assets_dirs, model_config),
+            repack_transforms=transforms.Group(inputs=[_all_live]),
+        )
+
+
+def train_config(out: pathlib.Path, steps: int):
+    """The twin of a small pi0.5 config, fine-tuned from `out/plain/params`."""
+    base = _config.TrainConfig(
+        name="small_pi05",
+        exp_name="example",
+        model=small.config(pi05=True),
+        data=LiveFakeData(),
+        weight_loader=weight_loaders.CheckpointWeightLoader(str(out / "plain" / "params")),
+        lr_schedule=_optimizer.CosineDecaySchedule(warmup_steps=2, peak_lr=3e-4, decay_steps=steps, decay_lr=3e-5),
+        ema_decay=None,
+        batch_size=4,
+        num_workers=0,
+        num_train_steps=steps,
+        checkpoint_base_dir=str(out / "checkpoints"),
+        assets_base_dir=str(out / "assets"),
+        wandb_enabled=False,
+    )
+    return configs.with_pruning(base, telemetry=False, warn_below=0)
+
+
+def write_plain_checkpoint(folder: pathlib.Path) -> None:
+    """A pi0.5 checkpoint made without openpi-prune, as a released one is."""
+    with openpi_prune.disabled():  # random weights, none of them zero (OpenPI zero-initialises some)
+        params = nnx.state(small.create(small.config(pi05=True), siglip=SIGLIP), nnx.Param).to_pure_dict()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(folder.absolute(), {"params": params}, force=True)
+
+
+def init_train_state(config, rng) -> training_utils.TrainState:
+    tx = _optimizer.create_optimizer(config.optimizer, config.lr_schedule)
+    with small.siglip_variant(SIGLIP):
+        model = config.model.create(rng)  # the twin turns pruning on here: the pruner's parameters exist
+    graphdef, state = nnx.split(model)
+    # OpenPI's weight loader: the checkpoint's values, the pruner's fresh ones kept from the model.
+    loaded = config.weight_loader.load(state.to_pure_dict())
+    state.replace_by_pure_dict(loaded)
+    params = nnx.state(nnx.merge(graphdef, state))
+    return training_utils.TrainState(
+        step=0,
+        params=params,
+        model_def=graphdef,
+        opt_state=tx.init(params.filter(config.trainable_filter)),
+        tx=tx,
+        ema_decay=None,
+        ema_params=None,
+    )
+
+
+def train_step(config, rng, state: training_utils.TrainState, batch):
+    model = nnx.merge(state.model_def, state.params)
+    model.train()
+    observation, actions = batch
+
+    def loss_fn(model):
+        # LightVLA's noise on the vote scores, 1 -> 0 over training (the relevance head ignores it).
+        scale = openpi_prune.linear_noise_scale(state.step, config.num_train_steps)
+        with telemetry.collect() as reports, openpi_prune.noise_scale(scale):
+            loss = jnp.mean(model.compute_loss(jax.random.fold_in(rng, state.step), observation, actions, train=True))
+        return loss, (reports[0], scale)
+
+    trainable = nnx.DiffState(0, config.trainable_filter)
+    (loss, (report, scale)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
+    params = state.params.filter(config.trainable_filter)
+    updates, opt_state = state.tx.update(grads, state.opt_state, params)
+    nnx.update(model, optax.apply_updates(params, updates))
+    info = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "noise_scale": scale,
+        "kept_per_camera": jnp.mean(report["kept_per_camera"], axis=0),
+        "query_spread": jnp.mean(report["query_spread"]),
+        "distill_loss": jnp.mean(report["distill_loss"]),
+    }
+    return dataclasses.replace(state, step=state.step + 1, params=nnx.state(model), opt_state=opt_state), info
+
+
+def main(out: pathlib.Path, steps: int) -> tuple[pathlib.Path, training_utils.TrainState]:
+    console = Console()
+    config = train_config(out, steps)
+    write_plain_checkpoint(out / "plain" / "params")
+    loader = data_loader.create_data_loader(config, shuffle=True, num_batches=steps)
+    state = init_train_state(config, jax.random.key(config.seed))
+    step_fn = jax.jit(lambda rng, state, batch: train_step(config, rng, state, batch))
+    rng = jax.random.key(1)
+    batches = iter(loader)
+    for step in track(range(steps), description="training the pruned twin (the first step compiles)", console=console):
+        state, info = step_fn(rng, state, next(batches))
+        if step in (0, steps - 1):
+            info = jax.device_get(info)
+            console.print(
+                f"step {step}: loss {info['loss']:.3f} (head's distillation {info['distill_loss']:.3f}), kept per "
+                f"camera {np.round(info['kept_per_camera']).astype(int).tolist()}, noise scale {info['noise_scale']:.2f}"
+            )
+    manager, _ = checkpoints.initialize_checkpoint_dir(
+        config.checkpoint_dir, keep_period=config.keep_period, overwrite=True, resume=False
+    )
+    checkpoints.save_state(manager, state, loader, steps)
+    manager.wait_until_finished()
+    folder = config.checkpoint_dir / str(steps)
+    console.print(f"checkpoint (params/ holds the trained pruner): {folder}")
+    return folder, state
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("twin-example"))
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    main(args.out, args.steps)
