@@ -1,8 +1,9 @@
 """The main job: prune a real pi0.5 (OpenPI's own `Pi0`, small embedded variant) on rendered scenes.
 
 Prints what was patched, the prefix OpenPI builds with and without pruning, and the telemetry of
-the default method and of verbatim LightVLA, on healthy weights and on weights whose embeddings
-share one direction (where verbatim LightVLA collapses). Writes a picture of the kept patches over
+the default method (its relevance head untrained: random weights) and of verbatim LightVLA, on
+healthy weights and on weights whose embeddings share one direction (where verbatim LightVLA
+collapses). Writes a picture of the kept patches over
 the scenes: three coloured blocks, the prompt naming one of them (its patches outlined).
 """
 
