@@ -20,7 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, small, telemetry
+from openpi_prune import methods, patch, small, telemetry
 
 console = Console(width=max(Console().width, 110))
 
@@ -98,6 +98,62 @@ def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, 
     return rows
 
 
+TRAIN_VARIANTS = (
+    ("upstream OpenPI", None),
+    ("relevance (default)", dict(method="relevance")),
+    ("scheme_b", dict(method="scheme_b")),
+    ("language_only (verbatim LightVLA)", dict(method="language_only", scoring="lightvla")),
+)
+
+
+def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, repeats: int) -> list[tuple[str, float]]:
+    """Median time of one jitted training step (OpenPI's `compute_loss(train=True)` and its gradient)
+    per variant, telemetry off, on one model that has every method's parameters."""
+    import jax.numpy as jnp
+
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    with openpi_prune.enabled(method="scheme_b"):
+        model = small.create(cfg, siglip=siglip)
+    with openpi_prune.enabled(method="relevance"):
+        head = small.create(cfg, siglip=siglip)
+    for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
+        setattr(model, name, nnx.Param(getattr(head, name).value))
+    observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
+    actions = small.actions(cfg, batch_size=batch_size)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    times = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing training steps", total=len(TRAIN_VARIANTS))
+        for name, settings in TRAIN_VARIANTS:
+
+            def step(params):
+                def loss(p):
+                    m = nnx.merge(graphdef, p, rest)
+                    return jnp.mean(m.compute_loss(jax.random.key(0), observation, actions, train=True))
+
+                return jax.value_and_grad(loss)(params)
+
+            context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(telemetry=False, **settings)
+            with context:
+                compiled = jax.jit(step).lower(params).compile()
+            jax.block_until_ready(compiled(params))
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(params))
+                samples.append(time.perf_counter() - start)
+            times.append((name, statistics.median(samples) * 1e3))
+            progress.advance(task)
+    return times
+
+
+def show_train(times: list[tuple[str, float]], title: str) -> None:
+    table = Table("variant", "train step ms", "x upstream", title=title)
+    for name, ms in times:
+        table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
+    console.print(table)
+
+
 def show(rows: list[Row], title: str) -> None:
     base = rows[0]
     table = Table(
@@ -151,4 +207,13 @@ def main(args) -> int:
         f"pi0.5 sample_actions ({args.paligemma} Gemma, SigLIP {args.siglip}, batch {args.batch_size}, "
         f"{args.num_steps} steps, median of {args.repeats}) on {machine}",
     )
+    if args.train:
+        times = train_step_times(
+            siglip=siglip, paligemma=args.paligemma, batch_size=max(args.batch_size, 4), repeats=args.repeats
+        )
+        show_train(
+            times,
+            f"pi0.5 training step, loss and gradient ({args.paligemma} Gemma, SigLIP {args.siglip}, batch "
+            f"{max(args.batch_size, 4)}, image augmentation on, median of {args.repeats}) on {machine}",
+        )
     return 0

@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="compact capacities to time")
+    bench.add_argument(
+        "--train", action="store_true", help="also time a training step (loss and gradient) of each method"
+    )
     lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
     lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")
     lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")
     lab.add_argument("--retrain", action="store_true", help="train the baseline even if --out has one")
     lab.add_argument("--only", nargs="+", metavar="VARIANT", help="fine-tune only these variants")
-    lab.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 150)")
+    lab.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 600)")
     lab.add_argument("--baseline-steps", type=int, help="training steps of the unpruned baseline (default 2000)")
     lab.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     lab.add_argument("--baseline-dir", help="where the baseline checkpoint is kept (default: OUT/baseline)")
