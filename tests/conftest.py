@@ -74,3 +74,27 @@ def last_report():
     reports = telemetry.recent()
     assert reports, "no telemetry was reported"
     return reports[-1]
+
+
+def _no_transforms(model_config):
+    from openpi import transforms
+
+    return transforms.Group()
+
+
+def small_train_config(name: str, asset_id: str, assets_base_dir):
+    """An OpenPI `TrainConfig` of the small pi0.5 with normalisation only (OpenPI's prompt transforms
+    would download a tokenizer; the tests feed tokens)."""
+    from openpi.training import config as _config
+
+    return _config.TrainConfig(
+        name=name,
+        model=small.config(pi05=True),
+        data=_config.SimpleDataConfig(
+            repo_id=name,
+            assets=_config.AssetsConfig(asset_id=asset_id),
+            data_transforms=_no_transforms,
+            model_transforms=_no_transforms,
+        ),
+        assets_base_dir=str(assets_base_dir),
+    )

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from openpi import transforms
+from conftest import small_train_config
 from openpi.models import pi0_config
 from openpi.shared import normalize
 from openpi.training import config as _config
@@ -20,7 +20,6 @@ from openpi_prune import configs, methods, small
 REGISTRY = r"""
 import json, sys
 import openpi.training.config as c
-from openpi import transforms
 from openpi.models import pi0_config
 
 twin = c.get_config("pi05_libero_prune")
@@ -58,22 +57,8 @@ def test_every_pi0_config_has_a_twin_in_openpi_s_registry_with_no_variable_set()
     assert result["enabled"] is False  # choosing a config prunes only once it makes a model
 
 
-def _no_transforms(model_config):
-    return transforms.Group()
-
-
 def _train_config(tmp_path):
-    return _config.TrainConfig(
-        name="mine",
-        model=small.config(pi05=True),
-        data=_config.SimpleDataConfig(
-            repo_id="mine",
-            assets=_config.AssetsConfig(asset_id="robot"),
-            data_transforms=_no_transforms,
-            model_transforms=_no_transforms,
-        ),
-        assets_base_dir=str(tmp_path),
-    )
+    return small_train_config("mine", "robot", tmp_path)
 
 
 def test_with_pruning_turns_pruning_on_when_the_twin_makes_its_model(tmp_path):

@@ -8,10 +8,9 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from openpi import transforms
+from conftest import small_train_config
 from openpi.policies import policy_config
 from openpi.serving import websocket_policy_server
-from openpi.training import config as _config
 from openpi_client import websocket_client_policy
 
 import openpi_prune
@@ -19,23 +18,9 @@ from openpi_prune import configs, small
 from openpi_prune.prefix import UntrainedParametersWarning
 
 
-def _no_transforms(model_config):
-    return transforms.Group()
-
-
 def _train_config(cfg, folder):
-    return _config.TrainConfig(
-        name="plain",
-        model=cfg,
-        # Normalisation only: OpenPI's prompt transforms would download a tokenizer; the client sends tokens.
-        data=_config.SimpleDataConfig(
-            repo_id="plain",
-            assets=_config.AssetsConfig(asset_id="plain"),
-            data_transforms=_no_transforms,
-            model_transforms=_no_transforms,
-        ),
-        assets_base_dir=str(folder / "no-assets-here"),
-    )
+    assert cfg == small.config(pi05=True)
+    return small_train_config("plain", "plain", folder / "no-assets-here")
 
 
 def _serve(policy) -> websocket_client_policy.WebsocketClientPolicy:
