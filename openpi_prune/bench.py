@@ -38,9 +38,33 @@ class Row:
 def _variants(capacities):
     yield "upstream OpenPI", None
     yield "keep_all (masked)", dict(method="keep_all", mode="masked")
+    yield "relevance compact (default)", dict(method="relevance")
+    yield "relevance compact, telemetry off", dict(method="relevance", telemetry=False)
+    yield "relevance masked", dict(method="relevance", mode="masked")
     for capacity in capacities:
         yield f"scheme_b compact {capacity}", dict(method="scheme_b", mode="compact", capacity=capacity)
-    yield "scheme_b masked", dict(method="scheme_b", mode="masked")
+
+
+def _model_with_every_method(cfg, siglip):
+    """One real model carrying Scheme B's projector and the relevance head, so that every variant
+    runs on the same weights."""
+    with openpi_prune.enabled(method="scheme_b"):
+        model = small.create(cfg, siglip=siglip)
+    with openpi_prune.enabled(method="relevance"):
+        head = small.create(cfg, siglip=siglip)
+    for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
+        setattr(model, name, nnx.Param(getattr(head, name).value))
+    return model
+
+
+def _prefix(model, observation, cfg) -> tuple[int, float]:
+    """Positions of the prefix PaliGemma runs, and image tokens kept (batch mean), with the settings
+    in force (read from the pruner's telemetry values, whether or not it reports them)."""
+    b = observation.state.shape[0]
+    noise = jax.numpy.zeros((b, cfg.action_horizon, cfg.action_dim))
+    with telemetry.collect() as reports, openpi_prune.noisy_actions(noise, jax.numpy.ones(b)):
+        tokens, _, _ = model.embed_prefix(observation)
+    return tokens.shape[1], float(np.mean(reports[0]["kept"]))
 
 
 def _measure(model, observation, num_steps, repeats):
@@ -73,8 +97,7 @@ def _measure(model, observation, num_steps, repeats):
 
 def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, repeats: int, capacities) -> list[Row]:
     cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
-    with openpi_prune.enabled(method="scheme_b"):
-        model = small.create(cfg, siglip=siglip)
+    model = _model_with_every_method(cfg, siglip)
     observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
     rows = []
     variants = list(_variants(capacities))
@@ -90,9 +113,7 @@ def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, 
             else:
                 with openpi_prune.enabled(warn_below=0, **settings):
                     latency, flops, temp = _measure(model, observation, num_steps, repeats)
-                    jax.effects_barrier()
-                report = telemetry.recent()[-1]
-                prefix, kept = report.capacity + cfg.max_token_len, float(np.mean(report.kept))
+                    prefix, kept = _prefix(model, observation, cfg)
             rows.append(Row(name, prefix, kept, latency, flops, temp))
             progress.advance(task)
     return rows
@@ -112,12 +133,7 @@ def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, rep
     import jax.numpy as jnp
 
     cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
-    with openpi_prune.enabled(method="scheme_b"):
-        model = small.create(cfg, siglip=siglip)
-    with openpi_prune.enabled(method="relevance"):
-        head = small.create(cfg, siglip=siglip)
-    for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
-        setattr(model, name, nnx.Param(getattr(head, name).value))
+    model = _model_with_every_method(cfg, siglip)
     observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
     actions = small.actions(cfg, batch_size=batch_size)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
