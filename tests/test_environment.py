@@ -174,7 +174,8 @@ elif scenario == "disabled":
 elif scenario == "unset":
     import openpi_prune
 
-    result["loaded_by_openpi_prune"] = sorted(m for m in ("jax", "wrapt", "openpi", "_openpi_prune_startup") if m in sys.modules)
+    # The start-up file (tiny: os and sys) is there to add the pruned configs; nothing heavy is.
+    result["loaded_by_openpi_prune"] = sorted(m for m in ("jax", "wrapt", "openpi", "openpi_prune.configs") if m in sys.modules)
     import inspect
     import openpi.training.config  # noqa: F401
     from openpi.models import pi0
