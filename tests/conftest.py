@@ -58,6 +58,14 @@ def any_model(request):
     return request.getfixturevalue(request.param)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_code():
+    """Drop JAX's compiled executables after each module: one process compiles hundreds of model
+    functions over the suite, and XLA's CPU compiler crashed late in the run when they were kept."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _clean_state():
     """Every test starts and ends with OpenPI unpatched, the default manager and no reports."""

@@ -196,8 +196,11 @@ def test_bad_input_gets_clear_errors(pi05):
     no_prompt = obs.replace(tokenized_prompt=None, tokenized_prompt_mask=None)
     with openpi_prune.enabled(), pytest.raises(PruneInputError, match="no tokenized prompt"):
         model.sample_actions(jax.random.key(0), no_prompt, num_steps=1)
-    with openpi_prune.enabled(), pytest.raises(PruneInputError, match="noisy actions"):
+    with openpi_prune.enabled(method="scheme_b"), pytest.raises(PruneInputError, match="noisy actions"):
         model.embed_prefix(obs)
+    # The fixture's model was made for Scheme B: the default's head is missing, and it says so.
+    with openpi_prune.enabled(), pytest.raises(PruneInputError, match="relevance needs its learned head"):
+        model.sample_actions(jax.random.key(0), obs, num_steps=1)
 
 
 def test_every_camera_masked_keeps_nothing_and_stays_finite(pi05):
