@@ -284,7 +284,9 @@ def test_paligemma_sees_kept_tokens_at_their_upstream_positions(pi05, monkeypatc
         _, upstream_mask, _ = model.embed_prefix(obs)
     for keep_positions in (True, False):
         seen.clear()
-        with openpi_prune.enabled(mode="compact", capacity=300, warn_below=0, keep_positions=keep_positions):
+        with openpi_prune.enabled(
+            method="scheme_b", mode="compact", capacity=300, warn_below=0, keep_positions=keep_positions
+        ):
             model.sample_actions(jax.random.key(0), obs, num_steps=1, noise=noise)
             kept = last_report().kept_mask
             prefix_positions, suffix_positions = seen[max(seen)], seen[min(seen)]
