@@ -85,6 +85,8 @@ def _apply_pending() -> PruneSettings | None:
 
     with _lock:
         settings = _bootstrap.discard()
+        if isinstance(settings, Exception):
+            raise settings
         return None if settings is None else _apply(settings)
 
 

@@ -20,7 +20,7 @@ logger = logging.getLogger("openpi_prune")
 PACKAGE = "openpi"
 
 _lock = threading.RLock()
-_pending = None  # PruneSettings from OPENPI_PRUNE, not applied yet
+_pending = None  # PruneSettings from OPENPI_PRUNE (or the SettingsError it gave), not applied yet
 _registered = False  # the post-import hook is registered
 _fired = False  # it ran: OpenPI was imported
 
@@ -28,9 +28,15 @@ _fired = False  # it ran: OpenPI was imported
 def arm(value: str) -> None:
     """Validate the variable now (a bad value is reported at start-up), patch on OpenPI's import."""
     global _pending, _registered
+    from openpi_prune.errors import SettingsError
     from openpi_prune.settings import parse
 
-    settings = parse(value)
+    try:
+        settings = parse(value)
+    except SettingsError as error:
+        # Raised at OpenPI's import, every import, as for an unknown method: the user asked for
+        # pruning, and an unpruned run would hide the typo.
+        settings = error
     with _lock:
         if _registered:
             return
@@ -43,7 +49,7 @@ def arm(value: str) -> None:
 
 def pending():
     """The environment's settings while they wait for OpenPI's import, else None."""
-    return _pending
+    return None if isinstance(_pending, Exception) else _pending
 
 
 def discard():

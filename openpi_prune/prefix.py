@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 import warnings
 
 import jax
@@ -18,6 +19,8 @@ from flax import nnx
 from openpi_prune import lightvla, plugins, relevance, telemetry
 from openpi_prune.errors import PruneInputError
 from openpi_prune.settings import CAPACITY_PER_CAMERA, PruneSettings
+
+logger = logging.getLogger("openpi_prune")
 
 _settings: PruneSettings = PruneSettings()
 
@@ -131,6 +134,10 @@ class UntrainedParametersWarning(UserWarning):
     """A checkpoint lacks the parameters the pruning method adds; they start from scratch."""
 
 
+class UnusedParametersWarning(UserWarning):
+    """A checkpoint carries another pruning method's parameters, which this model does not use."""
+
+
 def init_model(model, config, rngs) -> None:
     settings = active_settings()
     plugins.get_manager().hook.openpi_prune_init_model(model=model, config=config, rngs=rngs, settings=settings)
@@ -149,7 +156,20 @@ def fresh_parameters(config) -> dict:
 
 def complete_params(config, params: dict) -> dict:
     """`params` plus fresh values for the method's parameters it lacks (warning that they are new)."""
-    missing = {k: v for k, v in fresh_parameters(config).items() if k not in params}
+    fresh = fresh_parameters(config)
+    method = active_settings().method
+    for name, value in fresh.items():
+        if name in params:
+            _check_shapes(name, value, params[name], method)
+    unused = sorted(k for k in params if k.startswith(PARAMETER_PREFIX) and k not in fresh)
+    if unused:
+        warnings.warn(
+            f"the checkpoint's {', '.join(unused)} belong to another pruning method than {method}; "
+            "this model does not use them (the checkpoint keeps them).",
+            UnusedParametersWarning,
+            stacklevel=4,
+        )
+    missing = {k: v for k, v in fresh.items() if k not in params}
     if not missing:
         return params
     warnings.warn(
@@ -160,6 +180,16 @@ def complete_params(config, params: dict) -> dict:
         stacklevel=4,
     )
     return {**params, **missing}
+
+
+def _check_shapes(name: str, expected, got, method: str) -> None:
+    shapes = jax.tree.map(lambda leaf: tuple(leaf.shape), {"expected": expected, "got": got})
+    if shapes["expected"] != shapes["got"]:
+        raise PruneInputError(
+            f"the checkpoint's {name} has shapes {shapes['got']}, but {method} on this model needs "
+            f"{shapes['expected']}: it was trained on a model of another size. Load it into that "
+            "model's config, or drop the prune_* parameters to start them anew."
+        )
 
 
 def add_missing_from_reference(loaded: dict, reference: dict) -> dict:
@@ -214,9 +244,17 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             f"camera(s); choose 1..{image_len} (or leave it unset for the method's own, or {CAPACITY_PER_CAMERA} "
             "per camera)."
         )
+    unpruned_mask = input_mask
     image_tokens, text_tokens = tokens[:, :image_len], tokens[:, image_len:]
     candidate_mask, text_mask = input_mask[:, :image_len], input_mask[:, image_len:]
-    unpruned_mask = input_mask
+    # A token with a NaN or inf in it (a bad pixel spreads over its camera in SigLIP) is never kept,
+    # and is zeroed: attention over a masked NaN would still give NaN (0 x NaN).
+    finite = jnp.all(jnp.isfinite(image_tokens), axis=-1)
+    nonfinite = jnp.sum(candidate_mask & ~finite, axis=-1)
+    candidate_mask = candidate_mask & finite
+    image_tokens = jnp.where(finite[..., None], image_tokens, 0)
+    tokens = jnp.concatenate([image_tokens, text_tokens], axis=1)
+    input_mask = jnp.concatenate([candidate_mask, text_mask], axis=1)
     slot_source = jnp.broadcast_to(jnp.arange(tokens.shape[1]), input_mask.shape)
     context = _actions.get()
     hook = manager.hook
@@ -243,6 +281,8 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         task_mask=task_mask,
         settings=settings,
     )
+    b, n = candidate_mask.shape
+    _check_output("openpi_prune_score", scores, ((b, n, n), (b, n)), settings, manager)
     live_task = jnp.sum(task_mask, axis=-1)
     # A vote ([b,n,n]) ranks patches by their votes; a relevance ([b,n]) by itself.
     voted = scores.ndim == 3
@@ -254,7 +294,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         scale = _noise_scale.get()
         scale = settings.noise_scale if scale is None else scale
         noise = jax.random.uniform(context.rng, scores.shape, dtype=scores.dtype) * scale
-        picked, kept_mask, *visible = hook.openpi_prune_select_train(
+        selected = hook.openpi_prune_select_train(
             scores=scores,
             candidate_mask=candidate_mask,
             image_tokens=image_tokens,
@@ -262,6 +302,11 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             saliency=context.saliency,
             settings=settings,
         )
+        if not isinstance(selected, tuple | list) or len(selected) not in (2, 3):
+            _check_output("openpi_prune_select_train", selected, (), settings, manager)
+        picked, kept_mask, *visible = selected
+        _check_output("openpi_prune_select_train", picked, (image_tokens.shape,), settings, manager)
+        _check_output("openpi_prune_select_train", kept_mask, ((b, n),), settings, manager)
         tokens = jnp.concatenate([picked, text_tokens], axis=1)
         if visible:
             input_mask = jnp.concatenate([candidate_mask & visible[0], text_mask], axis=1)
@@ -275,6 +320,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         mode, slot_capacity, overflow = "train", image_len, jnp.zeros(tokens.shape[:1], jnp.int32)
     else:
         kept_mask = hook.openpi_prune_select(scores=scores, candidate_mask=candidate_mask, settings=settings)
+        _check_output("openpi_prune_select", kept_mask, ((b, n),), settings, manager)
         # No live task token: nothing to vote against, so keep every live patch.
         kept_mask = jnp.where(live_task[:, None] > 0, kept_mask, True) & candidate_mask
         mode = settings.mode
@@ -316,11 +362,26 @@ def prune(model, observation, tokens, input_mask, ar_mask):
         | extra
     )
     values["prefix_length"] = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
+    values["nonfinite"] = nonfinite
     telemetry.deliver_traced(values)
     if settings.telemetry:
         meta = dict(method=settings.method, mode=mode, capacity=slot_capacity, warn_below=settings.warn_below)
         jax.debug.callback(functools.partial(_report, meta), values)
     return tokens, input_mask, ar_mask
+
+
+def _check_output(hook_name: str, value, shapes: tuple, settings: PruneSettings, manager) -> None:
+    """A method's hook must answer with an array of one of `shapes` (checked while tracing)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and tuple(shape) in shapes:
+        return
+    provider = plugins.known_methods(manager).get(settings.method, "?")
+    got = f"shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
+    wanted = " or ".join(str(list(s)) for s in shapes) or "a tuple (image_tokens, kept_mask[, visible])"
+    raise PruneInputError(
+        f"{hook_name} of method {settings.method!r} (plugin {provider!r}) returned {got}; expected "
+        f"{wanted}. Fix the plugin, or pick another method."
+    )
 
 
 def _position_shift(unpruned_mask, slot_source, input_mask):
@@ -384,7 +445,13 @@ def _report(meta, values):
     import numpy as np
 
     report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, **meta)
-    plugins.get_manager().hook.openpi_prune_report(telemetry=report)
+    # Each report hook on its own (in pluggy's order): one that raises is logged and skipped, so
+    # telemetry never fails the model call it reports on, nor keeps the others from their report.
+    for impl in reversed(plugins.get_manager().hook.openpi_prune_report.get_hookimpls()):
+        try:
+            impl.function(telemetry=report)
+        except Exception:
+            logger.exception("openpi-prune: the openpi_prune_report hook of %r raised; skipped", impl.plugin_name)
 
 
 def serving_figures(reports) -> dict | None:

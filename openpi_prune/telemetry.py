@@ -22,6 +22,10 @@ class CollapseWarning(UserWarning):
     """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
 
 
+class NonFiniteInputWarning(UserWarning):
+    """Image tokens with NaN or inf (from bad pixels) reached the pruner; none of them was kept."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Telemetry:
     """One pruned prefix. `values` (also readable as attributes) holds, per sample, shape [b]
@@ -41,6 +45,7 @@ class Telemetry:
     kept_mask         [b, n] which image tokens were kept
     prefix_length     positions of the prefix PaliGemma runs (compact: image slots + prompt)
     distill_loss      the pruner's own loss (training passes of methods that learn from saliency)
+    nonfinite         live image tokens with a NaN or inf, never kept
     For a method that scores each patch (`relevance`) rather than voting, union_picks is the kept
     count, top1_vote_share the top patch's softmax share, score_gap the gap between the best two.
     """
@@ -108,6 +113,14 @@ class Recorder:
         with self._lock:
             self._reports.append(telemetry)
             self.count += 1
+        nonfinite = int(np.sum(telemetry.values.get("nonfinite", 0)))
+        if nonfinite:
+            warnings.warn(
+                f"openpi-prune ({telemetry.method}): {nonfinite} live image token(s) held NaN or inf and "
+                "were dropped like a masked camera's; check the images (NaN or inf pixels).",
+                NonFiniteInputWarning,
+                stacklevel=2,
+            )
         if telemetry.collapsed:
             warnings.warn(
                 f"openpi-prune ({telemetry.method}, {telemetry.mode}) kept "

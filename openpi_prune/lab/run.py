@@ -54,7 +54,7 @@ STRESSES = {
 
 @dataclasses.dataclass(frozen=True)
 class LabPlan:
-    baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25, train_mode=False)
+    baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25)
     finetune: train.Schedule = train.Schedule(steps=600, lr=3e-4, batch_size=16, warmup=15, seed=100_000)
     validation: int = 64
     spec: scenes.SceneSpec = scenes.SceneSpec()
