@@ -173,6 +173,10 @@ def _owner(target: Target):
 
 def _resolve(target: Target):
     owner = _owner(target)
+    # A class's own attribute: renamed in OpenPI, an inherited one of the same name would be wrapped
+    # in its place, and never run.
+    if target.owner and target.name not in vars(owner):
+        raise AttributeError(target.name)
     return owner, getattr(owner, target.name)
 
 
@@ -349,7 +353,30 @@ def note_call(*values) -> None:
         _state.traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
 
 
+def _drifted(target: Target, problem: str) -> None:
+    """OpenPI's `target` answered in a form its wrapper cannot use (checked at every call: a
+    signature can match while the result changed). Strict: raise; else log, and the caller hands
+    back OpenPI's own result untouched."""
+    from openpi_prune import prefix
+
+    message = f"the installed OpenPI's {target.qualname} {problem}, not what openpi-prune expects;"
+    if prefix.active_settings().strict:
+        raise IncompatibleOpenPIError(f"{message} nothing was pruned. Set strict=False to carry on unpruned.")
+    logger.warning("%s this call runs unpruned.", message)
+
+
+def _target(key: str) -> Target:
+    return next(t for t in (*TARGETS, SERVING) if t.key == key)
+
+
 # The wrappers: each calls the original and hands over to `openpi_prune.prefix`.
+
+
+def _describe(value) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    shape = getattr(value, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
 
 
 def _bind(wrapped, args, kwargs):
@@ -367,7 +394,13 @@ def wrap_init(wrapped, instance, args, kwargs):
 def wrap_embed_prefix(wrapped, instance, args, kwargs):
     from openpi_prune import prefix
 
-    tokens, input_mask, ar_mask = wrapped(*args, **kwargs)
+    result = wrapped(*args, **kwargs)
+    if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
+        _drifted(
+            _target("Pi0.embed_prefix"), f"returned {_describe(result)} (expected tokens [b,s,d], input_mask, ar_mask)"
+        )
+        return result
+    tokens, input_mask, ar_mask = result
     observation = _bind(wrapped, args, kwargs)["obs"]
     note_call(tokens)
     return prefix.prune(instance, observation, tokens, input_mask, ar_mask)
@@ -377,6 +410,9 @@ def wrap_make_attn_mask(wrapped, instance, args, kwargs):
     from openpi_prune import prefix
 
     attn_mask = wrapped(*args, **kwargs)
+    if getattr(attn_mask, "ndim", None) != 3:
+        _drifted(_target("make_attn_mask"), f"returned {_describe(attn_mask)} (expected a mask [b,q,k])")
+        return attn_mask
     bound = _bind(wrapped, args, kwargs)
     return prefix.adjust_attn_mask(attn_mask, bound["input_mask"], bound["mask_ar"])
 
@@ -403,6 +439,9 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
     extra_losses = []
     with prefix.noisy_actions(x_t, time, rng=rng_for_pruner, train=train, saliency=saliency, extra_losses=extra_losses):
         loss = wrapped(*args, **kwargs)
+    if getattr(loss, "shape", ())[:1] != actions.shape[:1]:
+        _drifted(_target("Pi0.compute_loss"), f"returned {_describe(loss)} (expected a loss per sample, [b, ...])")
+        return loss
     for extra in extra_losses:  # per sample; OpenPI's loss is per sample and action step
         loss = loss + extra.reshape(extra.shape + (1,) * (loss.ndim - extra.ndim)).astype(loss.dtype)
     return loss
@@ -444,6 +483,9 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
 
     before = telemetry.RECORDER.count
     outputs = wrapped(*args, **kwargs)
+    if not isinstance(outputs, dict):
+        _drifted(SERVING, f"returned {_describe(outputs)} (expected a dict of outputs)")
+        return outputs
     jax.effects_barrier()  # the telemetry's host callback has run
     figures = prefix.serving_figures(telemetry.RECORDER.since(before))
     if figures is not None:
@@ -469,6 +511,9 @@ def wrap_checkpoint_load(wrapped, instance, args, kwargs):
     from openpi_prune import prefix
 
     loaded = wrapped(*args, **kwargs)
+    if not isinstance(loaded, dict):
+        _drifted(_target("CheckpointWeightLoader.load"), f"returned {_describe(loaded)} (expected a dict of params)")
+        return loaded
     return prefix.add_missing_from_reference(loaded, _bind(wrapped, args, kwargs)["params"])
 
 
