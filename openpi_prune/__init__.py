@@ -62,21 +62,29 @@ def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings
     return _apply(settings)
 
 
-def _apply(settings: PruneSettings) -> PruneSettings | None:
+def _apply(settings: PruneSettings, lazy: bool = False) -> PruneSettings | None:
     from openpi_prune import patch, plugins, prefix
 
     with _lock:
         plugins.check_method(settings.method)
-        if patch.is_installed():
-            if settings != prefix.active_settings():
-                patch.note_patches_changed("settings changed")
-            prefix.set_settings(settings)
-            return settings
+        if patch.is_installed() and settings == prefix.active_settings():
+            return settings  # nothing changes: no need to wait for model calls in flight
+        with patch.exclusive():
+            return _change(settings, lazy)
+
+
+def _change(settings: PruneSettings, lazy: bool) -> PruneSettings | None:
+    from openpi_prune import patch, prefix
+
+    if patch.is_installed():
+        patch.note_patches_changed("settings changed")
         prefix.set_settings(settings)
-        if not patch.install(patch.WRAPPERS, strict=settings.strict):
-            prefix.set_settings(PruneSettings())
-            return None
         return settings
+    prefix.set_settings(settings)
+    if not patch.install(patch.WRAPPERS, strict=settings.strict, lazy=lazy):
+        prefix.set_settings(PruneSettings())
+        return None
+    return settings
 
 
 def _apply_pending() -> PruneSettings | None:
@@ -87,7 +95,9 @@ def _apply_pending() -> PruneSettings | None:
         settings = _bootstrap.discard()
         if isinstance(settings, Exception):
             raise settings
-        return None if settings is None else _apply(settings)
+        # Lazily: this runs inside the import of `openpi`, where importing its modules could
+        # deadlock with another thread's import of them.
+        return None if settings is None else _apply(settings, lazy=True)
 
 
 def disable() -> None:
@@ -98,8 +108,12 @@ def disable() -> None:
 
     with _lock:
         _bootstrap.discard()
-        patch.uninstall()
-        prefix.set_settings(PruneSettings())
+        if not patch.is_installed():
+            prefix.set_settings(PruneSettings())
+            return
+        with patch.exclusive():
+            patch.uninstall()
+            prefix.set_settings(PruneSettings())
 
 
 def is_enabled() -> bool:

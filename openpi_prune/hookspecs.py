@@ -101,4 +101,8 @@ class PruneSpec:
 
     @hookspec
     def openpi_prune_report(self, telemetry):
-        """Receive the `Telemetry` of one pruned prefix, on the host, as numpy arrays."""
+        """Receive the `Telemetry` of one pruned prefix, on the host, as numpy arrays.
+
+        Called on openpi-prune's telemetry thread, in order, after the model call that made it may
+        have returned (`openpi_prune.telemetry.flush()` waits for delivery); an exception is logged
+        and skipped."""

@@ -4,6 +4,7 @@ This module knows OpenPI's code and nothing of the pruning math: each wrapper ca
 and hands its result to `openpi_prune.prefix`, which asks the hooks what to do.
 """
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import wrapt
 
-from openpi_prune.errors import IncompatibleOpenPIError, OpenPIDependencyError, OpenPINotFoundError
+from openpi_prune.errors import IncompatibleOpenPIError, OpenPIDependencyError, OpenPINotFoundError, PruneError
 
 logger = logging.getLogger("openpi_prune")
 
@@ -220,13 +221,113 @@ class _State:
     handles: dict[Target, object] = dataclasses.field(default_factory=dict)
     serving: object = None  # the wrapper on Policy.infer, once that module is imported
     traced: bool = False
+    # Installed from OpenPI's import (`lazy`): the modules whose targets are wrapped when they are
+    # imported, and what failed if one did not match (raised again at each of its imports).
+    waiting: set = dataclasses.field(default_factory=set)
+    failure: IncompatibleOpenPIError | None = None
+    generation: int = 0  # a post-import hook of an earlier install does nothing
 
 
 _state = _State()
 
 
+class _InFlight:
+    """Model calls through the wrappers, and changes of the patches or settings: a change waits for
+    the calls in flight to end, and new calls wait for the change, so that no call runs half
+    patched or with settings changed under it (under jit, a call is its tracing). Reentrant: a
+    call's nested calls and a change's nested changes go straight through."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._calls = 0
+        self._changer: int | None = None  # the thread changing things now
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def call(self):
+        """Yields True in the outermost call of this thread."""
+        depth = getattr(self._depth, "calls", 0)
+        outermost = depth == 0 and self._changer != threading.get_ident()
+        if outermost:
+            with self._cond:
+                self._cond.wait_for(lambda: self._changer is None)
+                self._calls += 1
+        self._depth.calls = depth + 1
+        try:
+            yield outermost
+        finally:
+            self._depth.calls = depth
+            if outermost:
+                with self._cond:
+                    self._calls -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def change(self):
+        me = threading.get_ident()
+        if self._changer == me:
+            yield
+            return
+        if getattr(self._depth, "calls", 0):
+            raise PruneError(
+                "openpi-prune cannot be enabled, disabled or re-configured from inside a model call "
+                "(a hook or plugin tried to): it would wait for that call to end. Do it between calls."
+            )
+        with self._cond:
+            self._cond.wait_for(lambda: self._changer is None)
+            self._changer = me
+            self._cond.wait_for(lambda: self._calls == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changer = None
+                self._cond.notify_all()
+
+
+IN_FLIGHT = _InFlight()
+
+
+def exclusive():
+    """Hold while patching, unpatching or changing settings (waits for model calls in flight)."""
+    return IN_FLIGHT.change()
+
+
+# The methods that run the others: a call of one that began unpatched stays unpatched throughout.
+_ENTRY_POINTS = ("Pi0.compute_loss", "Pi0.sample_actions")
+
+
+def _inside_unpatched_entry_point() -> bool:
+    """Whether this thread is inside OpenPI's compute_loss / sample_actions entered without our
+    wrapper (looked up before `enable()`): its inner calls must not be pruned halfway."""
+    codes = set()
+    for target in TARGETS:
+        if target.key in _ENTRY_POINTS and target.module in sys.modules:
+            codes.add(inspect.unwrap(getattr(_owner(target), target.name)).__code__)
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _in_flight(wrapper):
+    @functools.wraps(wrapper)
+    def guarded(wrapped, instance, args, kwargs):
+        with IN_FLIGHT.call() as outermost:
+            if outermost and (not _state.handles or _inside_unpatched_entry_point()):
+                # Unpatched after this call looked the method up, or inside a call that began
+                # unpatched: OpenPI's own, as a whole.
+                return wrapped(*args, **kwargs)
+            return wrapper(wrapped, instance, args, kwargs)
+
+    return guarded
+
+
 def is_installed() -> bool:
-    return bool(_state.handles)
+    """Whether OpenPI is patched (or, installed from OpenPI's import, will be as it is imported)."""
+    return bool(_state.handles or _state.waiting) and _state.failure is None
 
 
 def installed() -> dict[str, bool]:
@@ -271,6 +372,11 @@ def compiled_model_functions() -> list[str]:
     return found
 
 
+def _alone() -> bool:
+    me = threading.current_thread()
+    return all(t is me or t.name.startswith("openpi-prune") for t in threading.enumerate())
+
+
 def _cell_filled(cell) -> bool:
     try:
         cell.cell_contents  # noqa: B018
@@ -279,11 +385,18 @@ def _cell_filled(cell) -> bool:
     return True
 
 
-def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
-    """Wrap every target with `wrappers[name]`, or none of them. Returns whether it patched."""
+def install(wrappers: dict[str, Callable], *, strict: bool = True, lazy: bool = False) -> bool:
+    """Wrap every target with `wrappers[name]`, or none of them. Returns whether it patched.
+
+    lazy (from OpenPI's import hook): wrap each module's targets as that module is imported.
+    Importing the others from inside an import, as the eager way does, would hold one module's
+    import lock while taking others', which deadlocks threads importing OpenPI at the same time.
+    A module that does not match undoes the others' wrappers and fails its import (strict)."""
+    if lazy:
+        return _install_lazily(wrappers, strict)
     module = import_openpi()
     with _state.lock:
-        if _state.handles:
+        if is_installed():
             return True
         problems = check()
         if problems:
@@ -293,7 +406,9 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
                 raise IncompatibleOpenPIError(message + " Set strict=False to carry on unpruned.")
             logger.warning("%s Pruning is off.", message)
             return False
-        late = compiled_model_functions()
+        # Walking the heap hands out objects other threads are still building (a tuple being
+        # filled, which JAX then fails to resize): only while no other thread runs Python.
+        late = compiled_model_functions() if _alone() else []
         if late:
             warnings.warn(
                 f"openpi-prune was enabled after {', '.join(sorted(set(late)))} was jit-compiled; "
@@ -306,7 +421,7 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
         try:
             for target in TARGETS:
                 done[target] = wrapt.wrap_object(
-                    _owner(target), target.name, PruneFunctionWrapper, (wrappers[target.key],)
+                    _owner(target), target.name, PruneFunctionWrapper, (_in_flight(wrappers[target.key]),)
                 )
         except BaseException:
             for target, handle in done.items():
@@ -319,6 +434,76 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True) -> bool:
     return True
 
 
+def _install_lazily(wrappers: dict[str, Callable], strict: bool) -> bool:
+    with _state.lock:
+        if is_installed():
+            return True
+        _state.generation += 1
+        _state.waiting, _state.failure = set(MODULES), None
+        generation = _state.generation
+    _registering.now = True
+    try:
+        for name in MODULES:  # each fires at once if its module is imported already
+            wrapt.register_post_import_hook(functools.partial(_on_module, generation, wrappers, strict), name)
+    finally:
+        _registering.now = False
+    wrapt.register_post_import_hook(_install_serving, SERVING.module)
+    return True
+
+
+_registering = threading.local()
+
+
+def _on_module(generation: int, wrappers: dict[str, Callable], strict: bool, module) -> None:
+    name = module.__name__
+    if getattr(_registering, "now", False) and getattr(module.__spec__, "_initializing", False):
+        # Fired as it was registered, on a module another thread is importing: wait for that
+        # import in a thread that holds no import lock, then wrap.
+        def when_imported():
+            _on_module(generation, wrappers, strict, importlib.import_module(name))
+
+        threading.Thread(target=when_imported, name=f"openpi-prune: {name}", daemon=True).start()
+        return
+    with _state.lock:
+        if generation != _state.generation:
+            return  # uninstalled, or installed anew, since
+        if _state.failure is not None:
+            raise _state.failure
+        if name not in _state.waiting:
+            return
+        targets = tuple(t for t in TARGETS if t.module == name)
+        problems = check(targets)
+        if problems:
+            _unwrap(_state.handles)
+            _state.handles = {}
+            message = "the installed OpenPI does not match what openpi-prune patches:\n  " + "\n  ".join(problems)
+            message += f"\n(OpenPI at {getattr(module, '__file__', '?')}.) Nothing was patched."
+            if not strict:
+                _state.waiting = set()
+                logger.warning("%s Pruning is off.", message)
+                return
+            _state.failure = IncompatibleOpenPIError(message + " Set strict=False to carry on unpruned.")
+            # Python forgets the failed module; importing it again must fail the same way.
+            wrapt.register_post_import_hook(functools.partial(_on_module, generation, wrappers, strict), name)
+            raise _state.failure
+        done = {}
+        try:
+            for target in targets:
+                done[target] = wrapt.wrap_object(
+                    _owner(target), target.name, PruneFunctionWrapper, (_in_flight(wrappers[target.key]),)
+                )
+        except BaseException:
+            _unwrap(done)
+            raise
+        _state.handles.update(done)
+        _state.waiting.discard(name)
+
+
+def _unwrap(handles: dict) -> None:
+    for target, handle in handles.items():
+        wrapt.unwrap_object(_owner(target), target.name, handle, missing_ok=True)
+
+
 def _install_serving(module) -> None:
     with _state.lock:
         if not _state.handles or _state.serving is not None:
@@ -327,18 +512,20 @@ def _install_serving(module) -> None:
         if problems:
             logger.warning("openpi-prune: no pruning figures in policy responses: %s", "; ".join(problems))
             return
-        _state.serving = wrapt.wrap_object(_owner(SERVING), SERVING.name, PruneFunctionWrapper, (wrap_policy_infer,))
+        _state.serving = wrapt.wrap_object(
+            _owner(SERVING), SERVING.name, PruneFunctionWrapper, (_in_flight(wrap_policy_infer),)
+        )
 
 
 def uninstall() -> bool:
     """Remove exactly our wrappers (others' stay). Returns whether anything was removed."""
     with _state.lock:
-        if not _state.handles:
+        if not (_state.handles or _state.waiting or _state.failure):
             return False
         note_patches_changed("was disabled", stacklevel=4)
-        for target, handle in _state.handles.items():
-            wrapt.unwrap_object(_owner(target), target.name, handle, missing_ok=True)
-        _state.handles = {}
+        _unwrap(_state.handles)
+        _state.handles, _state.waiting, _state.failure = {}, set(), None
+        _state.generation += 1
         if _state.serving is not None:
             wrapt.unwrap_object(_owner(SERVING), SERVING.name, _state.serving, missing_ok=True)
             _state.serving = None

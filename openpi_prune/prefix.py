@@ -9,7 +9,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import logging
 import warnings
 
 import jax
@@ -19,8 +18,6 @@ from flax import nnx
 from openpi_prune import lightvla, plugins, relevance, telemetry
 from openpi_prune.errors import PruneInputError
 from openpi_prune.settings import CAPACITY_PER_CAMERA, PruneSettings
-
-logger = logging.getLogger("openpi_prune")
 
 _settings: PruneSettings = PruneSettings()
 
@@ -445,13 +442,15 @@ def _report(meta, values):
     import numpy as np
 
     report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, **meta)
-    # Each report hook on its own (in pluggy's order): one that raises is logged and skipped, so
-    # telemetry never fails the model call it reports on, nor keeps the others from their report.
-    for impl in reversed(plugins.get_manager().hook.openpi_prune_report.get_hookimpls()):
-        try:
-            impl.function(telemetry=report)
-        except Exception:
-            logger.exception("openpi-prune: the openpi_prune_report hook of %r raised; skipped", impl.plugin_name)
+    # The built-in recorder at once (a policy's response carries its figures); the plugins' hooks,
+    # in pluggy's order, on the delivery thread, so that none can fail or stall this model call.
+    hooks = list(reversed(plugins.get_manager().hook.openpi_prune_report.get_hookimpls()))
+    recorders = [h for h in hooks if h.plugin is telemetry.RECORDER]
+    for hook in recorders:
+        hook.function(telemetry=report)
+    others = [h for h in hooks if h.plugin is not telemetry.RECORDER]
+    if others:
+        telemetry.DELIVERY.put(others, report)
 
 
 def serving_figures(reports) -> dict | None:

@@ -6,16 +6,20 @@ hook as a `Telemetry` of numpy arrays; the built-in recorder keeps the latest on
 and warns when the kept count collapses.
 """
 
+import atexit
 import collections
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import threading
 import warnings
 
 import numpy as np
 
 from openpi_prune.hookspecs import hookimpl
+
+logger = logging.getLogger("openpi_prune")
 
 
 class CollapseWarning(UserWarning):
@@ -157,3 +161,67 @@ def recent() -> list[Telemetry]:
 
 def clear() -> None:
     RECORDER.clear()
+
+
+class Delivery:
+    """Hands each report to the plugins' report hooks on one worker thread, in order: a slow or
+    blocked hook never holds up the model call that made the report, and one that raises is logged
+    and skipped. At most `size` reports wait; past that, new ones are dropped (and counted)."""
+
+    def __init__(self, size: int = 256):
+        self._size = size
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._busy = False
+        self._worker: threading.Thread | None = None
+        self.dropped = 0
+
+    def put(self, hooks: list, report: Telemetry) -> None:
+        with self._cond:
+            if len(self._queue) >= self._size:
+                self.dropped += 1
+                if self.dropped == 1:
+                    logger.warning(
+                        "openpi-prune: %d telemetry reports wait for a report hook that does not keep up; "
+                        "dropping new ones (counted in telemetry.DELIVERY.dropped)",
+                        self._size,
+                    )
+                return
+            self._queue.append((hooks, report))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="openpi-prune-telemetry", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue)
+                hooks, report = self._queue.popleft()
+                self._busy = True
+            for hook in hooks:
+                try:
+                    hook.function(telemetry=report)
+                except Exception:
+                    logger.exception(
+                        "openpi-prune: the openpi_prune_report hook of %r raised; skipped", hook.plugin_name
+                    )
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every report so far reached the hooks; False if `timeout` ran out first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+
+DELIVERY = Delivery()
+# Reports made just before exit still reach the hooks (a blocked one delays exit by 5 s at most).
+atexit.register(DELIVERY.flush, 5.0)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait until the plugins' report hooks have every report so far (the built-in recorder has
+    them at once); False if `timeout` ran out first."""
+    return DELIVERY.flush(timeout)

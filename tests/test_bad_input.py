@@ -566,6 +566,7 @@ def test_plugin_report_raises(pi05, broken, caplog):
     with openpi_prune.enabled(method="language_only"), caplog.at_level(logging.ERROR, "openpi_prune"):
         actions = _sample(model, small.observation(cfg))
         jax.effects_barrier()
+        assert telemetry.flush(timeout=60)
     assert np.isfinite(actions).all()
     assert "the openpi_prune_report hook of 'broken' raised; skipped" in caplog.text
     assert telemetry.RECORDER.count > before  # the built-in recorder still got its report

@@ -94,6 +94,7 @@ log = os.environ["EVERY_OTHER_LOG"]
 before = (list(openpi_prune_every_other.REPORTS), os.path.exists(log))
 actions = model.sample_actions(jax.random.key(0), obs, num_steps=1)
 jax.effects_barrier()
+telemetry.flush()  # the plugin's report hook runs on the telemetry thread
 kept_mask = telemetry.recent()[-1].values["kept_mask"]
 print(json.dumps({
     "settings": repr(openpi_prune.current_settings()),
