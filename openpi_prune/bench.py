@@ -163,6 +163,41 @@ def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, rep
     return times
 
 
+SERVING_VARIANTS = (
+    ("upstream OpenPI", None),
+    ("relevance, telemetry off", dict(method="relevance", telemetry=False)),
+    ("relevance, telemetry on (default)", dict(method="relevance")),
+)
+
+
+def serving_times(*, siglip: str | None, paligemma: str, num_steps: int, repeats: int) -> list[tuple[str, float]]:
+    """Median wall time of OpenPI's `Policy.infer` (one observation, as a robot server calls it) per
+    variant: with telemetry on, each call also waits for the pruner's report on the host."""
+    from openpi.policies import policy as _policy
+
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    model = _model_with_every_method(cfg, siglip)
+    observation = small.observation(cfg, batch_size=1, prompt_tokens=16)
+    example = jax.tree.map(lambda x: np.asarray(x[0]), observation.to_dict())
+    times = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("serving", total=len(SERVING_VARIANTS))
+        for name, settings in SERVING_VARIANTS:
+            progress.update(task, description=f"serving: {name}")
+            context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(warn_below=0, **settings)
+            with context:
+                policy = _policy.Policy(model, sample_kwargs={"num_steps": num_steps})
+                policy.infer(example)  # compiles
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    policy.infer(example)
+                    samples.append(time.perf_counter() - start)
+            times.append((name, statistics.median(samples) * 1e3))
+            progress.advance(task)
+    return times
+
+
 def show_train(times: list[tuple[str, float]], title: str) -> None:
     table = Table("variant", "train step ms", "x upstream", title=title)
     for name, ms in times:
@@ -223,6 +258,22 @@ def main(args) -> int:
         f"pi0.5 sample_actions ({args.paligemma} Gemma, SigLIP {args.siglip}, batch {args.batch_size}, "
         f"{args.num_steps} steps, median of {args.repeats}) on {machine}",
     )
+    if args.serving:
+        times = serving_times(siglip=siglip, paligemma=args.paligemma, num_steps=args.num_steps, repeats=args.repeats)
+        table = Table(
+            "variant",
+            "Policy.infer ms",
+            "x upstream",
+            title=(
+                f"OpenPI Policy.infer, one observation ({args.paligemma} Gemma, SigLIP {args.siglip}, "
+                f"{args.num_steps} steps, median of {args.repeats}) on {machine}"
+            ),
+        )
+        for name, ms in times:
+            table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
+        console.print(table)
+        off, on = times[1][1], times[2][1]
+        console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
     if args.train:
         times = train_step_times(
             siglip=siglip, paligemma=args.paligemma, batch_size=max(args.batch_size, 4), repeats=args.repeats

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--train", action="store_true", help="also time a training step (loss and gradient) of each method"
     )
+    bench.add_argument(
+        "--serving", action="store_true", help="also time OpenPI's Policy.infer with telemetry off and on"
+    )
     lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
     lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")
     lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")

@@ -21,3 +21,9 @@ def test_bench_rows_describe_the_prefix_each_variant_runs():
     assert rows["scheme_b compact 96"].prefix == 96 + 48
     assert default.flops < 0.6 * upstream.flops  # XLA's count, a scanned layer once: a lower bound on the saving
     assert all(r.latency_ms > 0 for r in rows.values())
+
+
+def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
+    times = dict(bench.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2))
+    assert list(times) == [name for name, _ in bench.SERVING_VARIANTS]
+    assert all(ms > 0 for ms in times.values())
