@@ -55,22 +55,31 @@ if "start-twice-first" in actions:
     _openpi_prune_startup.start()
     _openpi_prune_startup.start()
 
-from openpi.models import pi0
+try:
+    from openpi.models import pi0
+except Exception as error:  # a bad OPENPI_PRUNE: every import fails the same way
+    result["import_errors"] = [f"{type(error).__name__}: {error}"]
+    try:
+        from openpi.models import pi0
+    except Exception as again:
+        result["import_errors"].append(f"{type(again).__name__}: {again}")
+    pi0 = None
 
-result["embed_prefix"] = type(inspect.getattr_static(pi0.Pi0, "embed_prefix")).__name__
-result["imported"] = "openpi_prune" in sys.modules
-result["wrappers"] = wrappers()
-if result["imported"]:
-    result["enabled"] = sys.modules["openpi_prune"].is_enabled()
-if "enable-again" in actions:
-    import openpi_prune
-    openpi_prune.enable()
-    result["wrappers_after_enable"] = wrappers()
-if "start-twice-late" in actions:
-    import _openpi_prune_startup
-    _openpi_prune_startup.start()
-    _openpi_prune_startup.start()
-    result["wrappers_after_late_start"] = wrappers()
+if pi0 is not None:
+    result["embed_prefix"] = type(inspect.getattr_static(pi0.Pi0, "embed_prefix")).__name__
+    result["imported"] = "openpi_prune" in sys.modules
+    result["wrappers"] = wrappers()
+    if result["imported"]:
+        result["enabled"] = sys.modules["openpi_prune"].is_enabled()
+    if "enable-again" in actions:
+        import openpi_prune
+        openpi_prune.enable()
+        result["wrappers_after_enable"] = wrappers()
+    if "start-twice-late" in actions:
+        import _openpi_prune_startup
+        _openpi_prune_startup.start()
+        _openpi_prune_startup.start()
+        result["wrappers_after_late_start"] = wrappers()
 
 import _openpi_prune_startup, openpi_prune
 result["files"] = [openpi_prune.__file__, _openpi_prune_startup.__file__]
@@ -304,15 +313,11 @@ def test_on_patches_at_openpi_import(jobs):
     assert jobs.result("on").stderr == ""
 
 
-def test_malformed_value_warns_once_and_runs_unpatched(jobs):
-    done = jobs.result("malformed")
-    result = _json(done)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("openpi-prune: not enabled:")
-    assert "capacity" in lines[0] and "abc" in lines[0]
-    assert result["embed_prefix"] == "function"
-    assert result["enabled"] is False
+def test_malformed_value_fails_every_openpi_import(jobs):
+    result = _json(jobs.result("malformed"))
+    errors = result["import_errors"]
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert errors[0].startswith("SettingsError: OPENPI_PRUNE='capacity=abc': capacity must be an integer; got 'abc'")
 
 
 def test_no_site_flag_skips_startup(jobs):
