@@ -417,17 +417,7 @@ def install(wrappers: dict[str, Callable], *, strict: bool = True, lazy: bool = 
                 TracedBeforeChangeWarning,
                 stacklevel=3,
             )
-        done = {}
-        try:
-            for target in TARGETS:
-                done[target] = wrapt.wrap_object(
-                    _owner(target), target.name, PruneFunctionWrapper, (_in_flight(wrappers[target.key]),)
-                )
-        except BaseException:
-            for target, handle in done.items():
-                wrapt.unwrap_object(_owner(target), target.name, handle)
-            raise
-        _state.handles = done
+        _state.handles = _wrap(TARGETS, wrappers)
         _state.traced = False
     # Fires at once if OpenPI's serving module is imported already.
     wrapt.register_post_import_hook(_install_serving, SERVING.module)
@@ -486,17 +476,22 @@ def _on_module(generation: int, wrappers: dict[str, Callable], strict: bool, mod
             # Python forgets the failed module; importing it again must fail the same way.
             wrapt.register_post_import_hook(functools.partial(_on_module, generation, wrappers, strict), name)
             raise _state.failure
-        done = {}
-        try:
-            for target in targets:
-                done[target] = wrapt.wrap_object(
-                    _owner(target), target.name, PruneFunctionWrapper, (_in_flight(wrappers[target.key]),)
-                )
-        except BaseException:
-            _unwrap(done)
-            raise
-        _state.handles.update(done)
+        _state.handles.update(_wrap(targets, wrappers))
         _state.waiting.discard(name)
+
+
+def _wrap(targets, wrappers: dict[str, Callable]) -> dict:
+    """Wrap every one of `targets`, or (if one fails) none of them; their handles."""
+    done = {}
+    try:
+        for target in targets:
+            done[target] = wrapt.wrap_object(
+                _owner(target), target.name, PruneFunctionWrapper, (_in_flight(wrappers[target.key]),)
+            )
+    except BaseException:
+        _unwrap(done)
+        raise
+    return done
 
 
 def _unwrap(handles: dict) -> None:

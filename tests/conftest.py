@@ -53,6 +53,14 @@ def plain_checkpoint(tmp_path_factory):
     return cfg, params, folder
 
 
+@pytest.fixture(scope="session")
+def relevance_model(pi05):
+    """The small pi0.5 with the relevance head (fresh, seed 1)."""
+    cfg, _ = pi05
+    with openpi_prune.enabled(method="relevance"):
+        return cfg, small.create(cfg, seed=1)
+
+
 @pytest.fixture(params=["pi0", "pi05"])
 def any_model(request):
     return request.getfixturevalue(request.param)

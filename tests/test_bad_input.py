@@ -383,13 +383,6 @@ def test_capacity_below_the_method(pi05):
     assert report.kept[0] == 96 and report.overflow[0] == 768 - 96
 
 
-@pytest.fixture(scope="module")
-def relevance_model(pi05):
-    cfg, _ = pi05
-    with openpi_prune.enabled(method="relevance"):
-        return cfg, small.create(cfg, seed=1)
-
-
 def test_keep_fraction_tiny(relevance_model):
     cfg, model = relevance_model
     with openpi_prune.enabled(method="relevance", keep_fraction=0.001, warn_below=0):

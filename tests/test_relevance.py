@@ -43,13 +43,6 @@ def test_distillation_is_best_when_relevance_matches_saliency(seed):
     assert np.all(np.asarray(matched) <= np.asarray(other) + 1e-5)
 
 
-@pytest.fixture(scope="module")
-def relevance_model(pi05):
-    cfg, _ = pi05
-    with openpi_prune.enabled(method="relevance"):
-        return cfg, small.create(cfg, seed=1)
-
-
 def _observation(cfg):
     return small.observation(
         cfg, batch_size=2, prompt_tokens=[12, 7], camera_masks={"right_wrist_0_rgb": [True, False]}
