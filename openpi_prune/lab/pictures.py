@@ -62,8 +62,9 @@ def _smooth(values: list[float], width: int = 10) -> np.ndarray:
 
 
 def training(histories: dict, path: pathlib.Path) -> None:
-    """Loss of the baseline, then loss and kept count of each variant over its fine-tuning steps."""
-    fig, (base, loss, kept) = plt.subplots(1, 3, figsize=(15, 4))
+    """Loss of the baseline, then loss, kept count and validation MSE of each variant over its
+    fine-tuning steps."""
+    fig, (base, loss, kept, val) = plt.subplots(1, 4, figsize=(20, 4))
     if "unpruned" in histories:
         base.plot(_smooth([h["loss"] for h in histories["unpruned"]]))
     base.set(title="baseline training loss (unpruned)", xlabel="step", yscale="log")
@@ -73,9 +74,14 @@ def training(histories: dict, path: pathlib.Path) -> None:
         loss.plot(_smooth([h.get("action_loss", h["loss"]) for h in history]), label=name)
         if "kept" in history[0]:
             kept.plot(_smooth([h["kept"] for h in history]), label=name)
+        checked = [(step + 1, h["val_mse_vs_mean"]) for step, h in enumerate(history) if "val_mse_vs_mean" in h]
+        if checked:
+            val.plot(*zip(*checked, strict=True), marker="o", label=name)
     loss.set(title="fine-tuning loss (flow matching)", xlabel="step", yscale="log")
     kept.set(title="kept image tokens (training pass, all cameras)", xlabel="step")
     kept.legend(fontsize=7)
+    val.set(title="validation MSE / predict-the-mean", xlabel="step", yscale="log")
+    val.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

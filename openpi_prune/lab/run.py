@@ -93,17 +93,24 @@ def baseline(plan: LabPlan, folder: pathlib.Path, progress: Progress, retrain: b
         return train.load(plan.spec, train.restore_params(path, plan.spec)), json.loads(history_path.read_text())
     model = train.create(plan.spec)
     val = train.validation(plan.spec, plan.validation)
-    mean_mse = train.mean_action_mse(plan.spec, val)
-
-    def check(m) -> str:
-        note = f"(validation MSE / predict-the-mean {train.evaluate(m, plan.spec, val, mean_mse).mse_ratio:.3f})"
-        console.print(f"baseline {note}")
-        return note
-
-    history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
+    history = train.train(
+        model, plan.spec, plan.baseline, progress, "baseline (unpruned)", _check(plan, val, "baseline")
+    )
     train.save_params(train.params_of(model), path)
     history_path.write_text(json.dumps(history))
     return model, history
+
+
+def _check(plan: LabPlan, val, name: str):
+    """Validation MSE every tenth of a training run, printed (a log shows the curve) and kept."""
+    mean_mse = train.mean_action_mse(plan.spec, val)
+
+    def check(model) -> dict:
+        ratio = train.evaluate(model, plan.spec, val, mean_mse).mse_ratio
+        console.print(f"{name}: validation MSE / predict-the-mean {ratio:.4f}")
+        return {"val_mse_vs_mean": ratio}
+
+    return check
 
 
 def run(
@@ -150,7 +157,7 @@ def run(
             settings = _settings(changes)
             openpi_prune.enable(settings)
             model = train.load(spec, base_params)  # fresh pruner parameters, the baseline's rest
-            histories[name] = train.train(model, spec, plan.finetune, progress, name)
+            histories[name] = train.train(model, spec, plan.finetune, progress, name, _check(plan, val, name))
             evaluation = train.evaluate(model, spec, val, mean_mse)
             reference = results.get("unpruned, fine-tuned", results["unpruned"])["val_mse"]
             row = evaluation.summary() | {"mse_vs_unpruned": evaluation.mse / reference}

@@ -6,6 +6,8 @@ The prompt's embedding table stays frozen (the prompt has a handful of fixed wor
 also keeps the optimiser off its 16M rows.
 """
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
@@ -22,6 +24,7 @@ from openpi_prune import small, telemetry
 from openpi_prune.lab import scenes
 
 SIGLIP = "mu/28"
+_RENDER_THREADS = 3  # batches rendered ahead of the step that trains on them
 VALIDATION_SEED = 1_000_000  # training batches use seeds 0, 1, ...; validation never meets them
 
 
@@ -83,7 +86,8 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
     loss, and with pruning on the pruner's kept count and query spread in the training forward pass
     (and, for a method with its own loss, `distill_loss` and the flow-matching `action_loss`).
-    `check(model) -> str`, if given, runs every tenth of the steps and its text joins the progress line."""
+    `check(model) -> dict` of figures, if given, runs every tenth of the steps; they join that step's
+    metrics and the progress line."""
     graphdef, params, rest = nnx.split(model, _TRAINABLE, ...)
     lr = optax.warmup_cosine_decay_schedule(
         0.0, schedule.lr, min(schedule.warmup, schedule.steps // 2), max(schedule.steps, 2), schedule.lr * 0.1
@@ -121,17 +125,29 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     history = []
     task = progress.add_task(description, total=schedule.steps) if progress is not None else None
     single = int(schedule.single_object * schedule.steps)
-    note = ""
-    for step in range(schedule.steps):
+
+    def batch_of(step):
         batch = scenes.render(schedule.seed + step, schedule.batch_size, spec, objects=1 if step < single else None)
-        params, opt_state, info = step_fn(step, params, opt_state, batch.observation(), jnp.asarray(batch.actions))
-        history.append({k: float(v) for k, v in jax.device_get(info).items()})
-        if check is not None and (step + 1) % max(schedule.steps // 10, 1) == 0:
-            nnx.update(model, params)
-            note = check(model)
-            history[-1]["check"] = note
-        if progress is not None:
-            progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
+        return batch.observation(), jnp.asarray(batch.actions)
+
+    note = ""
+    # The next batches are rendered while the device trains on this one (on a GPU, rendering on
+    # the host would otherwise take most of a step).
+    with concurrent.futures.ThreadPoolExecutor(_RENDER_THREADS) as pool:
+        ahead = collections.deque(pool.submit(batch_of, s) for s in range(min(_RENDER_THREADS, schedule.steps)))
+        for step in range(schedule.steps):
+            observation, actions = ahead.popleft().result()
+            if step + _RENDER_THREADS < schedule.steps:
+                ahead.append(pool.submit(batch_of, step + _RENDER_THREADS))
+            params, opt_state, info = step_fn(step, params, opt_state, observation, actions)
+            history.append({k: float(v) for k, v in jax.device_get(info).items()})
+            if check is not None and (step + 1) % max(schedule.steps // 10, 1) == 0:
+                nnx.update(model, params)
+                figures = check(model)
+                history[-1] |= figures
+                note = " ".join(f"{k} {v:.4f}" for k, v in figures.items())
+            if progress is not None:
+                progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
     nnx.update(model, params)
     return history
 
