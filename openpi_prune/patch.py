@@ -576,14 +576,14 @@ def wrap_init(wrapped, instance, args, kwargs):
 def wrap_embed_prefix(wrapped, instance, args, kwargs):
     from openpi_prune import prefix
 
-    result = wrapped(*args, **kwargs)
+    observation = prefix.observation_for_prefix(_bind(wrapped, args, kwargs)["obs"])
+    result = wrapped(observation)
     if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
         _drifted(
             _target("Pi0.embed_prefix"), f"returned {_describe(result)} (expected tokens [b,s,d], input_mask, ar_mask)"
         )
         return result
     tokens, input_mask, ar_mask = result
-    observation = _bind(wrapped, args, kwargs)["obs"]
     note_call(tokens)
     return prefix.prune(instance, observation, tokens, input_mask, ar_mask)
 
@@ -658,11 +658,15 @@ def wrap_llm_call(wrapped, instance, args, kwargs):
 
 
 def wrap_policy_infer(wrapped, instance, args, kwargs):
-    """`Policy.infer`: the response carries this call's pruning figures under "pruning"."""
+    """`Policy.infer`: its compiled `sample_actions` gets the prompt cut to a bucket, and the response
+    carries this call's pruning figures under "pruning"."""
     import jax
 
     from openpi_prune import prefix, telemetry
 
+    sample = vars(instance).get("_sample_actions")
+    if sample is not None and not isinstance(sample, _PromptBucketing):
+        instance._sample_actions = _PromptBucketing(sample)
     before = telemetry.RECORDER.count
     outputs = wrapped(*args, **kwargs)
     if not isinstance(outputs, dict):
@@ -673,6 +677,25 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
     if figures is not None:
         outputs["pruning"] = figures
     return outputs
+
+
+class _PromptBucketing:
+    """A `Policy`'s compiled `sample_actions`, handed the observation with its prompt cut to a
+    bucket (compact mode, while pruning is installed): a shorter prefix, one compile per bucket."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __call__(self, rng, observation, **kwargs):
+        import jax
+
+        from openpi_prune import prefix
+
+        settings = prefix.active_settings()
+        prompt = getattr(observation, "tokenized_prompt", None)
+        if is_installed() and settings.mode == "compact" and isinstance(prompt, jax.Array):
+            observation = prefix.bucket_prompt(observation, settings.prompt_buckets)
+        return self.sample(rng, observation, **kwargs)
 
 
 def wrap_config_load(wrapped, instance, args, kwargs):

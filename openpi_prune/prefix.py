@@ -13,6 +13,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from openpi_prune import lightvla, plugins, relevance, telemetry
@@ -219,6 +220,47 @@ def split_prefix(observation, tokens) -> tuple[int, int]:
             "per camera followed by the prompt."
         )
     return image_len // cameras, cameras
+
+
+def observation_for_prefix(observation):
+    """`observation` less the cameras `drop_cameras` names, for `embed_prefix` to embed."""
+    drop = active_settings().drop_cameras
+    if not drop:
+        return observation
+    present = list(observation.images)
+    missing = [c for c in drop if c not in present]
+    kept = [c for c in present if c not in drop]
+    if missing or not kept:
+        problem = f"names {', '.join(missing)}, which it does not have" if missing else "drops every one of them"
+        raise PruneInputError(
+            f"drop_cameras={drop!r}: the observation has the cameras {', '.join(present)}, and the setting "
+            f"{problem}. Name only cameras of this config that it never uses."
+        )
+    return dataclasses.replace(
+        observation,
+        images={c: observation.images[c] for c in kept},
+        image_masks={c: m for c, m in observation.image_masks.items() if c in kept},
+    )
+
+
+_PROMPT_FIELDS = ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask")
+
+
+def bucket_prompt(observation, buckets: tuple[int, ...]):
+    """`observation` with the prompt's trailing padding cut to the smallest of `buckets` that holds
+    every live token (of any sample), or as it is. On concrete arrays, before a jitted call, so
+    that each bucket compiles once; padding is masked out of attention, so the actions are upstream's."""
+    mask = observation.tokenized_prompt_mask
+    if not buckets or mask is None:
+        return observation
+    width = mask.shape[1]
+    live = np.asarray(mask).any(axis=0)
+    needed = int(np.flatnonzero(live)[-1]) + 1 if live.any() else 0
+    length = next((b for b in buckets if needed <= b < width), width)
+    if length == width:
+        return observation
+    cut = {f: getattr(observation, f)[:, :length] for f in _PROMPT_FIELDS if getattr(observation, f, None) is not None}
+    return dataclasses.replace(observation, **cut)
 
 
 def prune(model, observation, tokens, input_mask, ar_mask):

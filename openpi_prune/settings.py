@@ -1,7 +1,8 @@
 """Pruning settings: one frozen dataclass, from code or from the `OPENPI_PRUNE` variable.
 
 `OPENPI_PRUNE` is `1` for the defaults, or comma-separated `key=value` pairs naming fields of
-`PruneSettings`, e.g. `OPENPI_PRUNE="method=language_only,mode=masked,capacity=96"`.
+`PruneSettings`, e.g. `OPENPI_PRUNE="method=language_only,mode=masked,capacity=96"`; a setting with
+several values joins them by `+`: `drop_cameras=right_wrist_0_rgb`, `prompt_buckets=32+64` (`none`: empty).
 This module imports nothing heavy: the start-up hook parses the variable with it.
 """
 
@@ -34,6 +35,12 @@ class PruneSettings:
     # Image-token slots of the compact prefix, for all cameras together; None: what the method can
     # keep (relevance: keep_fraction of them, keep_all: all), else 64 per camera.
     capacity: int | None = None
+    # Cameras a config never uses (e.g. LIBERO's always-masked right wrist), left out before SigLIP
+    # runs: their encoder pass and prefix slots are saved. A live camera dropped changes the actions.
+    drop_cameras: tuple[str, ...] = ()
+    # In compact mode, a served call (OpenPI's `Policy`) cuts the prompt's trailing padding to the
+    # smallest of these lengths that holds its tokens (one compile per length); () keeps it whole.
+    prompt_buckets: tuple[int, ...] = (32, 64, 128)
     # Give PaliGemma every kept token at the position it had unpruned (OpenPI numbers tokens by
     # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
     keep_positions: bool = True
@@ -68,6 +75,19 @@ class PruneSettings:
             or not (0 < self.keep_fraction <= 1)
         ):
             raise SettingsError(f"keep_fraction must be a number in (0, 1]; got {self.keep_fraction!r}")
+        if not isinstance(self.drop_cameras, tuple) or not all(isinstance(c, str) and c for c in self.drop_cameras):
+            raise SettingsError(
+                f"drop_cameras must be a tuple of camera names, e.g. ('right_wrist_0_rgb',); got {self.drop_cameras!r}"
+            )
+        buckets = self.prompt_buckets
+        if (
+            not isinstance(buckets, tuple)
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets)
+            or list(buckets) != sorted(set(buckets))
+        ):
+            raise SettingsError(
+                f"prompt_buckets must be increasing positive prompt lengths, e.g. (32, 64, 128), or (); got {buckets!r}"
+            )
         if not isinstance(self.noise_scale, int | float) or self.noise_scale < 0:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:
@@ -85,12 +105,21 @@ def _known() -> str:
 
 
 _TRUE = ("1", "true", "on", "yes")
+_LISTS = ("drop_cameras", "prompt_buckets")
 _FALSE = ("0", "false", "off", "no")
 
 
 def _convert(name: str, text: str):
     field = {f.name: f for f in dataclasses.fields(PruneSettings)}[name]
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if name in _LISTS:  # several values joined by "+" (the variable already separates settings by ",")
+        parts = [part.strip() for part in text.split("+") if part.strip()] if text.lower() not in ("", "none") else []
+        if name == "drop_cameras":
+            return tuple(parts)
+        try:
+            return tuple(int(part) for part in parts)
+        except ValueError:
+            raise SettingsError(f"{name} must be integers joined by '+', e.g. 32+64+128; got {text!r}") from None
     if name == "capacity":
         if text.lower() in ("", "auto", "none"):
             return None

@@ -152,6 +152,16 @@ def test_setting_negative_numbers():
         PruneSettings(warn_below=-1)
 
 
+def test_setting_bad_lists():
+    for buckets in ((64, 32), (0,), (16, 16)):
+        with pytest.raises(SettingsError, match=r"prompt_buckets must be increasing .*\(32, 64, 128\)"):
+            PruneSettings(prompt_buckets=buckets)
+    with pytest.raises(SettingsError, match=r"drop_cameras must be a tuple .*\('right_wrist_0_rgb',\)"):
+        PruneSettings(drop_cameras="right_wrist_0_rgb")
+    with pytest.raises(SettingsError, match=r"joined by '\+', e.g. 32\+64\+128; got 'short'"):
+        parse("prompt_buckets=short")
+
+
 def test_setting_unknown_name():
     before = _openpi_attributes()
     with pytest.raises(SettingsError, match="unknown setting.s. capcity; known: method"):
@@ -332,6 +342,17 @@ def test_obs_missing_camera(pi05):
     )
     with openpi_prune.enabled(method="language_only"), pytest.raises(ValueError, match="images dict missing keys"):
         _sample(model, fewer)
+
+
+def test_obs_dropped_camera_absent(pi05):
+    cfg, model = pi05
+    obs = small.observation(cfg, batch_size=1)
+    with openpi_prune.enabled(drop_cameras=("cam_high",)):
+        with pytest.raises(PruneInputError, match="cameras base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb.*cam_high"):
+            _sample(model, obs)
+    with openpi_prune.enabled(drop_cameras=CAMERAS):
+        with pytest.raises(PruneInputError, match="drops every one of them"):
+            _sample(model, obs)
 
 
 def test_obs_batch_mismatch(pi05):
