@@ -20,7 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import methods, patch, small, telemetry
+from openpi_prune import flops, methods, patch, small, telemetry
 
 console = Console(width=max(Console().width, 110))
 
@@ -238,35 +238,321 @@ def show(rows: list[Row], title: str) -> None:
     console.print(table)
 
 
+# --- At the size users run: OpenPI's pi05_libero model, LIBERO-shaped input --------------------
+
+LIBERO_MASKED_CAMERA = "right_wrist_0_rgb"  # OpenPI's LIBERO inputs mask it for pi0.5
+SIZE_VARIANTS = (
+    ("upstream OpenPI", None),
+    ("relevance (defaults)", dict(method="relevance")),
+    ("relevance, telemetry off", dict(method="relevance", telemetry=False)),
+    (
+        "relevance, LIBERO's unused camera dropped, telemetry off",
+        dict(method="relevance", telemetry=False, drop_cameras=(LIBERO_MASKED_CAMERA,)),
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeRow:
+    name: str
+    batch: int
+    prefix: int  # positions PaliGemma runs over
+    live: float  # of them, positions any token attends to (batch mean)
+    kept: float  # image tokens kept (batch mean)
+    flops: flops.Parts
+    pruner_flops: float  # XLA's count (no scanned layers inside)
+    min_ms: float
+    median_ms: float
+    temp_bytes: float | None
+    prefix_ms: float | None  # embed_prefix (SigLIP and the pruner) and PaliGemma over the prefix
+    pruner_ms: float | None
+
+
+def libero_config(paligemma: str, action_expert: str, dtype: str):
+    """OpenPI's `pi05_libero` model with the given experts (OpenPI's own: gemma_2b, gemma_300m)."""
+    from openpi.models import pi0_config
+
+    return pi0_config.Pi0Config(
+        pi05=True,
+        action_horizon=10,
+        discrete_state_input=False,
+        paligemma_variant=paligemma,
+        action_expert_variant=action_expert,
+        dtype=dtype,
+    )
+
+
+def model_at_size(model_config, siglip: str | None, dtype: str):
+    """A real `Pi0` of `model_config` with the relevance head, its parameters drawn directly in
+    `dtype` (as OpenPI serves a checkpoint: every parameter cast to it), without ever holding a
+    float32 copy: a full pi0.5 is 3.4B parameters. Random weights: the timings do not depend on them."""
+    import jax.numpy as jnp
+    import ml_dtypes
+    from flax import traverse_util
+
+    with openpi_prune.enabled(method="relevance"), small.siglip_variant(siglip):
+        abstract = nnx.eval_shape(model_config.create, jax.random.key(0))
+    graphdef, state = nnx.split(abstract)
+    flat = traverse_util.flatten_dict(state.to_pure_dict())
+    target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    # One pool of normal values, each leaf a scaled window onto it: fast, and every leaf finite.
+    pool = np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32)
+    params = {}
+    for index, (path, leaf) in enumerate(flat.items()):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            params[path] = jnp.zeros(leaf.shape, leaf.dtype)
+            continue
+        scale = 1 / np.sqrt(leaf.shape[-2]) if len(leaf.shape) >= 2 else 0.1
+        window = (pool * scale).astype(target)
+        offset = (index * 7919) % (1 << 21)
+        params[path] = jnp.asarray(np.resize(window[offset:], leaf.shape))
+    state.replace_by_pure_dict(traverse_util.unflatten_dict(params))
+    return nnx.merge(graphdef, state)
+
+
+def libero_observation(model_config, batch_size: int, prompt_tokens: int):
+    """Two live cameras and the masked right wrist, a `prompt_tokens`-token prompt padded to 200."""
+    return small.observation(
+        model_config,
+        batch_size=batch_size,
+        prompt_tokens=prompt_tokens,
+        camera_masks={LIBERO_MASKED_CAMERA: [False] * batch_size},
+    )
+
+
+def _timed(fn, args, repeats: int) -> list[float]:
+    jax.block_until_ready(fn(*args))  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _prefix_parts(model, observation):
+    """Compiled functions of the model's state and the observation: the prefix pass as
+    `sample_actions` runs it (returning the pruner's telemetry values), and the pruner alone."""
+    import jax.numpy as jnp
+    from openpi.models import model as _model
+    from openpi.models import pi0
+
+    from openpi_prune import prefix
+
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(observation)
+    b = observation.state.shape[0]
+    noise = jnp.zeros((b, model.action_horizon, model.action_dim))
+
+    def prefix_pass(state, leaves):
+        m = nnx.merge(graphdef, state)
+        obs = _model.preprocess_observation(None, tree.unflatten(leaves), train=False)
+        with telemetry.collect() as reports, openpi_prune.noisy_actions(noise, jnp.ones(b)):
+            tokens, mask, ar_mask = m.embed_prefix(obs)
+            positions = jnp.cumsum(mask, axis=1) - 1
+            _, kv_cache = m.PaliGemma.llm([tokens, None], mask=pi0.make_attn_mask(mask, ar_mask), positions=positions)
+        return kv_cache, (reports[0] if reports else {}), jnp.sum(mask, axis=1)
+
+    # The pruner's input: upstream's prefix of the cameras the settings embed.
+    obs = prefix.observation_for_prefix(_model.preprocess_observation(None, observation, train=False))
+    with openpi_prune.disabled():
+        unpruned = jax.jit(lambda state, obs: nnx.merge(graphdef, state).embed_prefix(obs))(state, obs)
+
+    def pruner(state, tokens, mask):
+        return prefix.prune(nnx.merge(graphdef, state), obs, tokens, mask, unpruned[2])
+
+    return (
+        jax.jit(prefix_pass).lower(state, leaves).compile(),
+        (state, leaves),
+        jax.jit(pruner).lower(state, unpruned[0], unpruned[1]).compile(),
+        (state, unpruned[0], unpruned[1]),
+    )
+
+
+def run_at_size(
+    *,
+    paligemma: str,
+    action_expert: str,
+    siglip: str | None,
+    dtype: str,
+    batch_sizes,
+    num_steps: int,
+    repeats: int,
+    prompt_tokens: int,
+) -> list[SizeRow]:
+    from openpi_prune import prefix
+
+    model_config = libero_config(paligemma, action_expert, dtype)
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("building the model", total=None)
+        model = model_at_size(model_config, siglip, dtype)
+        progress.update(task, total=len(batch_sizes) * len(SIZE_VARIANTS), completed=0)
+        for batch in batch_sizes:
+            observation = libero_observation(model_config, batch, prompt_tokens)
+            for name, settings in SIZE_VARIANTS:
+                progress.update(task, description=f"batch {batch}: {name}")
+                telemetry.clear()
+                context = (
+                    openpi_prune.disabled() if settings is None else openpi_prune.enabled(warn_below=0, **settings)
+                )
+                with context:
+                    obs = (
+                        observation
+                        if settings is None
+                        else prefix.bucket_prompt(observation, prefix.active_settings().prompt_buckets)
+                    )
+                    leaves, tree = jax.tree.flatten(obs)
+                    graphdef, state = nnx.split(model)
+
+                    def sample(state, leaves, graphdef=graphdef, tree=tree):
+                        return nnx.merge(graphdef, state).sample_actions(
+                            jax.random.key(0), tree.unflatten(leaves), num_steps=num_steps
+                        )
+
+                    compiled = jax.jit(sample).lower(state, leaves).compile()
+                    times = _timed(compiled, (state, leaves), repeats)
+                    temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
+                    del compiled
+                    if settings is None:
+                        prefix_len = len(obs.images) * 256 + obs.tokenized_prompt.shape[1]
+                        live = float(np.mean(np.sum(obs.tokenized_prompt_mask, axis=1))) + 2 * 256
+                        kept, cameras, pruner_flops, prefix_ms, pruner_ms = 2 * 256.0, len(obs.images), 0.0, None, None
+                    else:
+                        prefix_pass, pass_args, pruner, pruner_args = _prefix_parts(model, obs)
+                        _, values, live_positions = prefix_pass(*pass_args)
+                        prefix_ms = min(_timed(prefix_pass, pass_args, repeats))
+                        pruner_ms = min(_timed(pruner, pruner_args, max(repeats, 5)))
+                        cost = pruner.cost_analysis()
+                        pruner_flops = float(((cost[0] if isinstance(cost, list) else cost) or {}).get("flops", 0.0))
+                        prefix_len = int(values["prefix_length"][0])
+                        live, kept = float(np.mean(live_positions)), float(np.mean(values["kept"]))
+                        cameras = len(prefix.observation_for_prefix(obs).images)
+                        del prefix_pass, pruner
+                    parts = flops.sample_actions(
+                        model_config,
+                        batch=batch,
+                        cameras=cameras,
+                        prefix=prefix_len,
+                        num_steps=num_steps,
+                        siglip_variant=siglip or "So400m/14",
+                    )
+                    progress.console.print(
+                        f"batch {batch}, {name}: prefix {prefix_len}, median {statistics.median(times):.0f} ms"
+                        + (f", prefix pass {prefix_ms:.0f} ms, pruner {pruner_ms:.1f} ms" if prefix_ms else "")
+                    )
+                    rows.append(
+                        SizeRow(
+                            name,
+                            batch,
+                            prefix_len,
+                            live,
+                            kept,
+                            parts,
+                            pruner_flops,
+                            min(times),
+                            statistics.median(times),
+                            temp,
+                            prefix_ms,
+                            pruner_ms,
+                        )
+                    )
+                progress.advance(task)
+    return rows
+
+
+def show_at_size(rows: list[SizeRow], title: str) -> None:
+    table = Table(
+        "batch",
+        "variant",
+        "prefix (live)",
+        "kept",
+        "TFLOP SigLIP / prefix LLM / denoise",
+        "TFLOP total",
+        "x upstream",
+        "ms min / median",
+        "speed-up",
+        "temp GiB",
+        "pruner, % of prefix time",
+        title=title,
+    )
+    base = {}
+    for row in rows:
+        reference = base.setdefault(row.batch, row)
+        parts = " / ".join(f"{v / 1e12:.2f}" for v in (row.flops.siglip, row.flops.prefix_llm, row.flops.denoise))
+        share = f"{row.pruner_ms / row.prefix_ms:.1%} ({row.pruner_ms:.1f} ms)" if row.prefix_ms else "-"
+        table.add_row(
+            str(row.batch),
+            row.name,
+            f"{row.prefix} ({row.live:.0f})",
+            f"{row.kept:.0f}",
+            parts,
+            f"{(row.flops.total + row.pruner_flops) / 1e12:.2f}",
+            f"{(row.flops.total + row.pruner_flops) / reference.flops.total:.2f}",
+            f"{row.min_ms:.0f} / {row.median_ms:.0f}",
+            f"{reference.median_ms / row.median_ms:.2f}x",
+            f"{row.temp_bytes / 2**30:.2f}" if row.temp_bytes else "-",
+            share,
+        )
+    Console(width=max(console.width, 200)).print(table)
+
+
 def main(args) -> int:
-    siglip = None if args.siglip == "So400m/14" else args.siglip
     # Each variant is compiled anew on purpose; being told so after every switch is noise here.
     warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
-    rows = run(
-        siglip=siglip,
-        paligemma=args.paligemma,
-        batch_size=args.batch_size,
-        num_steps=args.num_steps,
-        repeats=args.repeats,
-        capacities=args.capacity,
-    )
     machine = (
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
     )
+    if not args.small:
+        paligemma, expert = args.paligemma or "gemma_2b", args.action_expert or "gemma_300m"
+        siglip = args.siglip or "So400m/14"
+        rows = run_at_size(
+            paligemma=paligemma,
+            action_expert=expert,
+            siglip=None if siglip == "So400m/14" else siglip,
+            dtype=args.dtype,
+            batch_sizes=args.batch_size,
+            num_steps=args.num_steps,
+            repeats=args.repeats or 3,
+            prompt_tokens=args.prompt_tokens,
+        )
+        show_at_size(
+            rows,
+            f"pi0.5 sample_actions, OpenPI's pi05_libero model ({paligemma} + {expert}, SigLIP {siglip}, "
+            f"{args.dtype}), LIBERO-shaped input (2 live cameras, right wrist masked, {args.prompt_tokens} of "
+            f"200 prompt tokens live), {args.num_steps} steps, {args.repeats or 3} timed calls, on {machine}",
+        )
+        for batch in args.batch_size:
+            same = {r.name: r.median_ms for r in rows if r.batch == batch}
+            on, off = same["relevance (defaults)"], same["relevance, telemetry off"]
+            console.print(f"batch {batch}: telemetry costs {on - off:.0f} ms a call ({(on - off) / on:.1%} of it)")
+        return 0
+    paligemma, siglip_name = args.paligemma or "dummy", args.siglip or "mu/14"
+    siglip = None if siglip_name == "So400m/14" else siglip_name
+    batch_size = args.batch_size[0]
+    repeats = args.repeats or 10
+    rows = run(
+        siglip=siglip,
+        paligemma=paligemma,
+        batch_size=batch_size,
+        num_steps=args.num_steps,
+        repeats=repeats,
+        capacities=args.capacity,
+    )
     show(
         rows,
-        f"pi0.5 sample_actions ({args.paligemma} Gemma, SigLIP {args.siglip}, batch {args.batch_size}, "
-        f"{args.num_steps} steps, median of {args.repeats}) on {machine}",
+        f"pi0.5 sample_actions ({paligemma} Gemma, SigLIP {siglip_name}, batch {batch_size}, "
+        f"{args.num_steps} steps, median of {repeats}) on {machine}",
     )
     if args.serving:
-        times = serving_times(siglip=siglip, paligemma=args.paligemma, num_steps=args.num_steps, repeats=args.repeats)
+        times = serving_times(siglip=siglip, paligemma=paligemma, num_steps=args.num_steps, repeats=repeats)
         table = Table(
             "variant",
             "Policy.infer ms",
             "x upstream",
             title=(
-                f"OpenPI Policy.infer, one observation ({args.paligemma} Gemma, SigLIP {args.siglip}, "
-                f"{args.num_steps} steps, median of {args.repeats}) on {machine}"
+                f"OpenPI Policy.infer, one observation ({paligemma} Gemma, SigLIP {siglip_name}, "
+                f"{args.num_steps} steps, median of {repeats}) on {machine}"
             ),
         )
         for name, ms in times:
@@ -275,12 +561,10 @@ def main(args) -> int:
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
     if args.train:
-        times = train_step_times(
-            siglip=siglip, paligemma=args.paligemma, batch_size=max(args.batch_size, 4), repeats=args.repeats
-        )
+        times = train_step_times(siglip=siglip, paligemma=paligemma, batch_size=max(batch_size, 4), repeats=repeats)
         show_train(
             times,
-            f"pi0.5 training step, loss and gradient ({args.paligemma} Gemma, SigLIP {args.siglip}, batch "
-            f"{max(args.batch_size, 4)}, image augmentation on, median of {args.repeats}) on {machine}",
+            f"pi0.5 training step, loss and gradient ({paligemma} Gemma, SigLIP {siglip_name}, batch "
+            f"{max(batch_size, 4)}, image augmentation on, median of {repeats}) on {machine}",
         )
     return 0

@@ -73,21 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("demo", help="prune a real (small) pi0.5 and show what was kept")
     run.add_argument("--out", default="openpi-prune-demo", help="folder for the pictures (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0)
-    bench = sub.add_parser("bench", help="time pruned variants against upstream OpenPI in one run")
-    bench.add_argument(
-        "--siglip", default="mu/14", help="SigLIP variant (So400m/14 is OpenPI's own; default %(default)s)"
+    bench = sub.add_parser(
+        "bench",
+        help="time pruned pi0.5 against upstream OpenPI in one run: at full size (default) or --small",
     )
-    bench.add_argument("--paligemma", default="dummy", help="Gemma variant of PaliGemma (default %(default)s)")
-    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument(
+        "--small",
+        action="store_true",
+        help="the small pi0.5 (dummy Gemma, SigLIP mu/14) with every method; --serving and --train need it",
+    )
+    bench.add_argument("--paligemma", help="PaliGemma's Gemma variant (default gemma_2b; --small: dummy)")
+    bench.add_argument("--action-expert", help="the action expert's Gemma variant (default gemma_300m)")
+    bench.add_argument("--siglip", help="SigLIP variant (default OpenPI's own So400m/14; --small: mu/14)")
+    bench.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default %(default)s)")
+    bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    bench.add_argument("--prompt-tokens", type=int, default=24, help="live prompt tokens of 200 (default 24)")
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
-    bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="compact capacities to time")
-    bench.add_argument(
-        "--train", action="store_true", help="also time a training step (loss and gradient) of each method"
-    )
-    bench.add_argument(
-        "--serving", action="store_true", help="also time OpenPI's Policy.infer with telemetry off and on"
-    )
+    bench.add_argument("--repeats", type=int, help="timed calls per variant (default 3; --small: 10)")
+    bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="--small: compact capacities")
+    bench.add_argument("--train", action="store_true", help="--small: also time a training step of each method")
+    bench.add_argument("--serving", action="store_true", help="--small: also time Policy.infer, telemetry off and on")
     lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
     lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")
     lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")

@@ -25,6 +25,46 @@ def _live_mean(x, mask):
     return jnp.sum(x * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
 
 
+def _order_key(x: Float[Array, "..."]) -> Int[Array, "..."]:
+    """float32 -> int32, in the same order (negative floats have their magnitude bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _from_order_key(key: Int[Array, "..."]) -> Float[Array, "..."]:
+    return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
+
+
+def live_median(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "b 1 d"]:
+    """Per sample and dimension, the median of the live tokens (0 where none is live); the same
+    values as `jnp.nanmedian` over the masked tokens, for finite `x`.
+
+    A bisection on the float's bits, 32 counting passes, instead of a sort: on a full pi0.5 prefix
+    (512 x 2048 image tokens) a CPU sorts for 130 ms, and counts for 18.
+    """
+    key = _order_key(x)
+    live = mask[..., None]
+    count = jnp.sum(mask, axis=1)
+    # The two middle ranks (the same one for an odd count), 1-based; a row with nothing live asks for 1.
+    need = jnp.stack([jnp.maximum((count + 1) // 2, 1), jnp.maximum(count // 2 + 1, 1)])[..., None, None]
+    top = jnp.max(jnp.where(live, key, jnp.iinfo(jnp.int32).min), axis=1, keepdims=True)
+    bottom = jnp.min(jnp.where(live, key, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    # Invariant: fewer than `need` live keys are <= lo, at least `need` are <= hi.
+    lo = jnp.broadcast_to(jnp.minimum(bottom, top) - 1, need.shape[:1] + top.shape)
+    hi = jnp.broadcast_to(top, lo.shape)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor of the mean, without overflow
+        enough = jnp.sum(live & (key <= mid), axis=-2, keepdims=True) >= need
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    middle = _from_order_key(hi)
+    median = (middle[0] + middle[1]) / 2
+    return jnp.where(count[:, None, None] > 0, median, 0.0)
+
+
 def centre(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "b k d"]:
     """Remove each sample's mean over its live tokens: the direction every token shares.
 
@@ -46,11 +86,8 @@ def robust_standardise(x: Float[Array, "b k d"], mask: Bool[Array, "b k"], clip:
     """
     x = x.astype(jnp.float32)
     live = mask[..., None]
-    masked = jnp.where(live, x, jnp.nan)
-    median = jnp.nanmedian(masked, axis=1, keepdims=True)
-    mad = jnp.nanmedian(jnp.abs(masked - median), axis=1, keepdims=True)
-    # Samples with no live token give NaN statistics; a constant dimension gives a zero MAD.
-    median, mad = jnp.nan_to_num(median), jnp.nan_to_num(mad)
+    median = live_median(x, mask)  # 0 for a sample with no live token
+    mad = live_median(jnp.abs(x - median), mask)  # 0 for a constant dimension
     floor = 1e-3 * jnp.median(mad, axis=-1, keepdims=True) + _EPS
     z = (x - median) / jnp.maximum(1.4826 * mad, floor)
     return jnp.where(live, jnp.clip(z, -clip, clip), 0.0)

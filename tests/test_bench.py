@@ -27,3 +27,29 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
     times = dict(bench.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2))
     assert list(times) == [name for name, _ in bench.SERVING_VARIANTS]
     assert all(ms > 0 for ms in times.values())
+
+
+def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding():
+    rows = bench.run_at_size(
+        paligemma="dummy",
+        action_expert="dummy",
+        siglip="mu/14",
+        dtype="bfloat16",
+        batch_sizes=[2],
+        num_steps=2,
+        repeats=1,
+        prompt_tokens=24,
+    )
+    by_name = {r.name: r for r in rows}
+    assert list(by_name) == [name for name, _ in bench.SIZE_VARIANTS]
+    upstream = by_name["upstream OpenPI"]
+    assert (upstream.prefix, upstream.live) == (3 * 256 + 200, 2 * 256 + 24)
+    default = by_name["relevance (defaults)"]
+    # 20 % of the 768 slots of three cameras, then the prompt cut to its 32-token bucket.
+    assert (default.prefix, default.kept) == (154 + 32, 103)
+    dropped = by_name["relevance, LIBERO's unused camera dropped, telemetry off"]
+    assert (dropped.prefix, dropped.kept) == (103 + 32, 103)
+    assert dropped.flops.siglip == pytest.approx(upstream.flops.siglip * 2 / 3)
+    assert dropped.flops.prefix_llm < 0.2 * upstream.flops.prefix_llm
+    assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
+    assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")

@@ -42,6 +42,31 @@ def test_compact_slots_hold_kept_patches_in_their_order_within_capacity(case):
             assert priority[b][dropped].max() <= priority[b][chosen].min()
 
 
+@st.composite
+def token_sets(draw):
+    b, k, d = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 4))
+    finite = st.floats(
+        -(2.0**100), 2.0**100, allow_nan=False, allow_subnormal=False, width=32
+    )  # XLA flushes subnormals
+    values = draw(
+        st.lists(st.one_of(finite, st.sampled_from([0.0, -0.0, 1.0, -1.0])), min_size=b * k * d, max_size=b * k * d)
+    )
+    mask = draw(st.lists(st.booleans(), min_size=b * k, max_size=b * k))
+    return np.asarray(values, np.float32).reshape(b, k, d), np.asarray(mask).reshape(b, k)
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=token_sets())
+def test_live_median_is_numpy_s_median_of_the_live_tokens(case):
+    x, mask = case
+    got = np.asarray(lightvla.live_median(jnp.asarray(x), jnp.asarray(mask)))
+    for b in range(x.shape[0]):
+        live = x[b][mask[b]]
+        want = np.median(live, axis=0).astype(np.float32) if len(live) else np.zeros(x.shape[-1], np.float32)
+        want[np.abs(want) < np.finfo(np.float32).tiny] = 0.0  # XLA flushes a subnormal mean to zero
+        np.testing.assert_array_equal(got[b, 0], want)
+
+
 @settings(max_examples=400, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), live=st.lists(st.booleans(), min_size=N, max_size=N), t=st.integers(1, 6))
 def test_both_rules_keep_only_live_patches_and_are_deterministic(seed, live, t):
