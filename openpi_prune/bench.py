@@ -7,6 +7,8 @@ and temporary memory.
 """
 
 import dataclasses
+import json
+import pathlib
 import platform
 import statistics
 import time
@@ -461,40 +463,61 @@ def run_at_size(
     return rows
 
 
-def show_at_size(rows: list[SizeRow], title: str) -> None:
-    table = Table(
-        "batch",
-        "variant",
-        "prefix (live)",
-        "kept",
-        "TFLOP SigLIP / prefix LLM / denoise",
-        "TFLOP total",
-        "x upstream",
-        "ms min / median",
-        "speed-up",
-        "temp GiB",
-        "pruner, % of prefix time",
-        title=title,
-    )
-    base = {}
+SIZE_COLUMNS = (
+    "batch",
+    "variant",
+    "prefix (live)",
+    "kept",
+    "TFLOP SigLIP / prefix LLM / denoise",
+    "TFLOP total",
+    "x upstream",
+    "ms min / median",
+    "speed-up",
+    "temp GiB",
+    "pruner, % of prefix time",
+)
+
+
+def _size_cells(rows: list[SizeRow]) -> list[list[str]]:
+    base, cells = {}, []
     for row in rows:
         reference = base.setdefault(row.batch, row)
         parts = " / ".join(f"{v / 1e12:.2f}" for v in (row.flops.siglip, row.flops.prefix_llm, row.flops.denoise))
         share = f"{row.pruner_ms / row.prefix_ms:.1%} ({row.pruner_ms:.1f} ms)" if row.prefix_ms else "-"
-        table.add_row(
-            str(row.batch),
-            row.name,
-            f"{row.prefix} ({row.live:.0f})",
-            f"{row.kept:.0f}",
-            parts,
-            f"{(row.flops.total + row.pruner_flops) / 1e12:.2f}",
-            f"{(row.flops.total + row.pruner_flops) / reference.flops.total:.2f}",
-            f"{row.min_ms:.0f} / {row.median_ms:.0f}",
-            f"{reference.median_ms / row.median_ms:.2f}x",
-            f"{row.temp_bytes / 2**30:.2f}" if row.temp_bytes else "-",
-            share,
+        total = row.flops.total + row.pruner_flops
+        cells.append(
+            [
+                str(row.batch),
+                row.name,
+                f"{row.prefix} ({row.live:.0f})",
+                f"{row.kept:.0f}",
+                parts,
+                f"{total / 1e12:.2f}",
+                f"{total / reference.flops.total:.2f}",
+                f"{row.min_ms:.0f} / {row.median_ms:.0f}",
+                f"{reference.median_ms / row.median_ms:.2f}x",
+                f"{row.temp_bytes / 2**30:.2f}" if row.temp_bytes else "-",
+                share,
+            ]
         )
+    return cells
+
+
+def show_at_size(rows: list[SizeRow], title: str, out: str | None = None) -> None:
+    table = Table(*SIZE_COLUMNS, title=title)
+    cells = _size_cells(rows)
+    for line in cells:
+        table.add_row(*line)
     Console(width=max(console.width, 200)).print(table)
+    if out:
+        folder = pathlib.Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [f"| {' | '.join(SIZE_COLUMNS)} |", "|" + "---|" * len(SIZE_COLUMNS)]
+        lines += [f"| {' | '.join(line)} |" for line in cells]
+        (folder / "bench.md").write_text(f"{title}\n\n" + "\n".join(lines) + "\n")
+        records = [dataclasses.asdict(r) | {"flops": dataclasses.asdict(r.flops)} for r in rows]
+        (folder / "bench.json").write_text(json.dumps({"title": title, "rows": records}, indent=1))
+        console.print(f"wrote {folder}/bench.md and bench.json")
 
 
 def main(args) -> int:
@@ -521,6 +544,7 @@ def main(args) -> int:
             f"pi0.5 sample_actions, OpenPI's pi05_libero model ({paligemma} + {expert}, SigLIP {siglip}, "
             f"{args.dtype}), LIBERO-shaped input (2 live cameras, right wrist masked, {args.prompt_tokens} of "
             f"200 prompt tokens live), {args.num_steps} steps, {args.repeats or 3} timed calls, on {machine}",
+            args.out,
         )
         for batch in args.batch_size:
             same = {r.name: r.median_ms for r in rows if r.batch == batch}

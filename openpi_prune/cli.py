@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--siglip", help="SigLIP variant (default OpenPI's own So400m/14; --small: mu/14)")
     bench.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default %(default)s)")
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    bench.add_argument("--out", help="also write the full-size table to OUT/bench.md and OUT/bench.json")
     bench.add_argument("--prompt-tokens", type=int, default=24, help="live prompt tokens of 200 (default 24)")
     bench.add_argument("--num-steps", type=int, default=10, help="denoising steps (OpenPI's default: 10)")
     bench.add_argument("--repeats", type=int, help="timed calls per variant (default 3; --small: 10)")

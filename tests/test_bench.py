@@ -29,7 +29,7 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
     assert all(ms > 0 for ms in times.values())
 
 
-def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding():
+def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path):
     rows = bench.run_at_size(
         paligemma="dummy",
         action_expert="dummy",
@@ -53,3 +53,7 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding():
     assert dropped.flops.prefix_llm < 0.2 * upstream.flops.prefix_llm
     assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
     assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")
+    bench.show_at_size(rows, "title", str(tmp_path))
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert table[0] == "title" and len(table) == 2 + 2 + len(rows)
+    assert "| 2 | upstream OpenPI | 968 (536) | 512 |" in table[4]
