@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--baseline-steps", type=int, help="training steps of the unpruned baseline (default 2000)")
     lab.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     lab.add_argument("--baseline-dir", help="where the baseline checkpoint is kept (default: OUT/baseline)")
+    lab.add_argument("--validation", type=int, help="validation scenes (default 64)")
+    lab.add_argument("--seed", type=int, help="offset of the fine-tuning batches and noise, to repeat a run")
     from openpi_prune import diagnose as _diagnose
 
     _diagnose.add_arguments(
@@ -124,6 +126,8 @@ def _lab(args) -> int:
         baseline_steps=args.baseline_steps,
         batch_size=args.batch_size,
         baseline_dir=args.baseline_dir,
+        validation=args.validation,
+        seed=args.seed,
     )
     return 0
 

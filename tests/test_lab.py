@@ -66,3 +66,11 @@ def test_lab_pipeline_writes_its_table_and_pictures(tmp_path):
     # A second run reuses the trained baseline (as users fine-tune from a checkpoint).
     again = run.run(out=str(tmp_path), quick=True, only=only[:1])
     assert again["results"]["unpruned"] == results["unpruned"]
+    assert (tmp_path / "finetuned" / "unpruned-fine-tuned" / "params").is_dir()
+    assert all("val_mse_vs_mean" in h for h in again["histories"]["unpruned, fine-tuned"])  # checked each step
+    # Another seed draws other fine-tuning batches; a larger validation set is evaluated as asked.
+    other = run.run(out=str(tmp_path), quick=True, only=only[:1], seed=1, validation=6)
+    assert other["plan"]["validation"] == 6 and other["plan"]["finetune"]["seed"] == run.QUICK.finetune.seed + 1
+    assert (
+        other["histories"]["unpruned, fine-tuned"][0]["loss"] != again["histories"]["unpruned, fine-tuned"][0]["loss"]
+    )

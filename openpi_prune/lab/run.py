@@ -7,12 +7,14 @@
 3. Per variant: validation MSE against the unpruned model, kept tokens per live camera, recall of
    the target's patches, the training telemetry; and the kept count once the model's embeddings get
    a shared direction or a few massive dimensions.
-Writes `results.md`, `results.json`, `kept_patches.png` and `training.png` to the output folder.
+Writes `results.md`, `results.json`, `kept_patches.png` and `training.png` to the output folder,
+and each fine-tuned variant's params under `finetuned/<variant>/params`.
 """
 
 import dataclasses
 import json
 import pathlib
+import re
 import time
 import warnings
 
@@ -122,8 +124,14 @@ def run(
     baseline_steps: int | None = None,
     batch_size: int | None = None,
     baseline_dir: str | None = None,
+    validation: int | None = None,
+    seed: int | None = None,
 ) -> dict:
     plan = QUICK if quick else LabPlan()
+    if validation is not None:
+        plan = dataclasses.replace(plan, validation=validation)
+    if seed is not None:  # another draw of fine-tuning batches and noise, for a run to repeat
+        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, seed=plan.finetune.seed + seed))
     for stage, steps in (("baseline", baseline_steps), ("finetune", finetune_steps)):
         schedule = getattr(plan, stage)
         schedule = schedule if steps is None else dataclasses.replace(schedule, steps=steps)
@@ -158,6 +166,8 @@ def run(
             openpi_prune.enable(settings)
             model = train.load(spec, base_params)  # fresh pruner parameters, the baseline's rest
             histories[name] = train.train(model, spec, plan.finetune, progress, name, _check(plan, val, name))
+            # Kept as OpenPI keeps params, so that a later run can evaluate it again.
+            train.save_params(train.params_of(model), out_dir / "finetuned" / _slug(name) / "params")
             evaluation = train.evaluate(model, spec, val, mean_mse)
             reference = results.get("unpruned, fine-tuned", results["unpruned"])["val_mse"]
             row = evaluation.summary() | {"mse_vs_unpruned": evaluation.mse / reference}
@@ -184,6 +194,10 @@ def run(
     pictures.training(histories, out_dir / "training.png")
     console.print(f"wrote {out_dir}/results.md, results.json, kept_patches.png, training.png")
     return report
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _write(out_dir: pathlib.Path, plan: LabPlan, results: dict, histories: dict, started: float) -> dict:
