@@ -6,7 +6,8 @@ that after `pip install openpi-prune`, with no variable set). A twin's model is 
 OpenPI's `Pi0Config` plus the pruning settings, which it turns on when it creates or loads a model,
 so choosing the twin is all it takes. OpenPI's command line reaches them as any field:
 `--model.prune.keep-fraction 0.3`. A twin reads its base config's norm-stats assets and keeps its
-weight loader; checkpoints go under the twin's own name.
+weight loader; checkpoints go under the twin's own name. A twin of a LIBERO config drops the right
+wrist camera, which OpenPI's LIBERO inputs always mask for pi0 / pi0.5 (`UNUSED_CAMERAS`).
 """
 
 import dataclasses
@@ -69,6 +70,14 @@ def with_pruning(config, name: str | None = None, *, train_only_pruner: bool = F
     return dataclasses.replace(config, name=name or config.name + SUFFIX, model=pruned, data=data)
 
 
+# Cameras a config's inputs always mask for pi0 / pi0.5, by the name of its data config: its twin
+# leaves them out of the prefix (`drop_cameras`), SigLIP pass included.
+UNUSED_CAMERAS = {
+    # OpenPI's LiberoInputs: the right wrist is a zero image, masked unless the model is pi0-FAST.
+    "LeRobotLiberoDataConfig": ("right_wrist_0_rgb",),
+}
+
+
 def register(module) -> list[str]:
     """Add a twin of each pi0 / pi0.5 config to OpenPI's registry (`module`: `openpi.training.config`).
     Returns the twins' names. Idempotent."""
@@ -76,7 +85,7 @@ def register(module) -> list[str]:
     for config in list(module._CONFIGS):
         if not isinstance(config.model, pi0_config.Pi0Config) or isinstance(config.model, PrunedPi0Config):
             continue
-        twin = with_pruning(config)
+        twin = with_pruning(config, drop_cameras=UNUSED_CAMERAS.get(type(config.data).__name__, ()))
         if twin.name in module._CONFIGS_DICT:
             continue
         module._CONFIGS.append(twin)

@@ -91,6 +91,14 @@ def test_a_twin_reads_its_base_config_s_norm_stats(tmp_path):
     np.testing.assert_array_equal(data.norm_stats["actions"].mean, stats.mean)
 
 
+def test_a_libero_twin_drops_the_camera_libero_always_masks():
+    from openpi.training import config as openpi_config
+
+    assert openpi_config.get_config("pi05_libero_prune").model.prune.drop_cameras == ("right_wrist_0_rgb",)
+    assert openpi_config.get_config("pi0_libero_prune").model.prune.drop_cameras == ("right_wrist_0_rgb",)
+    assert openpi_config.get_config("pi05_droid_prune").model.prune.drop_cameras == ()
+
+
 def test_only_pi0_models_can_be_pruned():
     fast = next(c for c in _config._CONFIGS if not isinstance(c.model, pi0_config.Pi0Config))
     with pytest.raises(openpi_prune.PruneInputError, match="pi0 / pi0.5"):
