@@ -417,9 +417,20 @@ def run_at_size(
                     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
                     del compiled
                     if settings is None:
-                        prefix_len = len(obs.images) * 256 + obs.tokenized_prompt.shape[1]
-                        live = float(np.mean(np.sum(obs.tokenized_prompt_mask, axis=1))) + 2 * 256
-                        kept, cameras, pruner_flops, prefix_ms, pruner_ms = 2 * 256.0, len(obs.images), 0.0, None, None
+                        # Upstream keeps every token of every live camera.
+                        per_camera = flops.siglip_tokens(siglip or "So400m/14")
+                        live_images = (
+                            float(np.mean(sum(np.asarray(m, int) for m in obs.image_masks.values()))) * per_camera
+                        )
+                        prefix_len = len(obs.images) * per_camera + obs.tokenized_prompt.shape[1]
+                        live = float(np.mean(np.sum(obs.tokenized_prompt_mask, axis=1))) + live_images
+                        kept, cameras, pruner_flops, prefix_ms, pruner_ms = (
+                            live_images,
+                            len(obs.images),
+                            0.0,
+                            None,
+                            None,
+                        )
                     else:
                         prefix_pass, pass_args, pruner, pruner_args = _prefix_parts(model, obs)
                         _, values, live_positions = prefix_pass(*pass_args)

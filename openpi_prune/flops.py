@@ -20,6 +20,13 @@ class Parts:
         return self.siglip + self.prefix_llm + self.denoise
 
 
+def siglip_tokens(variant: str, image_size: int = 224) -> int:
+    """Tokens a SigLIP `variant` makes of one image (OpenPI resizes every camera to 224 x 224)."""
+    from openpi.models import siglip as _siglip
+
+    return (image_size // _siglip.decode_variant(variant)["patch_size"][0]) ** 2
+
+
 def siglip(variant: str, *, images: int, out_width: int, image_size: int = 224) -> float:
     """A SigLIP `variant` (e.g. "So400m/14") over `images` images, projected to `out_width`."""
     from openpi.models import siglip as _siglip
@@ -27,7 +34,7 @@ def siglip(variant: str, *, images: int, out_width: int, image_size: int = 224) 
     v = _siglip.decode_variant(variant)
     width, depth, mlp = v["width"], v["depth"], v["mlp_dim"]
     patch = v["patch_size"][0]
-    tokens = (image_size // patch) ** 2
+    tokens = siglip_tokens(variant, image_size)
     per_layer = tokens * (8 * width * width + 4 * width * mlp) + 4 * tokens * tokens * width
     embed = tokens * 2 * (patch * patch * 3) * width
     head = tokens * 2 * width * out_width
