@@ -69,29 +69,39 @@ def _prefix(model, observation, cfg) -> tuple[int, float]:
     return tokens.shape[1], float(np.mean(reports[0]["kept"]))
 
 
-def _measure(model, observation, num_steps, repeats):
-    # What `nnx_utils.module_jit` (and so `Policy`) compiles: the model's state is an argument, not
-    # a constant. Compiled once, ahead of time, so that the executable timed is the one analysed.
-    # The observation goes in as leaves: its type check rejects jax's placeholders in lowering.
-    graphdef, state = nnx.split(model)
-    leaves, tree = jax.tree.flatten(observation)
-    rng = jax.random.key(0)
-
-    def sample(state, leaves):
-        return nnx.merge(graphdef, state).sample_actions(rng, tree.unflatten(leaves), num_steps=num_steps)
-
-    compiled = jax.jit(sample).lower(state, leaves).compile()
-    jax.block_until_ready(compiled(state, leaves))  # warm up
+def _timed(fn, args, repeats: int) -> list[float]:
+    """Milliseconds of `repeats` calls of `fn(*args)`, after one call to warm up."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(state, leaves))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _compiled_sample(model, observation, num_steps):
+    """`sample_actions` compiled as `nnx_utils.module_jit` (and so `Policy`) compiles it, with the
+    settings in force, and its arguments. The model's state is an argument, not a constant; it is
+    compiled ahead of time so that the executable timed is the one analysed. The observation goes
+    in as leaves: its type check rejects jax's placeholders in lowering."""
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(observation)
+
+    def sample(state, leaves):
+        return nnx.merge(graphdef, state).sample_actions(jax.random.key(0), tree.unflatten(leaves), num_steps=num_steps)
+
+    return jax.jit(sample).lower(state, leaves).compile(), (state, leaves)
+
+
+def _measure(model, observation, num_steps, repeats):
+    compiled, args = _compiled_sample(model, observation, num_steps)
+    times = _timed(compiled, args, repeats)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
     return (
-        statistics.median(times) * 1e3,
+        statistics.median(times),
         (cost or {}).get("flops"),
         getattr(memory, "temp_size_in_bytes", None),
     )
@@ -154,13 +164,7 @@ def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, rep
             context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(telemetry=False, **settings)
             with context:
                 compiled = jax.jit(step).lower(params).compile()
-            jax.block_until_ready(compiled(params))
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(params))
-                samples.append(time.perf_counter() - start)
-            times.append((name, statistics.median(samples) * 1e3))
+            times.append((name, statistics.median(_timed(compiled, (params,), repeats))))
             progress.advance(task)
     return times
 
@@ -189,13 +193,8 @@ def serving_times(*, siglip: str | None, paligemma: str, num_steps: int, repeats
             context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(warn_below=0, **settings)
             with context:
                 policy = _policy.Policy(model, sample_kwargs={"num_steps": num_steps})
-                policy.infer(example)  # compiles
-                samples = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    policy.infer(example)
-                    samples.append(time.perf_counter() - start)
-            times.append((name, statistics.median(samples) * 1e3))
+                samples = _timed(policy.infer, (example,), repeats)  # the warm-up call compiles
+            times.append((name, statistics.median(samples)))
             progress.advance(task)
     return times
 
@@ -322,16 +321,6 @@ def libero_observation(model_config, batch_size: int, prompt_tokens: int):
     )
 
 
-def _timed(fn, args, repeats: int) -> list[float]:
-    jax.block_until_ready(fn(*args))  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def _prefix_parts(model, observation):
     """Compiled functions of the model's state and the observation: the prefix pass as
     `sample_actions` runs it (returning the pruner's telemetry values), and the pruner alone."""
@@ -404,16 +393,8 @@ def run_at_size(
                         if settings is None
                         else prefix.bucket_prompt(observation, prefix.active_settings().prompt_buckets)
                     )
-                    leaves, tree = jax.tree.flatten(obs)
-                    graphdef, state = nnx.split(model)
-
-                    def sample(state, leaves, graphdef=graphdef, tree=tree):
-                        return nnx.merge(graphdef, state).sample_actions(
-                            jax.random.key(0), tree.unflatten(leaves), num_steps=num_steps
-                        )
-
-                    compiled = jax.jit(sample).lower(state, leaves).compile()
-                    times = _timed(compiled, (state, leaves), repeats)
+                    compiled, args = _compiled_sample(model, obs, num_steps)
+                    times = _timed(compiled, args, repeats)
                     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
                     del compiled
                     if settings is None:
@@ -424,13 +405,8 @@ def run_at_size(
                         )
                         prefix_len = len(obs.images) * per_camera + obs.tokenized_prompt.shape[1]
                         live = float(np.mean(np.sum(obs.tokenized_prompt_mask, axis=1))) + live_images
-                        kept, cameras, pruner_flops, prefix_ms, pruner_ms = (
-                            live_images,
-                            len(obs.images),
-                            0.0,
-                            None,
-                            None,
-                        )
+                        kept, cameras = live_images, len(obs.images)
+                        pruner_flops, prefix_ms, pruner_ms = 0.0, None, None
                     else:
                         prefix_pass, pass_args, pruner, pruner_args = _prefix_parts(model, obs)
                         _, values, live_positions = prefix_pass(*pass_args)
@@ -537,6 +513,18 @@ def main(args) -> int:
     machine = (
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
     )
+    ignored = (
+        [f for f, given in (("--serving", args.serving), ("--train", args.train)) if given]
+        if not args.small
+        else [f for f, given in (("--action-expert", args.action_expert), ("--out", args.out)) if given]
+    )
+    if ignored:
+        names = ", ".join(ignored)
+        raise SystemExit(
+            f"{names} times the small model only: add --small"
+            if not args.small
+            else f"{names} applies to the full-size bench only: drop --small, or drop {names}"
+        )
     if not args.small:
         paligemma, expert = args.paligemma or "gemma_2b", args.action_expert or "gemma_300m"
         siglip = args.siglip or "So400m/14"

@@ -57,3 +57,12 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[0] == "title" and len(table) == 2 + 2 + len(rows)
     assert "| 2 | upstream OpenPI | 968 (536) | 512 |" in table[4]
+
+
+def test_options_of_the_other_bench_are_refused_not_ignored():
+    from openpi_prune import cli
+
+    with pytest.raises(SystemExit, match="--serving times the small model only: add --small"):
+        cli.main(["bench", "--serving"])
+    with pytest.raises(SystemExit, match="--out applies to the full-size bench only"):
+        cli.main(["bench", "--small", "--out", "somewhere"])

@@ -95,17 +95,15 @@ def baseline(plan: LabPlan, folder: pathlib.Path, progress: Progress, retrain: b
         return train.load(plan.spec, train.restore_params(path, plan.spec)), json.loads(history_path.read_text())
     model = train.create(plan.spec)
     val = train.validation(plan.spec, plan.validation)
-    history = train.train(
-        model, plan.spec, plan.baseline, progress, "baseline (unpruned)", _check(plan, val, "baseline")
-    )
+    check = _check(plan, val, train.mean_action_mse(plan.spec, val), "baseline")
+    history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
     train.save_params(train.params_of(model), path)
     history_path.write_text(json.dumps(history))
     return model, history
 
 
-def _check(plan: LabPlan, val, name: str):
+def _check(plan: LabPlan, val, mean_mse: float, name: str):
     """Validation MSE every tenth of a training run, printed (a log shows the curve) and kept."""
-    mean_mse = train.mean_action_mse(plan.spec, val)
 
     def check(model) -> dict:
         ratio = train.evaluate(model, plan.spec, val, mean_mse).mse_ratio
@@ -165,7 +163,7 @@ def run(
             settings = _settings(changes)
             openpi_prune.enable(settings)
             model = train.load(spec, base_params)  # fresh pruner parameters, the baseline's rest
-            histories[name] = train.train(model, spec, plan.finetune, progress, name, _check(plan, val, name))
+            histories[name] = train.train(model, spec, plan.finetune, progress, name, _check(plan, val, mean_mse, name))
             # Kept as OpenPI keeps params, so that a later run can evaluate it again.
             train.save_params(train.params_of(model), out_dir / "finetuned" / _slug(name) / "params")
             evaluation = train.evaluate(model, spec, val, mean_mse)
