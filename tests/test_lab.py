@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from openpi_prune.lab import run, scenes
+import openpi_prune
+from openpi_prune.lab import run, scenes, train
 
 
 def test_scenes_are_deterministic_and_the_target_is_where_the_masks_say():
@@ -67,6 +68,13 @@ def test_lab_pipeline_writes_its_table_and_pictures(tmp_path):
     again = run.run(out=str(tmp_path), quick=True, only=only[:1])
     assert again["results"]["unpruned"] == results["unpruned"]
     assert (tmp_path / "finetuned" / "unpruned-fine-tuned" / "params").is_dir()
+    # A fine-tuned variant's params, its pruner's own included, evaluate again as the run did.
+    name = "action_queries + robust"
+    with openpi_prune.enabled(run._settings(run.VARIANTS[name])):
+        params = train.restore_params(tmp_path / "finetuned" / run._slug(name) / "params", run.QUICK.spec)
+        val = train.validation(run.QUICK.spec, run.QUICK.validation)
+        again_mse = train.evaluate(train.load(run.QUICK.spec, params), run.QUICK.spec, val, 1.0).mse
+    assert again_mse == pytest.approx(results[name]["val_mse"], rel=1e-5)
     assert all("val_mse_vs_mean" in h for h in again["histories"]["unpruned, fine-tuned"])  # checked each step
     # Another seed draws other fine-tuning batches; a larger validation set is evaluated as asked.
     other = run.run(out=str(tmp_path), quick=True, only=only[:1], seed=1, validation=6)

@@ -248,13 +248,14 @@ def save_params(params: dict, path: pathlib.Path) -> None:
 
 
 def restore_params(path: pathlib.Path, spec: scenes.SceneSpec) -> dict:
+    """Params saved by `save_params`, for a model of this spec with the pruning settings in force
+    (a fine-tuned variant's own parameters, such as the relevance head, included)."""
     import orbax.checkpoint as ocp
 
     # orbax itself, not OpenPI's `restore_params`, which reads metadata as only the orbax version
     # OpenPI pins lays it out. Each leaf as numpy (the tree from a model of this spec), then as a
     # device array: a traced index cannot read numpy leaves.
-    with openpi_prune.disabled():
-        tree = params_of(create(spec))
+    tree = params_of(create(spec))
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {"params": tree})
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
