@@ -3,8 +3,9 @@
 The twin comes from `with_pruning` (as `pi05_libero_prune` comes from `pi05_libero`). Everything else
 is OpenPI's: its `TrainConfig`, its data loader on `FakeDataConfig` (with every camera and prompt
 token marked live), its optimizer and schedule, its `TrainState` and orbax checkpoints. Training starts
-from a checkpoint written without openpi-prune, so the pruner's parameters start fresh. Each step
-logs the pruner's telemetry. The last checkpoint is what `serve_twin.py` serves.
+from a checkpoint written without openpi-prune, so the pruner's parameters start fresh, and prunes
+gradually (every patch at first, 20 % from a quarter of the way on). Each step logs the pruner's
+telemetry. The last checkpoint is what `serve_twin.py` serves.
 
 Run: .venv/bin/python examples/train_twin.py --out /tmp/twin [--steps 20]
 """
@@ -108,12 +109,17 @@ def train_step(config, rng, state: training_utils.TrainState, batch):
     def loss_fn(model):
         # LightVLA's noise on the vote scores, 1 -> 0 over training (the relevance head ignores it).
         scale = openpi_prune.linear_noise_scale(state.step, config.num_train_steps)
-        with telemetry.collect() as reports, openpi_prune.noise_scale(scale):
+        # Gradual pruning: every patch at first, the setting's share from a quarter of the way on, so
+        # the head learns before the model trains on its picks.
+        share = openpi_prune.gradual_keep_fraction(
+            state.step, config.num_train_steps // 4, config.model.prune.keep_fraction
+        )
+        with telemetry.collect() as reports, openpi_prune.noise_scale(scale), openpi_prune.keep_fraction(share):
             loss = jnp.mean(model.compute_loss(jax.random.fold_in(rng, state.step), observation, actions, train=True))
-        return loss, (reports[0], scale)
+        return loss, (reports[0], scale, share)
 
     trainable = nnx.DiffState(0, config.trainable_filter)
-    (loss, (report, scale)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
+    (loss, (report, scale, share)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
     params = state.params.filter(config.trainable_filter)
     updates, opt_state = state.tx.update(grads, state.opt_state, params)
     nnx.update(model, optax.apply_updates(params, updates))
@@ -121,6 +127,7 @@ def train_step(config, rng, state: training_utils.TrainState, batch):
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "noise_scale": scale,
+        "keep_fraction": share,
         "kept_per_camera": jnp.mean(report["kept_per_camera"], axis=0),
         "query_spread": jnp.mean(report["query_spread"]),
         "distill_loss": jnp.mean(report["distill_loss"]),
@@ -143,7 +150,8 @@ def main(out: pathlib.Path, steps: int) -> tuple[pathlib.Path, training_utils.Tr
             info = jax.device_get(info)
             console.print(
                 f"step {step}: loss {info['loss']:.3f} (head's distillation {info['distill_loss']:.3f}), kept per "
-                f"camera {np.round(info['kept_per_camera']).astype(int).tolist()}, noise scale {info['noise_scale']:.2f}"
+                f"camera {np.round(info['kept_per_camera']).astype(int).tolist()} (share {info['keep_fraction']:.2f}), "
+                f"noise scale {info['noise_scale']:.2f}"
             )
     manager, _ = checkpoints.initialize_checkpoint_dir(
         config.checkpoint_dir, keep_period=config.keep_period, overwrite=True, resume=False

@@ -36,6 +36,8 @@ __all__ = [
     "enabled",
     "is_enabled",
     "linear_noise_scale",
+    "keep_fraction",
+    "gradual_keep_fraction",
     "noise_scale",
     "noisy_actions",
 ]
@@ -184,6 +186,20 @@ def noise_scale(scale):
     from openpi_prune import prefix
 
     return prefix.noise_scale(scale)
+
+
+def keep_fraction(fraction):
+    """Context manager setting the share a training pass keeps (may be traced; see README)."""
+    from openpi_prune import prefix
+
+    return prefix.keep_fraction(fraction)
+
+
+def gradual_keep_fraction(step, ramp_steps: int, final: float):
+    """Gradual pruning for `keep_fraction`: every patch at step 0, `final` from `ramp_steps` on."""
+    from openpi_prune import prefix
+
+    return prefix.gradual_keep_fraction(step, ramp_steps, final)
 
 
 def linear_noise_scale(step, total_steps: int, start: float = 1.0):

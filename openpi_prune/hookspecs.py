@@ -64,13 +64,15 @@ class PruneSpec:
         """The kept set at inference, `kept_mask [b,n]` (a subset of `candidate_mask`)."""
 
     @hookspec(firstresult=True)
-    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, settings):
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, keep_fraction, settings):
         """The image tokens a training forward pass sees: `(image_tokens [b,n,d], kept_mask [b,n])`.
 
         Same length as the input, and differentiable with respect to `scores`, so the loss trains
         whatever made them. `noise` (shaped like `scores`) is the method's exploration noise for this
         step. `saliency [b,n]` is the model's saliency this step (see `openpi_prune_wants_saliency`),
-        or None. A third element, `[b,n]` bool, hides the patches where it is False from PaliGemma
+        or None. `keep_fraction` is the share to keep this step, for a method that keeps a share:
+        `settings.keep_fraction`, or a training schedule's value (`openpi_prune.keep_fraction`; may be
+        traced). A third element, `[b,n]` bool, hides the patches where it is False from PaliGemma
         in this pass (default: every candidate stays visible).
         """
 

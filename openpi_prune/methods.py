@@ -10,8 +10,8 @@ Each method decides the task tokens the patches vote against:
   action step), the same in training and at inference, unlike noisy actions.
 - `relevance`: no vote; a learned head (`Pi0.prune_relevance_*`) scores each patch against the
   prompt and the `keep_fraction` most relevant are kept. In training it learns to reproduce the
-  model's own saliency, and the model is fine-tuned on the same share of patches, those the
-  saliency picks.
+  model's own saliency, and the model is fine-tuned on the same share of patches, those the head
+  picks (`train_picks`).
 - `keep_all`: every live patch is kept; the pipeline runs, the output equals OpenPI's.
 LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it,
 on tokens prepared by `settings.scoring`.
@@ -226,13 +226,14 @@ class Relevance(LanguageOnly):
         return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
 
     @hookimpl
-    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, settings):
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, keep_fraction, settings):
         if settings.method != self.name:
             return None
-        # The model trains on the share inference keeps, the rest hidden. Chosen by the saliency the
-        # head learns to reproduce: an untrained head's picks would teach the model from noise.
-        chosen_by = scores if saliency is None else saliency
-        kept_mask = relevance.keep_top(chosen_by, candidate_mask, settings.keep_fraction)
+        # The model trains on the share inference keeps, the rest hidden: by default the head's own
+        # picks, so that it trains on the patches it will see (those of the saliency the head learns
+        # from overlap them by about half in the lab).
+        chosen_by = scores if saliency is None or settings.train_picks == "head" else saliency
+        kept_mask = relevance.keep_top(chosen_by, candidate_mask, keep_fraction)
         return image_tokens, kept_mask, kept_mask
 
     @hookimpl

@@ -47,6 +47,7 @@ class ActionContext:
 
 _actions: contextvars.ContextVar[ActionContext | None] = contextvars.ContextVar("openpi_prune_actions", default=None)
 _noise_scale: contextvars.ContextVar = contextvars.ContextVar("openpi_prune_noise_scale", default=None)
+_keep_fraction: contextvars.ContextVar = contextvars.ContextVar("openpi_prune_keep_fraction", default=None)
 
 
 @contextlib.contextmanager
@@ -122,6 +123,23 @@ def noise_scale(scale):
 def linear_noise_scale(step, total_steps: int, start: float = 1.0):
     """LightVLA's schedule: `start` at step 0, falling linearly to 0 at `total_steps`."""
     return start * jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+
+
+@contextlib.contextmanager
+def keep_fraction(fraction):
+    """Share of the live patches a training pass keeps inside the block; may be a traced value, e.g.
+    `gradual_keep_fraction(step, ...)` computed in the train step, overriding `PruneSettings.keep_fraction`."""
+    token = _keep_fraction.set(fraction)
+    try:
+        yield
+    finally:
+        _keep_fraction.reset(token)
+
+
+def gradual_keep_fraction(step, ramp_steps: int, final: float):
+    """Gradual pruning: every patch at step 0, falling linearly to `final` at `ramp_steps`, then `final`."""
+    done = jnp.clip(jnp.asarray(step, jnp.float32) / max(ramp_steps, 1), 0.0, 1.0)
+    return 1.0 - (1.0 - final) * done
 
 
 # Parameters a method adds to `Pi0` are named so; loaders fill them in like OpenPI's LoRA weights.
@@ -339,6 +357,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             image_tokens=image_tokens,
             noise=noise,
             saliency=context.saliency,
+            keep_fraction=settings.keep_fraction if _keep_fraction.get() is None else _keep_fraction.get(),
             settings=settings,
         )
         if not isinstance(selected, tuple | list) or len(selected) not in (2, 3):

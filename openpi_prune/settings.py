@@ -46,6 +46,9 @@ class PruneSettings:
     keep_positions: bool = True
     # Share of each sample's live patches the `relevance` method keeps.
     keep_fraction: float = 0.2
+    # Which patches a `relevance` training pass keeps: those the head picks (what inference keeps),
+    # or those the model's saliency picks (what the head learns to reproduce).
+    train_picks: Literal["head", "saliency"] = "head"
     # Uniform noise added to the vote scores in training (LightVLA anneals it from 1 to 0).
     noise_scale: float = 1.0
     # A telemetry report whose mean kept count is below this warns of collapse.
@@ -88,6 +91,8 @@ class PruneSettings:
             raise SettingsError(
                 f"prompt_buckets must be increasing positive prompt lengths, e.g. (32, 64, 128), or (); got {buckets!r}"
             )
+        if self.train_picks not in ("head", "saliency"):
+            raise SettingsError(f"train_picks must be head or saliency; got {self.train_picks!r}")
         if not isinstance(self.noise_scale, int | float) or self.noise_scale < 0:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:

@@ -133,6 +133,11 @@ def test_setting_bad_scoring():
         PruneSettings(scoring="zscore")
 
 
+def test_setting_bad_train_picks():
+    with pytest.raises(SettingsError, match="train_picks must be head or saliency; got 'votes'"):
+        PruneSettings(train_picks="votes")
+
+
 @pytest.mark.parametrize("capacity", [0, -3, True, 2.5])
 def test_setting_capacity_not_positive(capacity):
     with pytest.raises(SettingsError, match="capacity must be a positive number of image tokens"):

@@ -14,6 +14,7 @@ from openpi.models import pi0
 
 import openpi_prune
 from openpi_prune import methods, prefix, relevance, small, telemetry
+from openpi_prune.lab import train as lab_train
 
 
 @settings(max_examples=200, deadline=None)
@@ -124,11 +125,38 @@ def test_relevance_trains_only_its_head_from_saliency_and_hides_what_it_drops(re
     assert not np.allclose(pruned, kept_all)
 
 
-def test_in_training_the_model_sees_the_saliency_s_share_of_patches(relevance_model):
+def test_a_training_schedule_sets_the_share_kept_in_training_only(relevance_model):
+    cfg, model = relevance_model
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    rng = jax.random.key(7)
+    np.testing.assert_allclose(
+        [float(openpi_prune.gradual_keep_fraction(step, 100, 0.2)) for step in (0, 50, 100, 400)], [1.0, 0.6, 0.2, 0.2]
+    )
+
+    def kept(train, fraction):
+        def kept_mask(fraction):
+            with telemetry.collect() as reports, openpi_prune.keep_fraction(fraction):
+                if train:
+                    model.compute_loss(rng, obs, actions, train=True)
+                else:
+                    model.sample_actions(rng, obs, num_steps=1)
+            return reports[0]["kept_mask"]
+
+        with openpi_prune.enabled(method="relevance", keep_fraction=0.1, warn_below=0):
+            # As a train step computes it: a traced share.
+            return np.asarray(jax.jit(kept_mask)(jnp.float32(fraction))).sum(-1)
+
+    live = np.asarray([3, 2]) * (kept(True, 1.0)[0] // 3)  # the second sample's third camera is masked
+    np.testing.assert_array_equal(kept(True, 1.0), live)
+    np.testing.assert_array_equal(kept(True, 0.5), np.ceil(0.5 * live))
+    np.testing.assert_array_equal(kept(False, 0.5), np.ceil(0.1 * live))  # inference keeps the setting's share
+
+
+def test_with_train_picks_saliency_training_sees_the_saliency_s_share_of_patches(relevance_model):
     cfg, model = relevance_model
     obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
     rng = jax.random.key(5)
-    with openpi_prune.enabled(method="relevance", keep_fraction=0.1, warn_below=0):
+    with openpi_prune.enabled(method="relevance", keep_fraction=0.1, warn_below=0, train_picks="saliency"):
         saliency = prefix.saliency(lambda: model.compute_loss(rng, obs, actions, train=True))
         with telemetry.collect() as reports:
             model.compute_loss(rng, obs, actions, train=True)
@@ -136,3 +164,21 @@ def test_in_training_the_model_sees_the_saliency_s_share_of_patches(relevance_mo
     candidates = jnp.arange(saliency.shape[1])[None] < jnp.asarray([[3 * per_camera], [2 * per_camera]])
     want = np.asarray(relevance.keep_top(saliency, candidates, 0.1))
     np.testing.assert_array_equal(np.asarray(reports[0]["kept_mask"]), want)
+
+
+def test_with_train_picks_head_training_sees_what_inference_keeps(relevance_model):
+    cfg, model = relevance_model
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    rng = jax.random.key(5)
+    masks = {}
+    for picks in ("saliency", "head"):
+        with openpi_prune.enabled(method="relevance", keep_fraction=0.1, warn_below=0, train_picks=picks):
+            # The same images in both passes: OpenPI's training augmentation off.
+            with telemetry.collect() as reports, lab_train.without_augmentation():
+                model.compute_loss(rng, obs, actions, train=True)
+                model.sample_actions(rng, obs, num_steps=1)
+        masks[picks] = [np.asarray(r["kept_mask"]) for r in reports]
+    trained, served = masks["head"]
+    np.testing.assert_array_equal(trained, served)
+    np.testing.assert_array_equal(masks["saliency"][1], served)  # inference is the head's either way
+    assert not np.array_equal(masks["saliency"][0], served)  # the fresh head does not match the saliency

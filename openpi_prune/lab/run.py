@@ -3,7 +3,7 @@
 1. Train an unpruned pi0.5 on the lab's scenes (or reuse the checkpoint of an earlier run), and
    measure it: the lab proves nothing unless it clearly beats predicting the mean action.
 2. Fine-tune every variant from that checkpoint, as users fine-tune from a released pi0.5, with
-   LightVLA's training rule and noise schedule.
+   LightVLA's training rule and noise schedule, pruning gradually (`Schedule.keep_ramp`).
 3. Per variant: validation MSE against the unpruned model, kept tokens per live camera, recall of
    the target's patches, the training telemetry; and the kept count once the model's embeddings get
    a shared direction or a few massive dimensions.
@@ -37,6 +37,12 @@ VARIANTS = {
     # The reference: fine-tuned like every variant, with nothing pruned.
     "unpruned, fine-tuned": dict(method="keep_all", scoring="lightvla"),
     "relevance + robust": dict(method="relevance", scoring="robust"),
+    # The default's training rule taken apart: which patches training keeps, and gradual pruning.
+    "relevance, saliency picks": dict(method="relevance", scoring="robust", train_picks="saliency"),
+    "relevance, pruned from the first step": dict(method="relevance", scoring="robust", train_picks="head"),
+    "relevance, saliency picks, pruned from the first step": dict(
+        method="relevance", scoring="robust", train_picks="saliency"
+    ),
     "relevance + robust, 30 %": dict(method="relevance", scoring="robust", keep_fraction=0.3),
     "language_only (verbatim LightVLA)": dict(method="language_only", scoring="lightvla"),
     "scheme_b": dict(method="scheme_b", scoring="lightvla"),
@@ -48,6 +54,8 @@ VARIANTS = {
     # What OpenPI's own numbering of a pruned prefix costs: the same method, tokens renumbered.
     "relevance, renumbered positions": dict(method="relevance", scoring="robust", keep_positions=False),
 }
+# Variants fine-tuned without gradual pruning (`Schedule.keep_ramp`).
+AT_ONCE = {"relevance, pruned from the first step", "relevance, saliency picks, pruned from the first step"}
 STRESSES = {
     "shared direction": lambda m: small.add_shared_component(m, scale=2.0),
     "outlier dimensions": lambda m: small.add_outlier_dimensions(m),
@@ -57,14 +65,16 @@ STRESSES = {
 @dataclasses.dataclass(frozen=True)
 class LabPlan:
     baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25)
-    finetune: train.Schedule = train.Schedule(steps=600, lr=3e-4, batch_size=16, warmup=15, seed=100_000)
+    finetune: train.Schedule = train.Schedule(
+        steps=600, lr=3e-4, batch_size=16, warmup=15, seed=100_000, keep_ramp=0.25
+    )
     validation: int = 64
     spec: scenes.SceneSpec = scenes.SceneSpec()
 
 
 QUICK = LabPlan(
     baseline=train.Schedule(steps=3, lr=1e-3, batch_size=4, single_object=0.34, warmup=1),
-    finetune=train.Schedule(steps=2, lr=3e-4, batch_size=4, warmup=1, seed=100_000),
+    finetune=train.Schedule(steps=2, lr=3e-4, batch_size=4, warmup=1, seed=100_000, keep_ramp=0.25),
     validation=4,
 )
 
@@ -163,7 +173,8 @@ def run(
             settings = _settings(changes)
             openpi_prune.enable(settings)
             model = train.load(spec, base_params)  # fresh pruner parameters, the baseline's rest
-            histories[name] = train.train(model, spec, plan.finetune, progress, name, _check(plan, val, mean_mse, name))
+            schedule = dataclasses.replace(plan.finetune, keep_ramp=0.0) if name in AT_ONCE else plan.finetune
+            histories[name] = train.train(model, spec, schedule, progress, name, _check(plan, val, mean_mse, name))
             # Kept as OpenPI keeps params, so that a later run can evaluate it again.
             train.save_params(train.params_of(model), out_dir / "finetuned" / _slug(name) / "params")
             evaluation = train.evaluate(model, spec, val, mean_mse)

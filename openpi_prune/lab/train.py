@@ -43,6 +43,9 @@ class Schedule:
     # recoloured image makes a noisy label (fine-tuning with it took the unpruned model from 0.0105
     # to 0.0294 x predict-the-mean). The pruner's training rule runs either way.
     augment: bool = False
+    # Gradual pruning: over this share of the steps the kept share falls from every patch to the
+    # method's `keep_fraction` (0: pruned at the setting from the first step).
+    keep_ramp: float = 0.0
 
 
 def model_config(spec: scenes.SceneSpec):
@@ -67,7 +70,7 @@ def params_of(model) -> dict:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def _without_augmentation():
+def without_augmentation():
     """While tracing: OpenPI's `compute_loss(train=True)` preprocesses its images as at inference."""
     from openpi.models import model as _model
 
@@ -95,6 +98,9 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     optimizer = optax.adamw(lr, weight_decay=1e-4)
     opt_state = optimizer.init(params)
 
+    ramp = int(schedule.keep_ramp * schedule.steps)
+    final_share = openpi_prune.current_settings().keep_fraction if openpi_prune.is_enabled() else 1.0
+
     @jax.jit
     def step_fn(step, params, opt_state, observation, actions):
         def loss_fn(params):
@@ -103,7 +109,8 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
             with (
                 telemetry.collect() as reports,
                 openpi_prune.noise_scale(openpi_prune.linear_noise_scale(step, schedule.steps)),
-                contextlib.nullcontext() if schedule.augment else _without_augmentation(),
+                openpi_prune.keep_fraction(openpi_prune.gradual_keep_fraction(step, ramp, final_share)),
+                contextlib.nullcontext() if schedule.augment else without_augmentation(),
             ):
                 loss = jnp.mean(m.compute_loss(rng, observation, actions, train=True))
             info = {}
