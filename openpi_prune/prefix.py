@@ -125,6 +125,11 @@ def linear_noise_scale(step, total_steps: int, start: float = 1.0):
     return start * jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
 
 
+def _or_setting(scheduled, setting):
+    """A training schedule's value (`noise_scale`, `keep_fraction` blocks) if one is in force."""
+    return setting if scheduled is None else scheduled
+
+
 @contextlib.contextmanager
 def keep_fraction(fraction):
     """Share of the live patches a training pass keeps inside the block; may be a traced value, e.g.
@@ -348,8 +353,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     extra = {}  # training-only telemetry
     if context is not None and context.train:
         # Training keeps the length (LightVLA: each live patch becomes its noisy pick).
-        scale = _noise_scale.get()
-        scale = settings.noise_scale if scale is None else scale
+        scale = _or_setting(_noise_scale.get(), settings.noise_scale)
         noise = jax.random.uniform(context.rng, scores.shape, dtype=scores.dtype) * scale
         selected = hook.openpi_prune_select_train(
             scores=scores,
@@ -357,7 +361,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
             image_tokens=image_tokens,
             noise=noise,
             saliency=context.saliency,
-            keep_fraction=settings.keep_fraction if _keep_fraction.get() is None else _keep_fraction.get(),
+            keep_fraction=_or_setting(_keep_fraction.get(), settings.keep_fraction),
             settings=settings,
         )
         if not isinstance(selected, tuple | list) or len(selected) not in (2, 3):
