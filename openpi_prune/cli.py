@@ -107,11 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--seed", type=int, help="offset of the fine-tuning batches and noise, to repeat a run")
     from openpi_prune import diagnose as _diagnose
 
+    trial = sub.add_parser(
+        "trial", help="pruned against an unpruned reference fine-tuned alike: seeds, test split, baselines"
+    )
+    trial.add_argument(
+        "--out", default="trial-results", help="folder for runs, tables and the baseline (default: %(default)s)"
+    )
+    trial.add_argument("--quick", action="store_true", help="a few steps and scenes: checks the pipeline only")
+    trial.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds to run (default 0 1 2)")
+    trial.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
+    trial.add_argument("--report-only", action="store_true", help="summarise the runs in --out, run nothing")
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "demo": demo, "bench": _bench, "lab": _lab, "diagnose": _diagnose.run}[args.command](args)
+    return {"doctor": doctor, "demo": demo, "bench": _bench, "lab": _lab, "trial": _trial, "diagnose": _diagnose.run}[
+        args.command
+    ](args)
 
 
 def _lab(args) -> int:
@@ -129,6 +141,13 @@ def _lab(args) -> int:
         validation=args.validation,
         seed=args.seed,
     )
+    return 0
+
+
+def _trial(args) -> int:
+    from openpi_prune.lab import trial
+
+    trial.run(out=args.out, quick=args.quick, seeds=args.seeds, only=args.only, report_only=args.report_only)
     return 0
 
 

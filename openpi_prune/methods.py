@@ -13,6 +13,10 @@ Each method decides the task tokens the patches vote against:
   model's own saliency, and the model is fine-tuned on the same share of patches, those the head
   picks (`train_picks`).
 - `keep_all`: every live patch is kept; the pipeline runs, the output equals OpenPI's.
+- `random` and `distinct`: prompt-blind baselines that keep the same share as `relevance`, a
+  random one (drawn anew for every image) or the patches least like the rest of their image (the
+  norm of the patch as `settings.scoring` prepares it: contrast, whatever the prompt asks for). A
+  learned head earns its place only where it beats them.
 LightVLA's vote (`LightVLAVote`) scores and selects for all of them unless a plugin overrides it,
 on tokens prepared by `settings.scoring`.
 """
@@ -183,7 +187,54 @@ class ActionQueries:
         return _append(text_tokens, text_mask, jnp.broadcast_to(queries.value[None], (b, *queries.value.shape)))
 
 
-class Relevance(LanguageOnly):
+class TopShare(LanguageOnly):
+    """Keeps each sample's `keep_fraction` best-scoring live patches, in training as at inference
+    (subclasses give the score)."""
+
+    @hookimpl
+    def openpi_prune_capacity(self, image_tokens, settings):
+        # It keeps the fraction of the live patches, at most this many: nothing ever overflows.
+        return math.ceil(settings.keep_fraction * image_tokens) if settings.method == self.name else None
+
+    @hookimpl
+    def openpi_prune_select(self, scores, candidate_mask, settings):
+        if settings.method != self.name:
+            return None
+        return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
+
+    @hookimpl
+    def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, keep_fraction, settings):
+        if settings.method != self.name:
+            return None
+        kept_mask = relevance.keep_top(scores, candidate_mask, keep_fraction)
+        return image_tokens, kept_mask, kept_mask
+
+
+class RandomShare(TopShare):
+    """Prompt-blind: a random share, drawn anew for every image (seeded by its tokens)."""
+
+    name = "random"
+
+    @hookimpl
+    def openpi_prune_score(self, model, image_tokens, candidate_mask, task_tokens, task_mask, settings):
+        if settings.method != self.name:
+            return None
+        return relevance.random_scores(image_tokens)
+
+
+class Distinct(TopShare):
+    """Prompt-blind: the patches least like the rest of their image."""
+
+    name = "distinct"
+
+    @hookimpl
+    def openpi_prune_score(self, model, image_tokens, candidate_mask, task_tokens, task_mask, settings):
+        if settings.method != self.name:
+            return None
+        return jnp.linalg.norm(image_tokens.astype(jnp.float32), axis=-1)
+
+
+class Relevance(TopShare):
     """A prompt-conditioned relevance head, distilled from the model's own saliency."""
 
     name = "relevance"
@@ -215,17 +266,6 @@ class Relevance(LanguageOnly):
         return relevance.scores(patches, task, task_mask, query.value, key.value)
 
     @hookimpl
-    def openpi_prune_capacity(self, image_tokens, settings):
-        # It keeps the fraction of the live patches, at most this many: nothing ever overflows.
-        return math.ceil(settings.keep_fraction * image_tokens) if settings.method == self.name else None
-
-    @hookimpl
-    def openpi_prune_select(self, scores, candidate_mask, settings):
-        if settings.method != self.name:
-            return None
-        return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
-
-    @hookimpl
     def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, keep_fraction, settings):
         if settings.method != self.name:
             return None
@@ -247,4 +287,14 @@ class Relevance(LanguageOnly):
         return relevance.distillation_loss(scores, saliency, candidate_mask)
 
 
-BUILTIN = (LightVLAVote(), SchemeB(), SchemeA(), ActionQueries(), Relevance(), LanguageOnly(), KeepAll())
+BUILTIN = (
+    LightVLAVote(),
+    SchemeB(),
+    SchemeA(),
+    ActionQueries(),
+    Relevance(),
+    RandomShare(),
+    Distinct(),
+    LanguageOnly(),
+    KeepAll(),
+)

@@ -168,10 +168,10 @@ class _Additions(nnx.Module):
     """Stands in for a `Pi0` to collect only what `openpi_prune_init_model` adds."""
 
 
-def fresh_parameters(config) -> dict:
-    """The parameters the active method adds to a model of `config`, freshly initialised (seed 0)."""
+def fresh_parameters(config, seed: int = 0) -> dict:
+    """The parameters the active method adds to a model of `config`, freshly initialised."""
     holder = _Additions()
-    init_model(holder, config, nnx.Rngs(0))
+    init_model(holder, config, nnx.Rngs(seed))
     return nnx.state(holder, nnx.Param).to_pure_dict()
 
 

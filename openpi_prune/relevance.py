@@ -74,3 +74,11 @@ def statistics(
         "top1_vote_share": jnp.where(jnp.any(candidate_mask, -1), jnp.max(jax.nn.softmax(masked, -1), -1), 0.0),
         "score_gap": jnp.where(enough, top2[:, 0] - top2[:, 1], 0.0),
     }
+
+
+def random_scores(patches: Float[Array, "b n d"]) -> Float[Array, "b n"]:
+    """Uniform random scores, drawn anew for every sample: seeded by the bits of its patches' sum, so
+    that the same image gets the same draw (a jitted function needs no key)."""
+    seeds = jax.lax.bitcast_convert_type(jnp.sum(patches.astype(jnp.float32), axis=(1, 2)), jnp.uint32)
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(0), seed))(seeds)
+    return jax.vmap(lambda key: jax.random.uniform(key, patches.shape[1:2]))(keys)

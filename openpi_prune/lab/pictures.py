@@ -85,3 +85,28 @@ def training(histories: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ratios(rows: dict, path: pathlib.Path) -> None:
+    """Each variant's test MSE over the reference's, with its 95 % interval, on a log axis; the
+    1.10 line is the issue's bar."""
+    named = [(name, row["test_ratio"]) for name, row in rows.items() if isinstance(row.get("test_ratio"), dict)]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(named) + 1.2))
+    for i, (name, pair) in enumerate(named):
+        ax.errorbar(
+            pair["ratio"],
+            i,
+            xerr=[[pair["ratio"] - pair["low"]], [pair["high"] - pair["ratio"]]],
+            fmt="o",
+            capsize=4,
+            color="tab:blue" if name.startswith("default") else "tab:gray",
+        )
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.axvline(1.10, color="tab:red", lw=0.8, ls="--", label="1.10")
+    ax.set_yticks(range(len(named)), [n for n, _ in named])
+    ax.set_xscale("log")
+    ax.set_xlabel("test MSE / unpruned reference (paired, 95 % interval)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

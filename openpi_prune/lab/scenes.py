@@ -6,9 +6,14 @@ LIBERO. The prompt names one block's colour, and the action chunk moves from the
 block, so the actions depend on the images through the target alone. Every block covers a whole
 `block x block` group of patches, so the target's patches (`target_mask`) are exact.
 Deterministic: the same seed gives the same scenes.
+
+Splits: a scene's *layout* (each block's colour and place, whichever is named) falls in one split by
+a hash of it, so a test scene's layout never occurs in training, whatever the seeds and step counts
+(`layouts` lists a batch's without drawing it, so that this can be checked).
 """
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -23,6 +28,16 @@ MASKED_CAMERA = "right_wrist_0_rgb"
 # Prompt: "pick up the <colour> block" as fixed ids in PaliGemma's vocabulary (no tokenizer download).
 WORDS = {"pick": 5780, "up": 908, "the": 573, "block": 3963, **{c: 2000 + 17 * i for i, c in enumerate(COLOURS)}}
 PROMPT = ("pick", "up", "the", None, "block")
+
+
+# Tenths of the layout hash: 80 % train, 10 % validation, 10 % test.
+SPLITS = {"train": range(8), "validation": (8,), "test": (9,)}
+
+
+def split_of(layout: tuple) -> str:
+    """The split a layout belongs to (a layout: sorted `(colour, row, col)` of every block)."""
+    tenth = int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=8).digest(), "big") % 10
+    return next(name for name, tenths in SPLITS.items() if tenth in tenths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +64,7 @@ class Batch:
     actions: np.ndarray  # [b, horizon, action_dim] float32
     target_mask: np.ndarray  # [b, cameras * grid * grid] bool: the target's patches, cameras in image order
     target: np.ndarray  # [b] index into COLOURS
+    layouts: tuple = ()  # per scene, the layout its split was drawn by
 
     def observation(self):
         """OpenPI's `Observation` of this batch (state unused by pi0.5's prompt: zeros)."""
@@ -76,8 +92,31 @@ def _place(rng, spec: SceneSpec, count: int) -> list[tuple[int, int]]:
     return placed
 
 
-def render(seed: int, batch_size: int, spec: SceneSpec = SceneSpec(), objects: int | None = None) -> Batch:
-    """`batch_size` scenes from `seed` (`objects` overrides the spec's count, for a curriculum)."""
+def _draw(rng, spec: SceneSpec, count: int, split: str | None):
+    """One scene's blocks (colour indices, places; the first is named) and table textures, redrawn
+    until the layout is in `split` (None: any)."""
+    while True:
+        colours = rng.choice(len(COLOURS), count, replace=False)
+        places = _place(rng, spec, count)
+        layout = tuple(sorted((int(k), r, c) for k, (r, c) in zip(colours, places, strict=True)))
+        textures = [rng.normal(0.0, 0.05, (spec.grid, spec.grid, 1)) for _ in TABLES]
+        if split is None or split_of(layout) == split:
+            return colours, places, textures, layout
+
+
+def layouts(
+    seed: int, batch_size: int, spec: SceneSpec = SceneSpec(), objects: int | None = None, split: str | None = "train"
+) -> list[tuple]:
+    """The layouts `render` with these arguments draws, without drawing them."""
+    rng = np.random.default_rng(seed)
+    count = spec.objects if objects is None else objects
+    return [_draw(rng, spec, count, split)[3] for _ in range(batch_size)]
+
+
+def render(
+    seed: int, batch_size: int, spec: SceneSpec = SceneSpec(), objects: int | None = None, split: str | None = "train"
+) -> Batch:
+    """`batch_size` scenes of `split` from `seed` (`objects` overrides the spec's count, for a curriculum)."""
     rng = np.random.default_rng(seed)
     count = spec.objects if objects is None else objects
     size, patch, grid = spec.image_size, spec.patch, spec.grid
@@ -89,13 +128,13 @@ def render(seed: int, batch_size: int, spec: SceneSpec = SceneSpec(), objects: i
     token_mask = np.zeros((batch_size, spec.max_token_len), bool)
     actions = np.zeros((batch_size, spec.horizon, spec.action_dim), np.float32)
     target = np.zeros(batch_size, np.int32)
+    drawn_layouts = []
     fractions = (np.arange(spec.horizon, dtype=np.float32) + 1) / spec.horizon
     for i in range(batch_size):
-        colours = rng.choice(len(names), count, replace=False)
-        places = _place(rng, spec, count)
-        for camera, table in TABLES.items():
-            texture = rng.normal(0.0, 0.05, (grid, grid, 1)).repeat(patch, 0).repeat(patch, 1)
-            images[camera][i] = np.asarray(table, np.float32) + texture
+        colours, places, textures, layout = _draw(rng, spec, count, split)
+        drawn_layouts.append(layout)
+        for (camera, table), texture in zip(TABLES.items(), textures, strict=True):
+            images[camera][i] = np.asarray(table, np.float32) + texture.repeat(patch, 0).repeat(patch, 1)
         for k, (colour, (r, c)) in enumerate(zip(colours, places, strict=True)):
             rgb = np.asarray(COLOURS[names[colour]], np.float32)
             span = spec.block * patch
@@ -119,4 +158,5 @@ def render(seed: int, batch_size: int, spec: SceneSpec = SceneSpec(), objects: i
         actions=actions,
         target_mask=target_mask.reshape(batch_size, -1),
         target=target,
+        layouts=tuple(drawn_layouts),
     )

@@ -26,6 +26,7 @@ from openpi_prune.lab import scenes
 SIGLIP = "mu/28"
 _RENDER_THREADS = 3  # batches rendered ahead of the step that trains on them
 VALIDATION_SEED = 1_000_000  # training batches use seeds 0, 1, ...; validation never meets them
+TEST_SEED = 2_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +132,9 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
 
     history = []
     task = progress.add_task(description, total=schedule.steps) if progress is not None else None
-    single = int(schedule.single_object * schedule.steps)
 
     def batch_of(step):
-        batch = scenes.render(schedule.seed + step, schedule.batch_size, spec, objects=1 if step < single else None)
+        batch = scenes.render(*_batch_arguments(schedule, spec, step))
         return batch.observation(), jnp.asarray(batch.actions)
 
     note = ""
@@ -157,6 +157,19 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
                 progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
     nnx.update(model, params)
     return history
+
+
+def _batch_arguments(schedule: Schedule, spec: scenes.SceneSpec, step: int) -> tuple:
+    """`scenes.render`'s arguments for a training step's batch (of the train split)."""
+    single = step < int(schedule.single_object * schedule.steps)
+    return schedule.seed + step, schedule.batch_size, spec, 1 if single else None, "train"
+
+
+def training_layouts(schedule: Schedule, spec: scenes.SceneSpec) -> set[tuple]:
+    """Every layout a training run with `schedule` draws, without drawing its images."""
+    return {
+        layout for step in range(schedule.steps) for layout in scenes.layouts(*_batch_arguments(schedule, spec, step))
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,12 +206,22 @@ class Evaluation:
 
 
 def validation(spec: scenes.SceneSpec, size: int = 64) -> scenes.Batch:
-    return scenes.render(VALIDATION_SEED, size, spec)
+    """Scenes of the validation split: what choices are made on."""
+    return scenes.render(VALIDATION_SEED, size, spec, split="validation")
+
+
+def test(spec: scenes.SceneSpec, size: int = 1024) -> scenes.Batch:
+    """Scenes of the test split, whose layouts training never draws: what is reported."""
+    return scenes.render(TEST_SEED, size, spec, split="test")
+
+
+def mean_action(spec: scenes.SceneSpec) -> np.ndarray:
+    """The training actions' mean chunk: what predicting the mean predicts."""
+    return scenes.render(VALIDATION_SEED + 1, 1024, spec, split="train").actions.mean(0)
 
 
 def mean_action_mse(spec: scenes.SceneSpec, val: scenes.Batch) -> float:
-    mean = scenes.render(VALIDATION_SEED + 1, 1024, spec).actions.mean(0)
-    return float(np.mean((val.actions - mean) ** 2))
+    return float(np.mean((val.actions - mean_action(spec)) ** 2))
 
 
 _samplers: dict = {}
@@ -212,33 +235,45 @@ def _sampler(graphdef, state, num_steps: int):
     if key not in _samplers:
 
         @jax.jit
-        def sample(state, observation):
+        def sample(state, observation, noise_seed):
             m = nnx.merge(graphdef, state)
             with telemetry.collect() as reports:
-                actions = m.sample_actions(jax.random.key(VALIDATION_SEED), observation, num_steps=num_steps)
+                actions = m.sample_actions(jax.random.key(noise_seed), observation, num_steps=num_steps)
             return actions, (reports[0] if reports else {})
 
         _samplers[key] = sample
     return _samplers[key]
 
 
+def sample(model, batch: scenes.Batch, noise_seed: int = VALIDATION_SEED, num_steps: int = 10, chunk: int = 256):
+    """`sample_actions` on `batch` (noise from `noise_seed`, in chunks of `chunk` scenes) and the
+    pruner's report, each as numpy."""
+    graphdef, state = nnx.split(model)
+    sampler = _sampler(graphdef, state, num_steps)
+    parts = []
+    for start in range(0, len(batch.actions), chunk):
+        observation = jax.tree.map(lambda x, s=start: x[s : s + chunk], batch.observation())
+        parts.append(jax.device_get(sampler(state, observation, jnp.uint32(noise_seed + start))))
+    actions = np.concatenate([np.asarray(a) for a, _ in parts])
+    report = {k: np.concatenate([np.asarray(r[k]) for _, r in parts]) for k in parts[0][1]}
+    return actions, report
+
+
 def evaluate(model, spec: scenes.SceneSpec, val: scenes.Batch, mean_mse: float, num_steps: int = 10) -> Evaluation:
     """Sampled actions (fixed noise) against the truth, and what the pruner in force kept."""
     pruned = openpi_prune.is_enabled()
-    graphdef, state = nnx.split(model)
-    sample = _sampler(graphdef, state, num_steps)
-    actions, report = jax.device_get(sample(state, val.observation()))
-    mse = float(np.mean((np.asarray(actions) - val.actions) ** 2))
+    actions, report = sample(model, val, num_steps=num_steps)
+    mse = float(np.mean((actions - val.actions) ** 2))
     if not pruned or not report:
         return Evaluation(mse, mean_mse, None, None, None, None)
     live = [i for i, camera in enumerate(val.images) if camera != scenes.MASKED_CAMERA]
-    kept_mask = np.asarray(report["kept_mask"])
+    kept_mask = report["kept_mask"]
     target = val.target_mask
     recall = float((kept_mask & target).sum() / target.sum())
     return Evaluation(
         mse,
         mean_mse,
-        np.asarray(report["kept_per_camera"])[:, live],
+        report["kept_per_camera"][:, live],
         recall,
         float(np.mean(report["query_spread"])),
         kept_mask,
