@@ -146,7 +146,9 @@ def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str) 
     mean_mse = train.mean_action_mse(plan.spec, val)
 
     def check(m) -> dict:
-        return {"val_mse_vs_mean": train.evaluate(m, plan.spec, val, mean_mse).mse_ratio}
+        ratio = train.evaluate(m, plan.spec, val, mean_mse).mse_ratio
+        console.print(f"baseline: validation MSE / predict-the-mean {ratio:.4f}")  # a log shows the curve
+        return {"val_mse_vs_mean": ratio}
 
     history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
     save_trained(model, path, _frozen(plan.spec))
