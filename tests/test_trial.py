@@ -1,0 +1,122 @@
+"""The fair trial: held-out layouts, prompt-blind baselines, paired intervals, runs that resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import openpi_prune
+from openpi_prune.lab import scenes, train, trial
+
+SPEC = scenes.SceneSpec()
+
+
+def test_every_split_draws_only_its_own_layouts_and_layouts_lists_what_render_draws():
+    for split in scenes.SPLITS:
+        batch = scenes.render(11, 40, SPEC, split=split)
+        assert {scenes.split_of(layout) for layout in batch.layouts} == {split}
+        assert list(batch.layouts) == scenes.layouts(11, 40, SPEC, split=split)
+    # The layout is the arrangement (colour and place of every block), not which block is named.
+    layout = scenes.render(3, 1, SPEC, split=None).layouts[0]
+    assert len(layout) == SPEC.objects and layout == tuple(sorted(layout))
+
+
+def test_no_training_step_draws_a_test_or_validation_layout():
+    schedule = train.Schedule(steps=300, lr=1e-3, batch_size=32, single_object=0.25)
+    seen = train.training_layouts(schedule, SPEC)
+    held_out = set(train.test(SPEC, 512).layouts) | set(train.validation(SPEC, 256).layouts)
+    assert len(seen) > 5000 and len(held_out) > 600
+    assert not seen & held_out
+    # Without the split the same seeds would have met them: the check can fail.
+    anywhere = {layout for step in range(300) for layout in scenes.layouts(step, 32, SPEC, split=None)}
+    assert anywhere & {layout for layout in anywhere if scenes.split_of(layout) == "test"}
+
+
+def _kept(method: str, batch: scenes.Batch, model) -> np.ndarray:
+    with openpi_prune.enabled(method=method, warn_below=0, telemetry=False):
+        return train.sample(model, batch, num_steps=2)[1]["kept_mask"]
+
+
+@pytest.fixture(scope="module")
+def lab_model():
+    return train.create(SPEC)
+
+
+@pytest.mark.parametrize("method", ["random", "distinct"])
+def test_prompt_blind_baselines_keep_the_share_whatever_the_prompt_says(lab_model, method):
+    batch = scenes.render(5, 6, SPEC, split=None)
+    renamed = batch.tokens.copy()
+    renamed[:, 3] = scenes.WORDS["yellow"]  # another colour named, the same images
+    other = trial.dataclasses.replace(batch, tokens=renamed)
+    kept = _kept(method, batch, lab_model)
+    np.testing.assert_array_equal(kept, _kept(method, other, lab_model))
+    live = 2 * SPEC.grid**2
+    np.testing.assert_array_equal(kept.sum(-1), math.ceil(0.2 * live))
+    assert not kept[:, live:].any(), "the masked camera's patches are never kept"
+
+
+def test_random_share_is_drawn_anew_per_image_and_repeats_for_the_same_image(lab_model):
+    batch = scenes.render(6, 4, SPEC, split=None)
+    kept = _kept("random", batch, lab_model)
+    assert len({row.tobytes() for row in kept}) == 4
+    np.testing.assert_array_equal(kept, _kept("random", batch, lab_model))
+
+
+def test_distinct_keeps_what_stands_out_and_random_does_not(lab_model):
+    # One block on a plain table: the block's patches are the least like the rest of their image.
+    batch = scenes.render(5, 8, SPEC, objects=1, split=None)
+    recall = {
+        m: (_kept(m, batch, lab_model) & batch.target_mask).sum() / batch.target_mask.sum()
+        for m in ("distinct", "random")
+    }
+    assert recall["distinct"] == 1.0
+    assert recall["random"] < 0.5
+
+
+def test_paired_ratio_interval_holds_the_ratio_and_needs_the_reference():
+    rng = np.random.default_rng(0)
+    reference = {s: rng.gamma(2.0, 1.0, (2, 200)) for s in range(3)}
+    same = trial.paired_ratio(reference, reference, rng)
+    assert same["ratio"] == same["low"] == same["high"] == 1.0
+    worse = trial.paired_ratio({s: 1.2 * v for s, v in reference.items()}, reference, rng)
+    assert worse["ratio"] == pytest.approx(1.2) and worse["low"] == pytest.approx(1.2)
+    noisy = trial.paired_ratio({s: v * rng.uniform(0.5, 1.7, v.shape) for s, v in reference.items()}, reference, rng)
+    assert noisy["low"] < noisy["ratio"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.02
+    assert trial.paired_ratio(reference, {7: reference[0]}, rng) is None
+
+
+@pytest.mark.slow
+def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
+    only = [trial.REFERENCE, "default (relevance)", "distinct (prompt-blind)"]
+    report = trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
+    assert report["splits"]["test_layouts_in_training"] == 0
+    assert report["splits"]["test_layouts"] > 0
+    rows = report["variants"]
+    assert set(rows) == set(only)
+    for name in only[1:]:
+        pair = rows[name]["test_ratio"]
+        assert pair["low"] <= pair["ratio"] <= pair["high"] and pair["seeds"] == [0]
+        assert rows[name]["kept_share"] == pytest.approx(13 / 64)
+        assert 0 <= rows[name]["precision"] <= 1 and 0 <= rows[name]["recall"] <= 1
+        # Compact (the shipped path) and masked agree on the fine-tuned weights.
+        assert rows[name]["masked_vs_compact_max_abs"] < 1e-4
+    run_file = tmp_path / "runs" / "seed-0" / "default-relevance.json"
+    saved = json.loads(run_file.read_text())
+    assert saved["commit"] and saved["settings"]["mode"] == "compact"
+    assert np.asarray(saved["test_mse"]).shape == (trial.QUICK.noise_draws, trial.QUICK.test)
+    for name in ("results.md", "results.json", "ratios.png", "baseline/params.npz"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    # The next piece resumes: nothing is trained again, the same figures come back.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run or the baseline was trained again")
+
+    monkeypatch.setattr(train, "train", no_training)
+    again = trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
+    assert again["variants"] == rows
+    # Without the reference's run, a ratio is said to be missing, never taken against another figure.
+    (tmp_path / "runs" / "seed-0" / "reference-unpruned.json").unlink()
+    alone = trial.run(out=str(tmp_path), quick=True, seeds=[0], report_only=True)
+    assert alone["variants"]["default (relevance)"]["test_ratio"] == "no reference run for these seeds"
+    assert "no reference" in (tmp_path / "results.md").read_text()
