@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument(
         "--out", default="trial-results", help="folder for runs, tables and the baseline (default: %(default)s)"
     )
+    trial.add_argument("--family", default="blocks", help="scene family: blocks or named (default: %(default)s)")
     trial.add_argument("--quick", action="store_true", help="a few steps and scenes: checks the pipeline only")
     trial.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds to run (default 0 1 2)")
     trial.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
@@ -147,7 +148,14 @@ def _lab(args) -> int:
 def _trial(args) -> int:
     from openpi_prune.lab import trial
 
-    trial.run(out=args.out, quick=args.quick, seeds=args.seeds, only=args.only, report_only=args.report_only)
+    trial.run(
+        out=args.out,
+        family=args.family,
+        quick=args.quick,
+        seeds=args.seeds,
+        only=args.only,
+        report_only=args.report_only,
+    )
     return 0
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import openpi_prune
-from openpi_prune.lab import scenes, train, trial
+from openpi_prune.lab import named, scenes, train, trial
 
 SPEC = scenes.SceneSpec()
+NAMED = named.NamedSpec()
 
 
 def test_every_split_draws_only_its_own_layouts_and_layouts_lists_what_render_draws():
@@ -22,15 +23,59 @@ def test_every_split_draws_only_its_own_layouts_and_layouts_lists_what_render_dr
     assert len(layout) == SPEC.objects and layout == tuple(sorted(layout))
 
 
-def test_no_training_step_draws_a_test_or_validation_layout():
+@pytest.mark.parametrize("spec", [SPEC, NAMED], ids=["blocks", "named"])
+def test_no_training_step_draws_a_test_or_validation_layout(spec):
     schedule = train.Schedule(steps=300, lr=1e-3, batch_size=32, single_object=0.25)
-    seen = train.training_layouts(schedule, SPEC)
-    held_out = set(train.test(SPEC, 512).layouts) | set(train.validation(SPEC, 256).layouts)
+    seen = train.training_layouts(schedule, spec)
+    held_out = set(train.test(spec, 512).layouts) | set(train.validation(spec, 256).layouts)
     assert len(seen) > 5000 and len(held_out) > 600
     assert not seen & held_out
     # Without the split the same seeds would have met them: the check can fail.
     anywhere = {layout for step in range(300) for layout in scenes.layouts(step, 32, SPEC, split=None)}
     assert anywhere & {layout for layout in anywhere if scenes.split_of(layout) == "test"}
+
+
+def _patch_colours(batch: scenes.Batch, i: int, camera: str, grid: int) -> np.ndarray:
+    patch = batch.images[camera][i].shape[0] // grid
+    return batch.images[camera][i].reshape(grid, patch, grid, patch, 3).mean(axis=(1, 3)).reshape(-1, 3)
+
+
+def test_named_scenes_hold_more_objects_than_the_budget_and_name_two_of_them():
+    batch = named.render(4, 24, NAMED, split=None)
+    per, colours = NAMED.grid**2, list(named.COLOURS)
+    objects = (batch.target_mask | batch.distractor_mask)[:, :per].sum(-1)
+    assert objects.min() >= NAMED.object_patches > math.ceil(0.2 * per), "a 20 % budget cannot keep every object"
+    for i in range(24):
+        layout, (first, second) = batch.layouts[i], batch.named[i]
+        (k1, s1, *_), (k2, s2, *_) = layout[first], layout[second]
+        words = batch.tokens[i][batch.token_mask[i]].tolist()
+        assert words[2:4] == [named.WORDS[colours[k1]], named.WORDS[s1]]
+        assert words[6:8] == [named.WORDS[colours[k2]], named.WORDS[s2]]
+        # A distractor shares the first named object's colour, in another shape.
+        assert any(k == k1 and s != s1 for k, s, *_ in layout)
+        for c, camera in enumerate(scenes.TABLES):
+            means = _patch_colours(batch, i, camera, NAMED.grid)
+            named_patches = batch.target_mask[i, c * per : (c + 1) * per]
+            assert named_patches.sum() == np.prod(named.SHAPES[s1]) + np.prod(named.SHAPES[s2])
+            wanted = np.asarray([named.COLOURS[colours[k1]], named.COLOURS[colours[k2]]])
+            distance = np.abs(means[named_patches][:, None] - wanted[None]).max(-1).min(-1)
+            assert distance.max() < 1e-4, "every named patch shows a named colour"
+        # The chunk reaches the first object halfway, and ends on the second.
+        for step, (_, shape, r, col) in ((NAMED.horizon // 2 - 1, layout[first]), (-1, layout[second])):
+            rows, cols = named.SHAPES[shape]
+            centre = np.array([col + cols / 2, r + rows / 2]) / NAMED.grid * 2 - 1
+            np.testing.assert_allclose(batch.actions[i, step], centre, atol=1e-6)
+
+
+def test_a_renamed_scene_keeps_its_images_and_names_a_new_first_object():
+    batch = named.render(9, 16, NAMED, split="test")
+    swapped = named.rename(batch, NAMED, seed=2)
+    for camera in batch.images:
+        np.testing.assert_array_equal(swapped.images[camera], batch.images[camera])
+    assert all(new[0] not in old for new, old in zip(swapped.named, batch.named, strict=True))
+    assert not np.array_equal(swapped.actions, batch.actions)
+    again = named.render(9, 16, NAMED, split="test")
+    assert again.layouts == batch.layouts and again.named == batch.named
 
 
 def _kept(method: str, batch: scenes.Batch, model) -> np.ndarray:
@@ -120,3 +165,14 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     alone = trial.run(out=str(tmp_path), quick=True, seeds=[0], report_only=True)
     assert alone["variants"]["default (relevance)"]["test_ratio"] == "no reference run for these seeds"
     assert "no reference" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_trial_on_named_scenes_reports_distractors_and_the_prompt_swap(tmp_path):
+    only = [trial.REFERENCE, "distinct (prompt-blind)"]
+    report = trial.run(out=str(tmp_path), family="named", quick=True, seeds=[0], only=only)
+    row = report["variants"]["distinct (prompt-blind)"]
+    assert 0 <= row["distractors_kept"] <= 1 and 0 <= row["swap_coverage"] <= 1
+    assert row["recall"] < 1, "a prompt-blind choice cannot hold every named patch here"
+    assert report["plan"]["spec"]["objects"] == named.NamedSpec().objects
+    assert "prompt swap" in (tmp_path / "results.md").read_text()

@@ -65,6 +65,8 @@ class Batch:
     target_mask: np.ndarray  # [b, cameras * grid * grid] bool: the target's patches, cameras in image order
     target: np.ndarray  # [b] index into COLOURS
     layouts: tuple = ()  # per scene, the layout its split was drawn by
+    named: tuple = ()  # `named` family: per scene, the indices into its layout of the two named objects
+    distractor_mask: np.ndarray | None = None  # `named` family: [b, patches] of the objects not named
 
     def observation(self):
         """OpenPI's `Observation` of this batch (state unused by pi0.5's prompt: zeros)."""

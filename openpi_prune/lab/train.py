@@ -49,6 +49,14 @@ class Schedule:
     keep_ramp: float = 0.0
 
 
+def family(spec):
+    """The module that draws scenes of `spec`'s family: `scenes` (blocks, one named by colour) or
+    `named` (two named objects among distractors)."""
+    from openpi_prune.lab import named
+
+    return named if isinstance(spec, named.NamedSpec) else scenes
+
+
 def model_config(spec: scenes.SceneSpec):
     return small.config(
         pi05=True, action_horizon=spec.horizon, max_token_len=spec.max_token_len, action_dim=spec.action_dim
@@ -134,7 +142,7 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     task = progress.add_task(description, total=schedule.steps) if progress is not None else None
 
     def batch_of(step):
-        batch = scenes.render(*_batch_arguments(schedule, spec, step))
+        batch = family(spec).render(*_batch_arguments(schedule, spec, step))
         return batch.observation(), jnp.asarray(batch.actions)
 
     note = ""
@@ -168,7 +176,9 @@ def _batch_arguments(schedule: Schedule, spec: scenes.SceneSpec, step: int) -> t
 def training_layouts(schedule: Schedule, spec: scenes.SceneSpec) -> set[tuple]:
     """Every layout a training run with `schedule` draws, without drawing its images."""
     return {
-        layout for step in range(schedule.steps) for layout in scenes.layouts(*_batch_arguments(schedule, spec, step))
+        layout
+        for step in range(schedule.steps)
+        for layout in family(spec).layouts(*_batch_arguments(schedule, spec, step))
     }
 
 
@@ -207,17 +217,17 @@ class Evaluation:
 
 def validation(spec: scenes.SceneSpec, size: int = 64) -> scenes.Batch:
     """Scenes of the validation split: what choices are made on."""
-    return scenes.render(VALIDATION_SEED, size, spec, split="validation")
+    return family(spec).render(VALIDATION_SEED, size, spec, split="validation")
 
 
 def test(spec: scenes.SceneSpec, size: int = 1024) -> scenes.Batch:
     """Scenes of the test split, whose layouts training never draws: what is reported."""
-    return scenes.render(TEST_SEED, size, spec, split="test")
+    return family(spec).render(TEST_SEED, size, spec, split="test")
 
 
 def mean_action(spec: scenes.SceneSpec) -> np.ndarray:
     """The training actions' mean chunk: what predicting the mean predicts."""
-    return scenes.render(VALIDATION_SEED + 1, 1024, spec, split="train").actions.mean(0)
+    return family(spec).render(VALIDATION_SEED + 1, 1024, spec, split="train").actions.mean(0)
 
 
 def mean_action_mse(spec: scenes.SceneSpec, val: scenes.Batch) -> float:

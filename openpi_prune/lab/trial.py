@@ -10,7 +10,13 @@
    a run that finds it there skips it, so the trial goes on in pieces.
 3. `results.md`, `results.json` and `ratios.png`: each variant's test MSE as a ratio to the
    reference's, paired by seed, scene and noise draw, with a 95 % bootstrap interval over seeds and
-   scenes; kept share, recall and precision of the named block's patches.
+   scenes; kept share, recall and precision of the named objects' patches.
+
+Two scene families: `blocks` (`scenes`: three blocks, one named by its colour) and `named` (`named`:
+seven objects, two named by colour and shape, more than the budget holds, with distractors that
+share a named colour or shape). On `named` it also reports the share of distractor patches kept and
+a prompt swap: the same images with two other objects named, and how much of the newly named
+object's patches the kept set then covers.
 """
 
 import dataclasses
@@ -29,7 +35,7 @@ from rich.table import Table
 
 import openpi_prune
 from openpi_prune import patch, prefix
-from openpi_prune.lab import scenes, train
+from openpi_prune.lab import named, scenes, train
 
 console = Console(width=max(Console().width, 120))
 
@@ -55,7 +61,7 @@ class TrialPlan:
     validation: int = 256
     test: int = 1024
     noise_draws: int = 3
-    spec: scenes.SceneSpec = scenes.SceneSpec()
+    spec: scenes.SceneSpec | named.NamedSpec = scenes.SceneSpec()
 
     def finetune_for(self, seed: int) -> train.Schedule:
         """Seed `seed`'s fine-tuning: its own batches (and, through them, its own noise)."""
@@ -70,6 +76,8 @@ QUICK = TrialPlan(
     test=12,
     noise_draws=2,
 )
+FAMILIES = {"blocks": scenes.SceneSpec(), "named": named.NamedSpec()}
+SWAP_SEED = 3_000_000
 
 
 def settings_for(changes: dict) -> openpi_prune.PruneSettings:
@@ -188,7 +196,23 @@ def measure(model, plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> di
             "recall": _round(on_target / np.maximum(target.sum(-1), 1)),
             "precision": _round(on_target / np.maximum(kept.sum(-1), 1)),
         }
+        if test.distractor_mask is not None:
+            result |= prompt_swap(model, plan, test, kept)
     return result
+
+
+def prompt_swap(model, plan: TrialPlan, test: scenes.Batch, kept: np.ndarray) -> dict:
+    """The share of distractor patches kept, and after naming two other objects of the same images,
+    the share of the newly named patches kept, and the swapped prompt's MSE."""
+    distractors = test.distractor_mask
+    swapped = named.rename(test, plan.spec, SWAP_SEED)
+    actions, report = train.sample(model, swapped, noise_seed=train.TEST_SEED)
+    newly = swapped.target_mask & ~test.target_mask
+    return {
+        "distractors_kept": _round((kept & distractors).sum(-1) / np.maximum(distractors.sum(-1), 1)),
+        "swap_coverage": _round((report["kept_mask"] & newly).sum(-1) / np.maximum(newly.sum(-1), 1)),
+        "swap_mse": _round(_per_scene(actions, swapped.actions)),
+    }
 
 
 def masked_against_compact(model, test: scenes.Batch, scenes_to_check: int = 64) -> float:
@@ -261,12 +285,15 @@ def check_splits(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> dict
 
 def run(
     out: str = "trial-results",
+    family: str = "blocks",
     quick: bool = False,
     seeds: list[int] | None = None,
     only: list[str] | None = None,
     report_only: bool = False,
 ) -> dict:
-    plan = QUICK if quick else TrialPlan()
+    if family not in FAMILIES:
+        raise SystemExit(f"unknown scene family {family!r}; known: {', '.join(FAMILIES)}")
+    plan = dataclasses.replace(QUICK if quick else TrialPlan(), spec=FAMILIES[family])
     if seeds is not None:
         plan = dataclasses.replace(plan, seeds=tuple(seeds))
     unknown = set(only or ()) - set(VARIANTS)
@@ -368,6 +395,9 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict) -
                 "precision": float(np.mean([np.mean(r["precision"]) for r in by_seed.values()])),
                 "masked_vs_compact_max_abs": max(r["masked_vs_compact_max_abs"] for r in by_seed.values()),
             }
+            for key in ("distractors_kept", "swap_coverage"):
+                if all(key in r for r in by_seed.values()):
+                    row[key] = float(np.mean([np.mean(r[key]) for r in by_seed.values()]))
         rows[name] = row
     report = {
         "plan": dataclasses.asdict(plan),
@@ -405,6 +435,8 @@ def _cells(name: str, row: dict) -> list[str]:
         fmt("kept_share", "{:.0%}"),
         fmt("recall", "{:.0%}"),
         fmt("precision", "{:.0%}"),
+        fmt("distractors_kept", "{:.0%}"),
+        fmt("swap_coverage", "{:.0%}"),
         fmt("masked_vs_compact_max_abs", "{:.1e}"),
     ]
 
@@ -419,6 +451,8 @@ HEADERS = [
     "kept share",
     "recall",
     "precision",
+    "distractors kept",
+    "prompt swap: new object kept",
     "masked vs compact",
 ]
 
