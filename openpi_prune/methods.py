@@ -196,17 +196,20 @@ class TopShare(LanguageOnly):
         # It keeps the fraction of the live patches, at most this many: nothing ever overflows.
         return math.ceil(settings.keep_fraction * image_tokens) if settings.method == self.name else None
 
+    def keep(self, scores, candidate_mask, fraction, settings):
+        return relevance.keep_top(scores, candidate_mask, fraction)
+
     @hookimpl
     def openpi_prune_select(self, scores, candidate_mask, settings):
         if settings.method != self.name:
             return None
-        return relevance.keep_top(scores, candidate_mask, settings.keep_fraction)
+        return self.keep(scores, candidate_mask, settings.keep_fraction, settings)
 
     @hookimpl
     def openpi_prune_select_train(self, scores, candidate_mask, image_tokens, noise, saliency, keep_fraction, settings):
         if settings.method != self.name:
             return None
-        kept_mask = relevance.keep_top(scores, candidate_mask, keep_fraction)
+        kept_mask = self.keep(scores, candidate_mask, keep_fraction, settings)
         return image_tokens, kept_mask, kept_mask
 
 
@@ -272,9 +275,15 @@ class Relevance(TopShare):
         # The model trains on the share inference keeps, the rest hidden: by default the head's own
         # picks, so that it trains on the patches it will see (those of the saliency the head learns
         # from overlap them by about half in the lab).
-        chosen_by = scores if saliency is None or settings.train_picks == "head" else saliency
-        kept_mask = relevance.keep_top(chosen_by, candidate_mask, keep_fraction)
+        # (The saliency's log: its softmax is the normalised saliency the head learns, for keep_mass.)
+        chosen_by = scores if saliency is None or settings.train_picks == "head" else jnp.log(saliency + 1e-30)
+        kept_mask = self.keep(chosen_by, candidate_mask, keep_fraction, settings)
         return image_tokens, kept_mask, kept_mask
+
+    def keep(self, scores, candidate_mask, fraction, settings):
+        if settings.keep_mass:  # adaptive: as many as the scene's relevance needs, within the share
+            return relevance.keep_mass(scores, candidate_mask, settings.keep_mass, fraction)
+        return relevance.keep_top(scores, candidate_mask, fraction)
 
     @hookimpl
     def openpi_prune_wants_saliency(self, settings):

@@ -46,6 +46,23 @@ def keep_top(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"],
     return (rank(relevance, candidate_mask) < count) & candidate_mask
 
 
+def keep_mass(
+    relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"], mass: float, fraction: float
+) -> Bool[Array, "b n"]:
+    """Each sample's fewest most relevant candidates whose share of the softmax over its candidates
+    reaches `mass`: a scene whose relevance is spread keeps more. At least one, at most `fraction`
+    of the live ones (rounded up), so that a compact prefix sized for `fraction` always holds them."""
+    probs = jax.nn.softmax(jnp.where(candidate_mask, relevance, _NEG), axis=-1)
+    probs = jnp.where(candidate_mask, probs, 0.0)
+    ranks = rank(relevance, candidate_mask)
+    ordered = jnp.take_along_axis(probs, jnp.argsort(ranks, axis=-1), axis=-1)
+    # Patches needed: those before the running sum reaches `mass`, and the one that reaches it.
+    needed = jnp.sum(jnp.cumsum(ordered, axis=-1) - ordered < mass, axis=-1, keepdims=True)
+    live = jnp.sum(candidate_mask, axis=-1, keepdims=True)
+    count = jnp.where(live > 0, jnp.clip(needed, 1, jnp.ceil(fraction * live)), 0)
+    return (ranks < count) & candidate_mask
+
+
 def priority(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]) -> Int[Array, "b n"]:
     """Higher for more relevant patches, as `lightvla.fit_capacity` wants it."""
     return relevance.shape[-1] - rank(relevance, candidate_mask)

@@ -44,8 +44,11 @@ class PruneSettings:
     # Give PaliGemma every kept token at the position it had unpruned (OpenPI numbers tokens by
     # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
     keep_positions: bool = True
-    # Share of each sample's live patches the `relevance` method keeps.
+    # Share of each sample's live patches the `relevance` method keeps (with keep_mass: at most).
     keep_fraction: float = 0.2
+    # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
+    # share of the head's softmax mass, at most keep_fraction of them; 0: always keep_fraction.
+    keep_mass: float = 0.0
     # Which patches a `relevance` training pass keeps: those the head picks (what inference keeps),
     # or those the model's saliency picks (what the head learns to reproduce).
     train_picks: Literal["head", "saliency"] = "head"
@@ -78,6 +81,14 @@ class PruneSettings:
             or not (0 < self.keep_fraction <= 1)
         ):
             raise SettingsError(f"keep_fraction must be a number in (0, 1]; got {self.keep_fraction!r}")
+        if (
+            isinstance(self.keep_mass, bool)
+            or not isinstance(self.keep_mass, int | float)
+            or not (0 <= self.keep_mass <= 1)
+        ):
+            raise SettingsError(
+                f"keep_mass must be a number in [0, 1] (0: a fixed keep_fraction); got {self.keep_mass!r}"
+            )
         if not isinstance(self.drop_cameras, tuple) or not all(isinstance(c, str) and c for c in self.drop_cameras):
             raise SettingsError(
                 f"drop_cameras must be a tuple of camera names, e.g. ('right_wrist_0_rgb',); got {self.drop_cameras!r}"

@@ -150,6 +150,12 @@ def test_setting_keep_fraction_out_of_range(fraction):
         PruneSettings(keep_fraction=fraction)
 
 
+@pytest.mark.parametrize("mass", [-0.1, 1.5, True, "0.9"])
+def test_setting_keep_mass_out_of_range(mass):
+    with pytest.raises(SettingsError, match=r"keep_mass must be a number in \[0, 1\] \(0: a fixed keep_fraction\)"):
+        PruneSettings(keep_mass=mass)
+
+
 def test_setting_negative_numbers():
     with pytest.raises(SettingsError, match="noise_scale must be a number >= 0"):
         PruneSettings(noise_scale=-1)

@@ -33,6 +33,36 @@ def test_keep_top_keeps_the_most_relevant_share_of_live_patches(seed, fraction, 
         assert s[kept].min() >= s[~kept & np.asarray(live)].max()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    mass=st.floats(0.01, 1.0),
+    fraction=st.floats(0.05, 1.0),
+    spread=st.floats(0.1, 10.0),
+    live=st.lists(st.booleans(), min_size=24, max_size=24),
+)
+def test_keep_mass_keeps_the_fewest_top_patches_that_hold_the_mass_within_the_share(seed, mass, fraction, spread, live):
+    scores = spread * jax.random.normal(jax.random.key(seed), (1, 24))
+    candidate_mask = jnp.asarray([live])
+    kept = np.asarray(relevance.keep_mass(scores, candidate_mask, mass, fraction))[0]
+    live_np, live_count = np.asarray(live), sum(live)
+    if not live_count:
+        assert not kept.any()
+        return
+    cap = math.ceil(fraction * live_count)
+    assert 1 <= kept.sum() <= cap and not (kept & ~live_np).any()
+    s = np.asarray(scores, np.float64)[0]
+    if (~kept & live_np).any():
+        assert s[kept].min() >= s[~kept & live_np].max(), "the most relevant are kept"
+    probs = np.exp(s - s[live_np].max()) * live_np
+    probs /= probs.sum()
+    held = probs[kept].sum()
+    if kept.sum() < cap:
+        assert held >= mass - 1e-5, "below the cap, the kept patches hold the mass"
+    if kept.sum() > 1:
+        assert held - probs[kept].min() < mass + 1e-5, "one fewer would not hold it: the fewest"
+
+
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_distillation_is_best_when_relevance_matches_saliency(seed):
@@ -97,6 +127,25 @@ def test_relevance_keeps_its_share_of_live_patches_in_both_modes(relevance_model
     np.testing.assert_array_equal(kept["masked"], kept["compact"])
     np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
     assert np.isfinite(out["compact"]).all()
+
+
+def test_adaptive_budget_keeps_per_scene_counts_within_the_compact_capacity(relevance_model):
+    cfg, model = relevance_model
+    obs = _observation(cfg)
+    noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
+    out, kept = {}, {}
+    for mode in ("masked", "compact"):
+        with openpi_prune.enabled(method="relevance", keep_mass=0.5, keep_fraction=0.3, mode=mode, warn_below=0):
+            out[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
+            kept[mode] = last_report().kept_mask
+    per_camera = kept["masked"].shape[1] // 3
+    live = np.asarray([3, 2]) * per_camera
+    assert np.all(kept["masked"].sum(-1) >= 1) and np.all(kept["masked"].sum(-1) <= np.ceil(0.3 * live))
+    np.testing.assert_array_equal(kept["masked"], kept["compact"])
+    np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
+    with openpi_prune.enabled(method="relevance", keep_mass=1.0, keep_fraction=0.3, warn_below=0):
+        model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise)
+        np.testing.assert_array_equal(last_report().kept_mask.sum(-1), np.ceil(0.3 * live))  # all the mass: the cap
 
 
 def test_relevance_trains_only_its_head_from_saliency_and_hides_what_it_drops(relevance_model):

@@ -1,5 +1,6 @@
 """The fair trial: held-out layouts, prompt-blind baselines, paired intervals, runs that resume."""
 
+import dataclasses
 import json
 import math
 
@@ -93,7 +94,7 @@ def test_prompt_blind_baselines_keep_the_share_whatever_the_prompt_says(lab_mode
     batch = scenes.render(5, 6, SPEC, split=None)
     renamed = batch.tokens.copy()
     renamed[:, 3] = scenes.WORDS["yellow"]  # another colour named, the same images
-    other = trial.dataclasses.replace(batch, tokens=renamed)
+    other = dataclasses.replace(batch, tokens=renamed)
     kept = _kept(method, batch, lab_model)
     np.testing.assert_array_equal(kept, _kept(method, other, lab_model))
     live = 2 * SPEC.grid**2
@@ -160,7 +161,13 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train", no_training)
     again = trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
     assert again["variants"] == rows
+    # Runs made for other scenes or another plan are never paired with this one's.
+    monkeypatch.setattr(trial, "QUICK", dataclasses.replace(trial.QUICK, test=trial.QUICK.test - 2))
+    with pytest.raises(SystemExit, match="another plan or other scenes"):
+        trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
+    monkeypatch.undo()
     # Without the reference's run, a ratio is said to be missing, never taken against another figure.
+    monkeypatch.setattr(train, "train", no_training)
     (tmp_path / "runs" / "seed-0" / "reference-unpruned.json").unlink()
     alone = trial.run(out=str(tmp_path), quick=True, seeds=[0], report_only=True)
     assert alone["variants"]["default (relevance)"]["test_ratio"] == "no reference run for these seeds"

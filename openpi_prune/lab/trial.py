@@ -20,6 +20,7 @@ object's patches the kept set then covers.
 """
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import re
@@ -44,10 +45,14 @@ REFERENCE = "reference (unpruned)"
 VARIANTS = {
     REFERENCE: dict(method="keep_all", scoring="lightvla"),
     "default (relevance)": dict(method="relevance"),
-    "random share": dict(method="random"),
     "distinct (prompt-blind)": dict(method="distinct"),
+    "random share": dict(method="random"),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
+    # The kept count follows the scene (the head's softmax mass), at most 30 % of the live patches;
+    # after fine-tuning, keep_mass is set on the validation split to keep the default's share.
+    "adaptive budget (relevance)": dict(method="relevance", keep_mass=0.8, keep_fraction=0.3),
 }
+ADAPTIVE = "adaptive budget (relevance)"
 BOOTSTRAP = 2000
 
 
@@ -143,9 +148,31 @@ def _frozen(spec: scenes.SceneSpec) -> set[str]:
     return {k for k in flat if "input_embedding" in k}
 
 
-def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str) -> dict:
+def fingerprint(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch, training: set) -> str:
+    """A hash of what a run's figures rest on besides its code: the plan (but which seeds this piece
+    runs), the held-out scenes and every training layout. A piece resumes only runs that share it."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(dataclasses.replace(plan, seeds=())).encode())
+    for batch in (val, test):
+        digest.update(repr(batch.layouts).encode())
+        for array in (batch.actions, batch.tokens, *batch.images.values()):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(repr(sorted(training)).encode())
+    return digest.hexdigest()
+
+
+def _check_same(path: pathlib.Path, found: str | None, expected: str) -> None:
+    if found != expected:
+        raise SystemExit(
+            f"{path} was made for another plan or other scenes (fingerprint {found}, this run's {expected}): "
+            "its figures cannot be paired with this run's. Choose another --out, or move it away."
+        )
+
+
+def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str, print_: str) -> dict:
     path = out / "baseline" / "params.npz"
     if path.exists():
+        _check_same(path, json.loads((out / "baseline" / "history.json").read_text()).get("fingerprint"), print_)
         console.print(f"reusing the baseline in {path}")
         return load_trained(path, plan.spec)
     openpi_prune.disable()
@@ -161,7 +188,9 @@ def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str) 
     history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
     save_trained(model, path, _frozen(plan.spec))
     (out / "baseline" / "history.json").write_text(
-        json.dumps({"commit": code, "schedule": dataclasses.asdict(plan.baseline), "history": history})
+        json.dumps(
+            {"commit": code, "fingerprint": print_, "schedule": dataclasses.asdict(plan.baseline), "history": history}
+        )
     )
     return load_trained(path, plan.spec)
 
@@ -245,7 +274,17 @@ def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test,
         started = time.time()
         history = train.train(model, plan.spec, plan.finetune_for(seed), progress, f"seed {seed}: {name}")
         minutes = (time.time() - started) / 60
-        result = measure(model, plan, val, test)
+        calibration = {}
+        if settings.keep_mass:
+            settings = settings.replace(
+                keep_mass=calibrate_mass(model, val, openpi_prune.PruneSettings().keep_fraction)
+            )
+            openpi_prune.enable(settings)
+            calibration = {
+                "keep_mass_trained": VARIANTS[name]["keep_mass"],
+                "keep_mass_chosen_on_validation": settings.keep_mass,
+            }
+        result = measure(model, plan, val, test) | calibration
         if settings.method != "keep_all":
             result["masked_vs_compact_max_abs"] = masked_against_compact(model, test)
     finally:
@@ -262,14 +301,26 @@ def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test,
     } | result
 
 
+def calibrate_mass(model, val: scenes.Batch, share: float, steps: int = 12) -> float:
+    """The `keep_mass` at which the model in force keeps `share` of the validation scenes' live
+    patches on average (bisection: the kept count only grows with the mass)."""
+    per_camera = val.target_mask.shape[1] // len(val.images)
+    live_patches = per_camera * sum(int(mask.sum()) for mask in val.image_masks.values())
+    settings = openpi_prune.current_settings()
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        with openpi_prune.enabled(settings.replace(keep_mass=middle)):
+            kept = train.sample(model, val, num_steps=1)[1]["kept_mask"].sum()
+        low, high = (middle, high) if kept / live_patches < share else (low, middle)
+    return (low + high) / 2
+
+
 # --- the whole trial -------------------------------------------------------------------------------
 
 
-def check_splits(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> dict:
-    """How many validation and test layouts any training run of the trial drew (must be none)."""
-    seen = train.training_layouts(plan.baseline, plan.spec)
-    for seed in plan.seeds:
-        seen |= train.training_layouts(plan.finetune_for(seed), plan.spec)
+def check_splits(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch, seen: set) -> dict:
+    """How many validation and test layouts the trial's training runs (`seen`) drew: must be none."""
     check = {
         "training_layouts": len(seen),
         "test_layouts": len(set(test.layouts)),
@@ -305,29 +356,37 @@ def run(
     warnings.simplefilter("ignore", prefix.UntrainedParametersWarning)  # expected: fine-tuning starts them
     val = train.validation(plan.spec, plan.validation)
     test = train.test(plan.spec, plan.test)
-    splits = check_splits(plan, val, test)
+    baseline_layouts = train.training_layouts(plan.baseline, plan.spec)
+    seen = set(baseline_layouts)
+    # Every seed of this piece and of the pieces before it (their runs are summarised with it).
+    earlier = {int(folder.name.removeprefix("seed-")) for folder in out_dir.glob("runs/seed-*")}
+    for seed in sorted(set(plan.seeds) | earlier):
+        seen |= train.training_layouts(plan.finetune_for(seed), plan.spec)
+    splits = check_splits(plan, val, test, seen)
     code = commit()  # the code this process runs, whatever is committed while it does
+    print_ = fingerprint(plan, val, test, baseline_layouts)
     if not report_only:
         with _progress() as progress:
-            base_params = baseline(plan, out_dir, progress, code)
+            base_params = baseline(plan, out_dir, progress, code, print_)
             for seed in plan.seeds:
                 for name in VARIANTS:
                     path = out_dir / "runs" / f"seed-{seed}" / f"{_slug(name)}.json"
                     if (only and name not in only) or path.exists():
                         continue
-                    row = run_one(plan, seed, name, base_params, val, test, progress, code)
+                    row = run_one(plan, seed, name, base_params, val, test, progress, code) | {"fingerprint": print_}
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(row))
                     console.print(f"seed {seed}, {name}: test MSE {np.mean(row['test_mse']):.5f} -> {path}")
-    report = summarise(out_dir, plan, val, test, splits)
+    report = summarise(out_dir, plan, val, test, splits, print_)
     _print(report)
     return report
 
 
-def load_runs(out_dir: pathlib.Path) -> dict[str, dict[int, dict]]:
+def load_runs(out_dir: pathlib.Path, print_: str) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out_dir.glob("runs/seed-*/*.json")):
         row = json.loads(path.read_text())
+        _check_same(path, row.get("fingerprint"), print_)
         runs.setdefault(row["variant"], {})[row["seed"]] = row
     return runs
 
@@ -353,8 +412,8 @@ def paired_ratio(
     return {"ratio": float(v.sum() / r.sum()), "low": float(low), "high": float(high), "seeds": seeds}
 
 
-def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict) -> dict:
-    runs = load_runs(out_dir)
+def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, print_: str) -> dict:
+    runs = load_runs(out_dir, print_)
     mean_action = train.mean_action(plan.spec)
     mean_test = float(np.mean((test.actions - mean_action) ** 2))
     mean_val = float(np.mean((val.actions - mean_action) ** 2))
@@ -404,6 +463,7 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict) -
         "splits": splits,
         "bootstrap": BOOTSTRAP,
         "summarised_by": commit(),
+        "fingerprint": print_,
         "variants": rows,
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
