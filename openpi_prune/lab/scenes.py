@@ -68,6 +68,16 @@ class Batch:
     named: tuple = ()  # `named` family: per scene, the indices into its layout of the two named objects
     distractor_mask: np.ndarray | None = None  # `named` family: [b, patches] of the objects not named
 
+    def head(self, count: int) -> "Batch":
+        """The first `count` scenes."""
+
+        def first(value):
+            if isinstance(value, dict):
+                return {k: v[:count] for k, v in value.items()}
+            return None if value is None else value[:count]
+
+        return dataclasses.replace(self, **{f.name: first(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def observation(self):
         """OpenPI's `Observation` of this batch (state unused by pi0.5's prompt: zeros)."""
         import jax.numpy as jnp

@@ -247,17 +247,7 @@ def prompt_swap(model, plan: TrialPlan, test: scenes.Batch, kept: np.ndarray) ->
 def masked_against_compact(model, test: scenes.Batch, scenes_to_check: int = 64) -> float:
     """Largest difference between the actions of compact mode (in force) and masked mode, same
     weights and noise: they must agree on a trained checkpoint, not only on random weights."""
-    subset = dataclasses.replace(
-        test,
-        **{
-            f.name: (
-                {k: v[:scenes_to_check] for k, v in getattr(test, f.name).items()}
-                if isinstance(getattr(test, f.name), dict)
-                else getattr(test, f.name)[:scenes_to_check]
-            )
-            for f in dataclasses.fields(test)
-        },
-    )
+    subset = test.head(scenes_to_check)
     compact = train.sample(model, subset)[0]
     with openpi_prune.enabled(dataclasses.replace(openpi_prune.current_settings(), mode="masked")):
         masked = train.sample(model, subset)[0]
