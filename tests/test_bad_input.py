@@ -183,7 +183,7 @@ def test_setting_unknown_name():
 
 def test_setting_unknown_method():
     before = _openpi_attributes()
-    with pytest.raises(SettingsError, match="unknown pruning method 'nope'; known: action_queries, keep_all"):
+    with pytest.raises(SettingsError, match="unknown pruning method 'nope'; known: action_queries, distinct, keep_all"):
         openpi_prune.enable(method="nope")
     assert not openpi_prune.is_enabled()
     assert all(now is before[name] for name, now in _openpi_attributes().items())

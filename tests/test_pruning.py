@@ -184,7 +184,7 @@ def test_bad_input_gets_clear_errors(pi05):
     obs = small.observation(cfg, batch_size=1)
     with pytest.raises(
         SettingsError,
-        match="unknown pruning method 'nope'.*known: action_queries, keep_all, language_only, relevance, scheme_a, scheme_b",
+        match="unknown pruning method 'nope'.*known: action_queries, distinct, keep_all, language_only, random, relevance, scheme_a, scheme_b",
     ):
         openpi_prune.enable(method="nope")
     assert not openpi_prune.is_enabled()
