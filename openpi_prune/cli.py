@@ -118,13 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds to run (default 0 1 2)")
     trial.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
     trial.add_argument("--report-only", action="store_true", help="summarise the runs in --out, run nothing")
+    suite = sub.add_parser(
+        "metaworld", help="closed-loop success on Meta-World: pruned against unpruned, through OpenPI's server"
+    )
+    suite.add_argument(
+        "--out", default="metaworld-results", help="folder for episodes, checkpoint and tables (default: %(default)s)"
+    )
+    suite.add_argument(
+        "--quick", action="store_true", help="one task, two episodes, a few steps: checks the pipeline only"
+    )
+    suite.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
+    suite.add_argument("--episodes", type=int, help="held-out episodes per task (default 50)")
+    suite.add_argument("--baseline-steps", type=int, help="training steps of the unpruned policy (default 6000)")
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "demo": demo, "bench": _bench, "lab": _lab, "trial": _trial, "diagnose": _diagnose.run}[
-        args.command
-    ](args)
+    return {
+        "doctor": doctor,
+        "demo": demo,
+        "bench": _bench,
+        "lab": _lab,
+        "trial": _trial,
+        "metaworld": _metaworld,
+        "diagnose": _diagnose.run,
+    }[args.command](args)
 
 
 def _lab(args) -> int:
@@ -156,6 +174,19 @@ def _trial(args) -> int:
         only=args.only,
         report_only=args.report_only,
     )
+    return 0
+
+
+def _metaworld(args) -> int:
+    from openpi_prune.lab import metaworld, metaworld_trial
+
+    try:
+        metaworld_trial.run(
+            out=args.out, quick=args.quick, only=args.only, episodes=args.episodes, baseline_steps=args.baseline_steps
+        )
+    except metaworld.SuiteError as error:
+        print(f"openpi-prune metaworld: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -110,3 +110,25 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def success(rows: dict, path: pathlib.Path) -> None:
+    """Closed-loop success per variant, with Wilson 95 % intervals."""
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
+    for i, name in enumerate(names):
+        row = rows[name]
+        ax.errorbar(
+            row["success"],
+            i,
+            xerr=[[row["success"] - row["low"]], [row["high"] - row["success"]]],
+            fmt="o",
+            capsize=4,
+            color="tab:blue" if name.startswith("default") else "tab:gray",
+        )
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("closed-loop success on held-out reset seeds (Wilson 95 %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

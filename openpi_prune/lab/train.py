@@ -50,11 +50,11 @@ class Schedule:
 
 
 def family(spec):
-    """The module that draws scenes of `spec`'s family: `scenes` (blocks, one named by colour) or
-    `named` (two named objects among distractors)."""
-    from openpi_prune.lab import named
+    """The module that draws batches of `spec`'s family: `scenes` (blocks, one named by colour),
+    `named` (two named objects among distractors) or `metaworld` (expert episodes)."""
+    from openpi_prune.lab import metaworld, named
 
-    return named if isinstance(spec, named.NamedSpec) else scenes
+    return {named.NamedSpec: named, metaworld.MetaWorldSpec: metaworld}.get(type(spec), scenes)
 
 
 def model_config(spec: scenes.SceneSpec):

@@ -1,0 +1,379 @@
+"""Meta-World as a lab suite: expert episodes, a small pi0.5 trained on them, closed-loop success.
+
+Meta-World's tasks (MuJoCo, a Sawyer arm) each come with a scripted expert that reads the objects'
+positions from the simulator. The policy does not get them: it sees two cameras at 224 x 224 in
+OpenPI's format (`corner3` as the base view, `gripperPOV` as the wrist; the right wrist masked, as
+in LIBERO), a prompt naming the task, and the robot's own state (hand position, gripper opening)
+as discretised tokens after the prompt, as pi0.5 takes its state. So the images are needed to find
+the objects, which move with the reset seed.
+
+- `collect`: expert episodes on the train reset seeds, cached on disk (`episodes/<task>/<seed>.npz`).
+- `render` (the lab's family interface): training batches drawn from those episodes, so that the
+  lab's `train.train` trains on them with OpenPI's `compute_loss`.
+- `serve` / `closed_loop`: the model behind OpenPI's `Policy` and `WebsocketPolicyServer`, driven by
+  `openpi-client` as a robot is: an action chunk per call, its first `replan` actions executed, as
+  OpenPI's LIBERO client does. Success on held-out reset seeds, never seen in training.
+"""
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import socket
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from openpi_prune.lab import scenes
+
+TASKS = {  # task -> the instruction the prompt says
+    "button-press-topdown-v3": "press the button from the top",
+    "drawer-open-v3": "open the drawer",
+    "window-open-v3": "slide the window open",
+    "handle-press-v3": "press the handle down",
+    "faucet-open-v3": "turn the faucet open",
+}
+CAMERAS = {"base_0_rgb": "corner3", "left_wrist_0_rgb": "gripperPOV"}
+# The state's range, per dimension (hand x, y, z in metres; gripper opening), for its tokens.
+STATE_LOW, STATE_HIGH = np.array([-0.6, 0.2, 0.0, 0.0]), np.array([0.6, 1.0, 0.5, 1.0])
+STATE_BINS = 256
+STATE_TOKENS = 250_000  # first id of the state's bins (PaliGemma's vocabulary ends at 257,152)
+WORD_TOKENS = (1_000, 200_000)  # a word's fixed id: a hash of it in this range (no tokenizer download)
+TEST_SEEDS = 10_000  # closed-loop reset seeds start here; training's are 0, 1, ...
+INSTALL = (
+    "apt-get install -y libegl1 libgl1-mesa-dri (then MUJOCO_GL=egl EGL_PLATFORM=surfaceless), or "
+    "apt-get install -y libosmesa6 (then MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa)"
+)
+
+
+class SuiteError(RuntimeError):
+    """The suite cannot run here: what is missing, and the command that installs it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaWorldSpec:
+    episodes_dir: str = "metaworld-results/episodes"
+    tasks: tuple[str, ...] = tuple(TASKS)
+    train_seeds: int = 30  # expert episodes per task
+    image_size: int = 224
+    patch: int = 28  # SigLIP mu/28: 8 x 8 patches a camera
+    horizon: int = 10
+    replan: int = 5  # actions executed per policy call (OpenPI's LIBERO client: 5 of 10)
+    action_dim: int = 4
+    max_token_len: int = 16
+    max_steps: int = 200  # a policy episode's step limit (the experts need 19-92)
+    expert_steps: int = 500  # an expert episode's (Meta-World's own limit)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+
+# --- the simulator -----------------------------------------------------------------------------------
+
+
+def require_rendering() -> None:
+    """MuJoCo renders headless here, or a `SuiteError` says what to install."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] == "egl":
+        os.environ.setdefault("EGL_PLATFORM", "surfaceless")
+    elif os.environ["MUJOCO_GL"] == "osmesa":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    try:
+        import metaworld  # noqa: F401
+        import mujoco
+    except ImportError as error:
+        raise SuiteError(f"the Meta-World suite needs {error.name}: pip install 'openpi-prune[metaworld]'") from None
+    try:
+        context = mujoco.GLContext(8, 8)
+        context.make_current()
+        context.free()
+    except Exception as error:  # noqa: BLE001 - any failure here is a missing system library
+        raise SuiteError(
+            f"MuJoCo cannot render headless with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}: "
+            f"{error}). Install the libraries: {INSTALL}"
+        ) from None
+
+
+def make_env(task: str, spec: MetaWorldSpec):
+    import gymnasium as gym
+
+    if task not in TASKS:
+        raise SuiteError(f"unknown task {task!r}; the suite's tasks: {', '.join(TASKS)}")
+    return gym.make(
+        "Meta-World/MT1",
+        env_name=task,
+        render_mode="rgb_array",
+        camera_name=CAMERAS["base_0_rgb"],
+        width=spec.image_size,
+        height=spec.image_size,
+    )
+
+
+def frames(env) -> dict[str, np.ndarray]:
+    """Both cameras' images of the current state, uint8 [224, 224, 3]."""
+    import mujoco
+
+    unwrapped = env.unwrapped
+    images = {}
+    for camera, name in CAMERAS.items():
+        unwrapped.mujoco_renderer.camera_id = mujoco.mj_name2id(unwrapped.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+        images[camera] = np.ascontiguousarray(env.render())
+    return images
+
+
+def expert(task: str):
+    from metaworld import policies
+
+    name = "Sawyer" + "".join(w.capitalize() for w in task.removesuffix("-v3").split("-")) + "V3Policy"
+    return getattr(policies, name)()
+
+
+def expert_episode(task: str, seed: int, spec: MetaWorldSpec) -> dict[str, np.ndarray]:
+    """The expert from reset seed `seed` until success or `max_steps`: images, state and the action
+    taken at every step (clipped to the action space, as the simulator applies it)."""
+    env = make_env(task, spec)
+    try:
+        policy, (obs, _) = expert(task), env.reset(seed=seed)
+        record = {camera: [] for camera in CAMERAS} | {"state": [], "actions": []}
+        success = False
+        for _ in range(spec.expert_steps):
+            for camera, image in frames(env).items():
+                record[camera].append(image)
+            action = np.clip(policy.get_action(obs), -1, 1)
+            record["state"].append(obs[:4])
+            record["actions"].append(action)
+            obs, _, _, _, info = env.step(action)
+            if info["success"]:
+                success = True
+                break
+    finally:
+        env.close()
+    episode = {k: np.asarray(v) for k, v in record.items()}
+    return episode | {"success": np.asarray(success)}
+
+
+def collect(spec: MetaWorldSpec, progress=None) -> dict[str, int]:
+    """Expert episodes of every task on train seeds 0..train_seeds-1, cached; returns the number of
+    successful episodes per task (a failed one is kept on disk and not trained on)."""
+    require_rendering()
+    root = pathlib.Path(spec.episodes_dir)
+    task_bar = progress.add_task("expert episodes", total=len(spec.tasks) * spec.train_seeds) if progress else None
+    solved = {}
+    for task in spec.tasks:
+        solved[task] = 0
+        for seed in range(spec.train_seeds):
+            path = root / task / f"{seed}.npz"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, **expert_episode(task, seed, spec))
+            with np.load(path) as episode:
+                solved[task] += bool(episode["success"])
+            if progress:
+                progress.update(task_bar, advance=1, description=f"expert episodes: {task}")
+    return solved
+
+
+# --- what the policy sees ------------------------------------------------------------------------------
+
+
+def word_id(word: str) -> int:
+    low, high = WORD_TOKENS
+    return low + zlib.crc32(word.encode()) % (high - low)
+
+
+def prompt_tokens(task: str, state: np.ndarray, spec: MetaWorldSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The instruction's words, then the state's bins, padded to `max_token_len`."""
+    words = [word_id(w) for w in TASKS[task].split()]
+    share = (np.asarray(state[:4], np.float64) - STATE_LOW) / (STATE_HIGH - STATE_LOW)
+    bins = np.clip((share * STATE_BINS).astype(int), 0, STATE_BINS - 1)
+    ids = words + [STATE_TOKENS + int(b) for b in bins]
+    if len(ids) > spec.max_token_len:
+        raise SuiteError(f"the prompt of {task!r} needs {len(ids)} tokens; max_token_len is {spec.max_token_len}")
+    tokens = np.zeros(spec.max_token_len, np.int32)
+    tokens[: len(ids)] = ids
+    return tokens, np.arange(spec.max_token_len) < len(ids)
+
+
+def policy_inputs(spec: MetaWorldSpec):
+    """OpenPI input transform: the robot's message (`observation/image`, `observation/wrist_image`,
+    `observation/state`, `task`) as the model's inputs."""
+
+    def transform(data: dict) -> dict:
+        image, wrist = np.asarray(data["observation/image"]), np.asarray(data["observation/wrist_image"])
+        if data.get("task") not in TASKS:
+            raise SuiteError(f"unknown task {data.get('task')!r}; the suite's tasks: {', '.join(TASKS)}")
+        tokens, mask = prompt_tokens(data["task"], np.asarray(data["observation/state"]), spec)
+        return {
+            "image": {"base_0_rgb": image, "left_wrist_0_rgb": wrist, scenes.MASKED_CAMERA: np.zeros_like(image)},
+            "image_mask": {camera: np.asarray(camera in CAMERAS) for camera in [*CAMERAS, scenes.MASKED_CAMERA]},
+            "state": np.zeros(spec.action_dim, np.float32),  # pi0.5 takes the state as tokens (above)
+            "tokenized_prompt": tokens,
+            "tokenized_prompt_mask": mask,
+        }
+
+    return transform
+
+
+def policy_outputs(data: dict) -> dict:
+    return {**data, "actions": np.clip(np.asarray(data["actions"]), -1, 1)}
+
+
+# --- training batches (the lab's scene-family interface) ----------------------------------------------
+
+_episodes: dict = {}
+
+
+def episodes(spec: MetaWorldSpec) -> list[tuple[str, int, dict]]:
+    """The cached successful expert episodes (loaded once per process)."""
+    key = (spec.episodes_dir, spec.tasks, spec.train_seeds)
+    if key not in _episodes:
+        loaded = []
+        for task in spec.tasks:
+            for seed in range(spec.train_seeds):
+                path = pathlib.Path(spec.episodes_dir) / task / f"{seed}.npz"
+                if not path.exists():
+                    raise SuiteError(
+                        f"no expert episode at {path}: run `openpi-prune metaworld` (it collects them first)"
+                    )
+                with np.load(path) as episode:
+                    if bool(episode["success"]):
+                        loaded.append((task, seed, {k: episode[k] for k in episode.files}))
+        if not loaded:
+            raise SuiteError(f"no expert episode in {spec.episodes_dir} succeeded: nothing to train on")
+        _episodes[key] = loaded
+    return _episodes[key]
+
+
+def _sample(spec: MetaWorldSpec, rng, batch_size: int) -> list[tuple[str, int, int, dict]]:
+    pool = episodes(spec)
+    picks = []
+    for _ in range(batch_size):
+        task, seed, episode = pool[int(rng.integers(len(pool)))]
+        picks.append((task, seed, int(rng.integers(len(episode["actions"]))), episode))
+    return picks
+
+
+def layouts(seed: int, batch_size: int, spec: MetaWorldSpec, objects=None, split: str | None = "train") -> list:
+    """(task, reset seed) of each sample `render` draws: training never uses a test reset seed."""
+    return [(task, reset) for task, reset, _, _ in _sample(spec, np.random.default_rng(seed), batch_size)]
+
+
+def render(seed: int, batch_size: int, spec: MetaWorldSpec, objects=None, split: str | None = "train") -> scenes.Batch:
+    """A batch of expert steps: both images, the prompt with the state, and the next `horizon`
+    actions (the last repeated past the episode's end)."""
+    if split not in ("train", None):
+        raise SuiteError("Meta-World's held-out data are reset seeds, measured in closed loop, not batches")
+    picks = _sample(spec, np.random.default_rng(seed), batch_size)
+    size = spec.image_size
+    images = {camera: np.zeros((batch_size, size, size, 3), np.float32) for camera in [*CAMERAS, scenes.MASKED_CAMERA]}
+    tokens = np.zeros((batch_size, spec.max_token_len), np.int32)
+    token_mask = np.zeros((batch_size, spec.max_token_len), bool)
+    actions = np.zeros((batch_size, spec.horizon, spec.action_dim), np.float32)
+    for i, (task, _, step, episode) in enumerate(picks):
+        for camera in CAMERAS:
+            images[camera][i] = episode[camera][step].astype(np.float32) / 127.5 - 1.0
+        tokens[i], token_mask[i] = prompt_tokens(task, episode["state"][step], spec)
+        ahead = np.minimum(np.arange(step, step + spec.horizon), len(episode["actions"]) - 1)
+        actions[i] = episode["actions"][ahead]
+    return scenes.Batch(
+        images=images,
+        image_masks={camera: np.full(batch_size, camera != scenes.MASKED_CAMERA) for camera in images},
+        tokens=tokens,
+        token_mask=token_mask,
+        actions=actions,
+        target_mask=np.zeros((batch_size, 3 * spec.grid**2), bool),  # no known target patches here
+        target=np.asarray([list(spec.tasks).index(task) for task, *_ in picks], np.int32),
+        layouts=tuple((task, reset) for task, reset, _, _ in picks),
+    )
+
+
+# --- closed loop, through OpenPI's server and client ---------------------------------------------------
+
+
+def make_policy(model, spec: MetaWorldSpec):
+    from openpi.policies import policy as _policy
+
+    return _policy.Policy(
+        model,
+        transforms=[policy_inputs(spec)],
+        output_transforms=[policy_outputs],
+        sample_kwargs={"num_steps": 10},
+    )
+
+
+@contextlib.contextmanager
+def serve(policy):
+    """OpenPI's `WebsocketPolicyServer` on a free loopback port, on a thread; yields the
+    `openpi-client` policy connected to it."""
+    import asyncio
+
+    from openpi.serving import websocket_policy_server
+    from openpi_client import websocket_client_policy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = websocket_policy_server.WebsocketPolicyServer(policy, host="127.0.0.1", port=port)
+    loop = asyncio.new_event_loop()
+    serving = loop.create_task(server.run())
+
+    def serve_until_cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(serving)
+        loop.close()
+
+    thread = threading.Thread(target=serve_until_cancelled, daemon=True)
+    thread.start()
+    # This openpi-client connects once, without retrying: wait until the server listens.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise SuiteError(f"OpenPI's policy server did not start on port {port}") from None
+            time.sleep(0.05)
+    try:
+        yield websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+    finally:
+        loop.call_soon_threadsafe(serving.cancel)
+        thread.join(timeout=30)
+
+
+def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool = False, record: bool = False) -> dict:
+    """One episode driven by the served policy: success, steps, each call's wall time (the client
+    waits for the actions), the kept tokens per camera the server reported, and the frames if asked."""
+    env = make_env(task, spec)
+    try:
+        obs, _ = env.reset(seed=seed)
+        calls, kept, shown = [], [], []
+        success, chunk, steps = False, [], 0
+        while steps < spec.max_steps and not success:
+            if not chunk:
+                images = frames(env)
+                if record:
+                    shown.append(images)
+                if blank:
+                    images = {k: np.zeros_like(v) for k, v in images.items()}
+                message = {
+                    "observation/image": images["base_0_rgb"],
+                    "observation/wrist_image": images["left_wrist_0_rgb"],
+                    "observation/state": np.asarray(obs[:4], np.float32),
+                    "task": task,
+                }
+                started = time.perf_counter()
+                response = client.infer(message)
+                calls.append(time.perf_counter() - started)
+                if "pruning" in response:
+                    kept.append(np.asarray(response["pruning"]["kept_per_camera"]).tolist())
+                chunk = list(np.asarray(response["actions"])[: spec.replan])
+            obs, _, _, _, info = env.step(chunk.pop(0))
+            steps += 1
+            success = bool(info["success"])
+    finally:
+        env.close()
+    return {"success": success, "steps": steps, "call_seconds": calls, "kept_per_camera": kept, "frames": shown}

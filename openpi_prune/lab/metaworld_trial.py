@@ -1,0 +1,239 @@
+"""`openpi-prune metaworld`: closed-loop success on Meta-World, pruned against unpruned.
+
+1. Expert episodes on the train reset seeds, cached (`episodes/`).
+2. An unpruned pi0.5 trained on them, multi-task (the prompt picks the task), with OpenPI's
+   `compute_loss` (`baseline/params.npz`, what it trains, small enough to commit).
+3. Each variant fine-tuned alike from it (the unpruned reference, the default, verbatim LightVLA,
+   a prompt-blind baseline), then run in closed loop on held-out reset seeds through OpenPI's
+   `WebsocketPolicyServer` and `openpi-client`; the unpruned checkpoint also with blanked images,
+   to show the policy needs them. One file per variant under `closed-loop/`, so a later run resumes.
+4. `results.md`, `results.json`, `success.png`: success per task and variant with Wilson 95 %
+   intervals, time per policy call, kept tokens per camera.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+import warnings
+
+import numpy as np
+from rich.table import Table
+
+import openpi_prune
+from openpi_prune import patch, prefix
+from openpi_prune.lab import metaworld, train, trial
+
+console = trial.console
+
+# name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
+VARIANTS = {
+    "unpruned checkpoint": None,
+    "unpruned checkpoint, images blanked": None,
+    trial.REFERENCE: dict(method="keep_all", scoring="lightvla"),
+    "default (relevance)": dict(method="relevance"),
+    "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
+    "distinct (prompt-blind)": dict(method="distinct"),
+}
+BLANKED = "unpruned checkpoint, images blanked"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuitePlan:
+    spec: metaworld.MetaWorldSpec = metaworld.MetaWorldSpec()
+    baseline: train.Schedule = train.Schedule(steps=6000, lr=1e-3, batch_size=32, warmup=100)
+    finetune: train.Schedule = train.Schedule(
+        steps=1000, lr=3e-4, batch_size=16, warmup=15, seed=100_000, keep_ramp=0.25
+    )
+    episodes: int = 50  # held-out reset seeds per task
+
+
+def quick_plan(out: pathlib.Path) -> SuitePlan:
+    return SuitePlan(
+        spec=metaworld.MetaWorldSpec(
+            episodes_dir=str(out / "episodes"),
+            tasks=("button-press-topdown-v3",),
+            train_seeds=2,
+            max_steps=10,
+            expert_steps=150,
+        ),
+        baseline=train.Schedule(steps=2, lr=1e-3, batch_size=4, warmup=1),
+        finetune=train.Schedule(steps=2, lr=3e-4, batch_size=4, warmup=1, seed=100_000, keep_ramp=0.25),
+        episodes=1,
+    )
+
+
+def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95 % interval of a success rate."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(model, plan: SuitePlan, name: str, progress, blank: bool = False) -> dict:
+    """Closed-loop episodes of every task on the held-out reset seeds, through OpenPI's server."""
+    spec = plan.spec
+    bar = progress.add_task(f"{name}: closed loop", total=len(spec.tasks) * plan.episodes)
+    episodes = []
+    with metaworld.serve(metaworld.make_policy(model, spec)) as client:
+        for task in spec.tasks:
+            for k in range(plan.episodes):
+                result = metaworld.closed_loop(client, task, metaworld.TEST_SEEDS + k, spec, blank=blank)
+                result.pop("frames")
+                episodes.append({"task": task, "seed": metaworld.TEST_SEEDS + k} | result)
+                done = [e["success"] for e in episodes]
+                progress.update(bar, advance=1, description=f"{name}: {task} success {np.mean(done):.0%}")
+    return {"episodes": episodes}
+
+
+def run(
+    out: str = "metaworld-results",
+    quick: bool = False,
+    only: list[str] | None = None,
+    episodes: int | None = None,
+    baseline_steps: int | None = None,
+) -> dict:
+    out_dir = pathlib.Path(out)
+    plan = (
+        quick_plan(out_dir)
+        if quick
+        else SuitePlan(spec=metaworld.MetaWorldSpec(episodes_dir=str(out_dir / "episodes")))
+    )
+    if episodes is not None:
+        plan = dataclasses.replace(plan, episodes=episodes)
+    if baseline_steps is not None:
+        plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
+    unknown = set(only or ()) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+    metaworld.require_rendering()
+    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
+    warnings.simplefilter("ignore", prefix.UntrainedParametersWarning)
+    code = trial.commit()
+    with trial._progress() as progress:
+        solved = metaworld.collect(plan.spec, progress)
+        console.print(f"expert episodes solved, per task: {solved}")
+        base_path = out_dir / "baseline" / "params.npz"
+        if not base_path.exists():
+            openpi_prune.disable()
+            model = train.create(plan.spec)
+            history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)")
+            trial.save_trained(model, base_path, trial._frozen(plan.spec))
+            (out_dir / "baseline" / "history.json").write_text(
+                json.dumps(
+                    {
+                        "commit": code,
+                        "schedule": dataclasses.asdict(plan.baseline),
+                        "loss": [h["loss"] for h in history],
+                    }
+                )
+            )
+        base_params = trial.load_trained(base_path, plan.spec)
+        for name, changes in VARIANTS.items():
+            path = out_dir / "closed-loop" / f"{trial._slug(name)}.json"
+            if (only and name not in only) or path.exists():
+                continue
+            started = time.time()
+            if changes is None:
+                openpi_prune.disable()
+                model = train.load(plan.spec, base_params)
+                settings = None
+            else:
+                settings = trial.settings_for(changes)
+                openpi_prune.enable(settings)
+                model = train.load(plan.spec, base_params)
+                train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")
+                # Served with telemetry on, so that each response carries what was kept.
+                settings = settings.replace(telemetry=True)
+                openpi_prune.enable(settings)
+            try:
+                row = evaluate(model, plan, name, progress, blank=name == BLANKED)
+            finally:
+                openpi_prune.disable()
+            row |= {
+                "variant": name,
+                "commit": code,
+                "settings": None if settings is None else dataclasses.asdict(settings),
+                "plan": dataclasses.asdict(plan),
+                "minutes": (time.time() - started) / 60,
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row))
+    report = summarise(out_dir, plan)
+    _print(report, plan)
+    return report
+
+
+def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
+    rows = {}
+    for name in VARIANTS:
+        path = out_dir / "closed-loop" / f"{trial._slug(name)}.json"
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())
+        per_task = {}
+        for task in plan.spec.tasks:
+            wins = [e["success"] for e in run["episodes"] if e["task"] == task]
+            per_task[task] = {"success": float(np.mean(wins)) if wins else None, "episodes": len(wins)}
+        wins = [e["success"] for e in run["episodes"]]
+        calls = [s for e in run["episodes"] for s in e["call_seconds"][1:]]  # the first call compiles
+        kept = [k for e in run["episodes"] for k in e["kept_per_camera"]]
+        low, high = wilson(int(np.sum(wins)), len(wins))
+        rows[name] = {
+            "success": float(np.mean(wins)),
+            "low": low,
+            "high": high,
+            "episodes": len(wins),
+            "per_task": per_task,
+            "call_ms_median": 1000 * float(np.median(calls)) if calls else None,
+            # Live cameras only: the masked third keeps nothing.
+            "kept_per_camera": np.asarray(kept)[:, :2].mean(0).tolist() if kept else None,
+            "commit": run["commit"],
+        }
+    report = {"plan": dataclasses.asdict(plan), "variants": rows}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "results.md").write_text(markdown(report, plan))
+    if rows:
+        from openpi_prune.lab import pictures
+
+        pictures.success(rows, out_dir / "success.png")
+    return report
+
+
+def _cells(name: str, row: dict, plan: SuitePlan) -> list[str]:
+    tasks = [row["per_task"][t]["success"] for t in plan.spec.tasks]
+    kept = row["kept_per_camera"]
+    return [
+        name,
+        f"{row['success']:.0%} [{row['low']:.0%}, {row['high']:.0%}] of {row['episodes']}",
+        *("-" if s is None else f"{s:.0%}" for s in tasks),
+        "-" if row["call_ms_median"] is None else f"{row['call_ms_median']:.0f}",
+        "-" if kept is None else " / ".join(f"{k:.1f}" for k in kept),
+    ]
+
+
+def _headers(plan: SuitePlan) -> list[str]:
+    return [
+        "variant",
+        "success [Wilson 95 %]",
+        *(t.removesuffix("-v3") for t in plan.spec.tasks),
+        "ms / call",
+        "kept per camera",
+    ]
+
+
+def markdown(report: dict, plan: SuitePlan) -> str:
+    lines = ["| " + " | ".join(_headers(plan)) + " |", "|" + "---|" * len(_headers(plan))]
+    lines += ["| " + " | ".join(_cells(n, r, plan)) + " |" for n, r in report["variants"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _print(report: dict, plan: SuitePlan) -> None:
+    table = Table(*_headers(plan), title="Meta-World: closed-loop success on held-out reset seeds")
+    for name, row in report["variants"].items():
+        table.add_row(*_cells(name, row, plan))
+    console.print(table)

@@ -1,0 +1,81 @@
+"""The Meta-World suite: what the policy sees, and the closed loop through OpenPI's server (short)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from openpi_prune.lab import metaworld, metaworld_trial
+
+SPEC = metaworld.MetaWorldSpec()
+
+
+def test_prompt_names_the_task_then_the_state_as_tokens():
+    low = metaworld.prompt_tokens("drawer-open-v3", np.array([-0.1, 0.6, 0.2, 1.0]), SPEC)
+    high = metaworld.prompt_tokens("drawer-open-v3", np.array([0.1, 0.6, 0.2, 1.0]), SPEC)
+    other = metaworld.prompt_tokens("window-open-v3", np.array([-0.1, 0.6, 0.2, 1.0]), SPEC)
+    words = len(metaworld.TASKS["drawer-open-v3"].split())
+    tokens, mask = low
+    assert mask.sum() == words + 4 and not mask[words + 4 :].any()
+    assert (tokens[words : words + 4] >= metaworld.STATE_TOKENS).all()
+    assert tokens[words] < high[0][words], "a hand further along x gets a higher bin"
+    np.testing.assert_array_equal(tokens[words + 1 : words + 4], high[0][words + 1 : words + 4])
+    assert not np.array_equal(tokens[:words], other[0][:words])
+    assert tokens.max() < 257_152, "every id is in PaliGemma's vocabulary"
+
+
+def test_policy_inputs_are_openpi_s_observation_with_the_right_wrist_masked():
+    from openpi.models import model as _model
+
+    image = np.full((224, 224, 3), 200, np.uint8)
+    message = {
+        "observation/image": image,
+        "observation/wrist_image": image,
+        "observation/state": np.zeros(4, np.float32),
+        "task": "drawer-open-v3",
+    }
+    observation = _model.Observation.from_dict(metaworld.policy_inputs(SPEC)(message))
+    assert set(observation.images) == {"base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"}
+    assert not observation.image_masks["right_wrist_0_rgb"] and observation.image_masks["base_0_rgb"]
+    with pytest.raises(metaworld.SuiteError, match="unknown task 'fly'"):
+        metaworld.policy_inputs(SPEC)({**message, "task": "fly"})
+
+
+def test_wilson_interval():
+    assert metaworld_trial.wilson(0, 0) == (0.0, 1.0)
+    low, high = metaworld_trial.wilson(30, 50)
+    assert low == pytest.approx(0.4618, abs=1e-3) and high == pytest.approx(0.7239, abs=1e-3)
+    assert metaworld_trial.wilson(50, 50)[1] == 1.0 and metaworld_trial.wilson(50, 50)[0] > 0.9
+
+
+def test_without_headless_rendering_the_error_names_the_libraries(monkeypatch):
+    import mujoco
+
+    def no_display(*args, **kwargs):
+        raise RuntimeError("cannot initialize EGL display")
+
+    monkeypatch.setattr(mujoco, "GLContext", no_display)
+    with pytest.raises(metaworld.SuiteError, match="apt-get install -y libegl1 libgl1-mesa-dri"):
+        metaworld.require_rendering()
+
+
+def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
+    only = ["unpruned checkpoint", "default (relevance)"]
+    report = metaworld_trial.run(out=str(tmp_path), quick=True, only=only)
+    plan = metaworld_trial.quick_plan(tmp_path)
+    assert set(report["variants"]) == set(only)
+    for name in only:
+        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.trial._slug(name)}.json").read_text())
+        (episode,) = run["episodes"]
+        # Every call returned a chunk; `replan` of its actions ran before the next call.
+        assert len(episode["call_seconds"]) == -(-episode["steps"] // plan.spec.replan)
+        assert episode["steps"] == plan.spec.max_steps or episode["success"]
+    # The pruned policy's responses carried what the server kept.
+    kept = report["variants"]["default (relevance)"]["kept_per_camera"]
+    assert len(kept) == 2 and 0 < sum(kept) <= 2 * 64
+    assert report["variants"]["unpruned checkpoint"]["kept_per_camera"] is None
+    for name in ("results.md", "success.png", "baseline/params.npz"):
+        assert (tmp_path / name).stat().st_size > 0
+    # The expert episodes are cached: a second run renders none and trains nothing.
+    episodes = sorted((tmp_path / "episodes").rglob("*.npz"))
+    assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)
