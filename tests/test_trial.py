@@ -151,7 +151,7 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     saved = json.loads(run_file.read_text())
     assert saved["commit"] and saved["settings"]["mode"] == "compact"
     assert np.asarray(saved["test_mse"]).shape == (trial.QUICK.noise_draws, trial.QUICK.test)
-    for name in ("results.md", "results.json", "ratios.png", "baseline/params.npz"):
+    for name in ("results.md", "results.json", "ratios.png", "kept_patches.png", "baseline/params.npz"):
         assert (tmp_path / name).stat().st_size > 0
 
     # The next piece resumes: nothing is trained again, the same figures come back.
@@ -183,3 +183,4 @@ def test_trial_on_named_scenes_reports_distractors_and_the_prompt_swap(tmp_path)
     assert row["recall"] < 1, "a prompt-blind choice cannot hold every named patch here"
     assert report["plan"]["spec"]["objects"] == named.NamedSpec().objects
     assert "prompt swap" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "kept_patches.png").stat().st_size > 0

@@ -211,3 +211,10 @@ def rename(batch: scenes.Batch, spec: NamedSpec, seed: int) -> scenes.Batch:
         new_second = int(rng.choice([k for k in range(len(layout)) if k != new_first]))
         named.append((new_first, new_second))
     return _batch(spec, batch.images, list(batch.layouts), named)
+
+
+def caption(batch: scenes.Batch, i: int) -> str:
+    """What scene `i`'s prompt names, e.g. "red block -> blue bar"."""
+    colours = list(COLOURS)
+    first, second = (batch.layouts[i][k] for k in batch.named[i])
+    return f"{colours[first[0]]} {first[1]} -> {colours[second[0]]} {second[1]}"

@@ -20,10 +20,16 @@ def _overlay(image: np.ndarray, kept: np.ndarray, target: np.ndarray, grid: int)
 
 
 def kept_patches(
-    val: scenes.Batch, kept_masks: dict, spec: scenes.SceneSpec, path: pathlib.Path, scenes_shown: int = 2
+    val: scenes.Batch,
+    kept_masks: dict,
+    spec: scenes.SceneSpec,
+    path: pathlib.Path,
+    scenes_shown: int = 2,
+    captions: list[str] | None = None,
 ) -> None:
     """One row per variant: for the first scenes, both live cameras with pruned patches darkened and
-    the target's patches outlined in white."""
+    the target's patches outlined in white (`captions`: what each scene's prompt names; default its
+    block's colour)."""
     cameras = list(scenes.TABLES)
     grid, per = spec.grid, spec.grid**2
     shown = min(scenes_shown, val.actions.shape[0])
@@ -43,12 +49,12 @@ def kept_patches(
                 size = spec.image_size / grid
                 for i, j in zip(*np.nonzero(target), strict=True):
                     ax.add_patch(plt.Rectangle((j * size, i * size), size, size, fill=False, ec="white", lw=0.8))
-                colour = list(scenes.COLOURS)[val.target[s]]
-                ax.set_title(f"{camera.split('_')[0]}, '{colour}': {int(kept[s, patches].sum())} kept", fontsize=7)
+                named = captions[s] if captions else list(scenes.COLOURS)[val.target[s]]
+                ax.set_title(f"{camera.split('_')[0]}, '{named}': {int(kept[s, patches].sum())} kept", fontsize=7)
                 ax.set_xticks([])
                 ax.set_yticks([])
             axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle("kept patches (bright) and the target's patches (white outline)", fontsize=9)
+    fig.suptitle("kept patches (bright) and the named objects' patches (white outline)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

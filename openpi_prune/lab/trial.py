@@ -54,6 +54,7 @@ VARIANTS = {
 }
 ADAPTIVE = "adaptive budget (relevance)"
 BOOTSTRAP = 2000
+EXAMPLES = 4  # test scenes whose kept patches each run keeps, for the picture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,7 @@ def measure(model, plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> di
             "kept_per_camera": report["kept_per_camera"][:, live].tolist(),
             "recall": _round(on_target / np.maximum(target.sum(-1), 1)),
             "precision": _round(on_target / np.maximum(kept.sum(-1), 1)),
+            "kept_mask_examples": kept[:EXAMPLES].tolist(),  # drawn in kept_patches.png
         }
         if test.distractor_mask is not None:
             result |= prompt_swap(model, plan, test, kept)
@@ -458,10 +460,22 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report))
-    if any(isinstance(r.get("test_ratio"), dict) for r in rows.values()):
-        from openpi_prune.lab import pictures
+    from openpi_prune.lab import pictures
 
+    if any(isinstance(r.get("test_ratio"), dict) for r in rows.values()):
         pictures.ratios(rows, out_dir / "ratios.png")
+    # The lowest seed's kept patches of the first test scenes, per variant that recorded them.
+    examples = {
+        name: np.asarray(by_seed[min(by_seed)]["kept_mask_examples"])
+        for name, by_seed in runs.items()
+        if name != REFERENCE and "kept_mask_examples" in by_seed[min(by_seed)]
+    }
+    if examples:
+        shown = test.head(EXAMPLES)
+        captions = [named.caption(shown, i) for i in range(EXAMPLES)] if shown.named else None
+        pictures.kept_patches(
+            shown, examples, plan.spec, out_dir / "kept_patches.png", scenes_shown=2, captions=captions
+        )
     return report
 
 
