@@ -178,8 +178,12 @@ def run(
             # Kept as OpenPI keeps params, so that a later run can evaluate it again.
             train.save_params(train.params_of(model), out_dir / "finetuned" / _slug(name) / "params")
             evaluation = train.evaluate(model, spec, val, mean_mse)
-            reference = results.get("unpruned, fine-tuned", results["unpruned"])["val_mse"]
-            row = evaluation.summary() | {"mse_vs_unpruned": evaluation.mse / reference}
+            # Only against the reference of this run: without it the cell stays empty, never filled
+            # from the un-fine-tuned checkpoint.
+            reference = results.get("unpruned, fine-tuned")
+            row = evaluation.summary() | {
+                "mse_vs_unpruned": None if reference is None else evaluation.mse / reference["val_mse"]
+            }
             if changes["method"] == "keep_all":
                 results[name] = row
                 openpi_prune.disable()
@@ -223,7 +227,7 @@ def _write(out_dir: pathlib.Path, plan: LabPlan, results: dict, histories: dict,
 
 COLUMNS = {
     "mse_vs_mean": "MSE / predict-mean",
-    "mse_vs_unpruned": "MSE / unpruned fine-tuned",
+    "mse_vs_unpruned": "MSE / unpruned fine-tuned in this run",
     "kept_mean": "kept per live camera (mean)",
     "kept_min": "min",
     "kept_max": "max",
