@@ -8,9 +8,9 @@
    split (what is reported, several noise draws), whose layouts no training step drew (checked).
    Each (seed, variant) is written to `runs/seed-<k>/<variant>.json` with the commit that made it;
    a run that finds it there skips it, so the trial goes on in pieces.
-3. `results.md`, `results.json` and `ratios.png`: each variant's test MSE as a ratio to the
-   reference's, paired by seed, scene and noise draw, with a 95 % bootstrap interval over seeds and
-   scenes; kept share, recall and precision of the named objects' patches.
+3. `results.md`, `results.json`, `ratios.png` and `kept_patches.png`: each variant's test MSE as a
+   ratio to the reference's, paired by seed, scene and noise draw, with a 95 % bootstrap interval
+   over seeds and scenes; kept share, recall and precision of the named objects' patches.
 
 Two scene families: `blocks` (`scenes`: three blocks, one named by its colour) and `named` (`named`:
 seven objects, two named by colour and shape, more than the budget holds, with distractors that
@@ -52,7 +52,6 @@ VARIANTS = {
     # after fine-tuning, keep_mass is set on the validation split to keep the default's share.
     "adaptive budget (relevance)": dict(method="relevance", keep_mass=0.8, keep_fraction=0.3),
 }
-ADAPTIVE = "adaptive budget (relevance)"
 BOOTSTRAP = 2000
 EXAMPLES = 4  # test scenes whose kept patches each run keeps, for the picture
 
