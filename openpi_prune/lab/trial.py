@@ -332,12 +332,15 @@ def run(
     seeds: list[int] | None = None,
     only: list[str] | None = None,
     report_only: bool = False,
+    finetune_steps: int | None = None,
 ) -> dict:
     if family not in FAMILIES:
         raise SystemExit(f"unknown scene family {family!r}; known: {', '.join(FAMILIES)}")
     plan = dataclasses.replace(QUICK if quick else TrialPlan(), spec=FAMILIES[family])
     if seeds is not None:
         plan = dataclasses.replace(plan, seeds=tuple(seeds))
+    if finetune_steps is not None:  # another plan: its runs go to another --out (the fingerprint says so)
+        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
     unknown = set(only or ()) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
