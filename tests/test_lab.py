@@ -71,7 +71,7 @@ def test_lab_pipeline_writes_its_table_and_pictures(tmp_path):
     # A fine-tuned variant's params, its pruner's own included, evaluate again as the run did.
     name = "action_queries + robust"
     with openpi_prune.enabled(run._settings(run.VARIANTS[name])):
-        params = train.restore_params(tmp_path / "finetuned" / run._slug(name) / "params", run.QUICK.spec)
+        params = train.restore_params(tmp_path / "finetuned" / run.slug(name) / "params", run.QUICK.spec)
         val = train.validation(run.QUICK.spec, run.QUICK.validation)
         again_mse = train.evaluate(train.load(run.QUICK.spec, params), run.QUICK.spec, val, 1.0).mse
     assert again_mse == pytest.approx(results[name]["val_mse"], rel=1e-5)

@@ -24,8 +24,7 @@ from rich.table import Table
 import openpi_prune
 from openpi_prune import patch, prefix
 from openpi_prune.lab import metaworld, train, trial
-
-console = trial.console
+from openpi_prune.lab.run import console, progress_bars, slug
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
@@ -114,7 +113,7 @@ def run(
     warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
     warnings.simplefilter("ignore", prefix.UntrainedParametersWarning)
     code = trial.commit()
-    with trial._progress() as progress:
+    with progress_bars() as progress:
         solved = metaworld.collect(plan.spec, progress)
         console.print(f"expert episodes solved, per task: {solved}")
         base_path = out_dir / "baseline" / "params.npz"
@@ -134,7 +133,7 @@ def run(
             )
         base_params = trial.load_trained(base_path, plan.spec)
         for name, changes in VARIANTS.items():
-            path = out_dir / "closed-loop" / f"{trial._slug(name)}.json"
+            path = out_dir / "closed-loop" / f"{slug(name)}.json"
             if (only and name not in only) or path.exists():
                 continue
             started = time.time()
@@ -171,7 +170,7 @@ def run(
 def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     rows = {}
     for name in VARIANTS:
-        path = out_dir / "closed-loop" / f"{trial._slug(name)}.json"
+        path = out_dir / "closed-loop" / f"{slug(name)}.json"
         if not path.exists():
             continue
         run = json.loads(path.read_text())

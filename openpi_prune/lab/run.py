@@ -79,7 +79,8 @@ QUICK = LabPlan(
 )
 
 
-def _progress() -> Progress:
+def progress_bars() -> Progress:
+    """The lab's progress display (the lab, the trial and the Meta-World suite)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -157,7 +158,7 @@ def run(
     mean_mse = train.mean_action_mse(spec, val)
     results, histories, kept_masks = {}, {}, {}
     started = time.time()
-    with _progress() as progress:
+    with progress_bars() as progress:
         folder = pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
         base_model, base_history = baseline(plan, folder, progress, retrain)
         base_params = train.params_of(base_model)
@@ -176,7 +177,7 @@ def run(
             schedule = dataclasses.replace(plan.finetune, keep_ramp=0.0) if name in AT_ONCE else plan.finetune
             histories[name] = train.train(model, spec, schedule, progress, name, _check(plan, val, mean_mse, name))
             # Kept as OpenPI keeps params, so that a later run can evaluate it again.
-            train.save_params(train.params_of(model), out_dir / "finetuned" / _slug(name) / "params")
+            train.save_params(train.params_of(model), out_dir / "finetuned" / slug(name) / "params")
             evaluation = train.evaluate(model, spec, val, mean_mse)
             # Only against the reference of this run: without it the cell stays empty, never filled
             # from the un-fine-tuned checkpoint.
@@ -209,7 +210,8 @@ def run(
     return report
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A variant's name as a file or folder name."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -23,22 +23,19 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import re
 import subprocess
 import time
 import warnings
 
 import numpy as np
 from flax import traverse_util
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
 from openpi_prune import patch, prefix
 from openpi_prune.lab import named, scenes, train
-
-console = Console(width=max(Console().width, 120))
+from openpi_prune.lab.run import console, progress_bars, slug
 
 REFERENCE = "reference (unpruned)"
 # name -> settings changes (compact mode, the shipped default, unless a variant says otherwise).
@@ -101,21 +98,6 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # --- the baseline checkpoint: only what training changes, so that it is small enough to keep -------
@@ -360,11 +342,11 @@ def run(
     code = commit()  # the code this process runs, whatever is committed while it does
     print_ = fingerprint(plan, val, test, baseline_layouts)
     if not report_only:
-        with _progress() as progress:
+        with progress_bars() as progress:
             base_params = baseline(plan, out_dir, progress, code, print_)
             for seed in plan.seeds:
                 for name in VARIANTS:
-                    path = out_dir / "runs" / f"seed-{seed}" / f"{_slug(name)}.json"
+                    path = out_dir / "runs" / f"seed-{seed}" / f"{slug(name)}.json"
                     if (only and name not in only) or path.exists():
                         continue
                     row = run_one(plan, seed, name, base_params, val, test, progress, code) | {"fingerprint": print_}
