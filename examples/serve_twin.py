@@ -14,7 +14,8 @@ from openpi.serving import websocket_policy_server
 from openpi.shared import normalize
 from train_twin import SIGLIP, train_config
 
-from openpi_prune import configs, small
+from openpi_prune import configs
+from openpi_prune.tools import small
 
 
 def create_policy(out: pathlib.Path):

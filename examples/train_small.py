@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import track
 
 import openpi_prune
-from openpi_prune import methods, small, telemetry
+from openpi_prune import telemetry
+from openpi_prune.pruner import methods
+from openpi_prune.tools import small
 
 
 def main(steps: int) -> None:

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.progress import track
 
 import openpi_prune
-from openpi_prune import configs, small, telemetry
+from openpi_prune import configs, telemetry
+from openpi_prune.tools import small
 
 SIGLIP = "mu/14"  # small.config's pi0.5 with a small SigLIP: 256 tokens per camera still
 

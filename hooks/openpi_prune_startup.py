@@ -62,8 +62,8 @@ def start() -> None:
     if value.lower() in ("", "0", "false", "off", "no"):
         return
     try:
-        from openpi_prune import _bootstrap
+        from openpi_prune.adapter import bootstrap
 
-        _bootstrap.arm(value)
+        bootstrap.arm(value)
     except Exception as error:  # noqa: BLE001 - start-up must never break the interpreter
         print(f"openpi-prune: not enabled: {error}", file=sys.stderr)

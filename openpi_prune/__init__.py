@@ -9,26 +9,35 @@ Importing this package is cheap (no JAX): the start-up hook imports it at interp
 """
 
 import contextlib
-import threading
 
 from openpi_prune.errors import (
+    CollapseWarning,
     IncompatibleOpenPIError,
+    NonFiniteInputWarning,
     OpenPIDependencyError,
     OpenPINotFoundError,
     PruneError,
     PruneInputError,
     SettingsError,
+    TracedBeforeChangeWarning,
+    UntrainedParametersWarning,
+    UnusedParametersWarning,
 )
 from openpi_prune.settings import PruneSettings
 
 __all__ = [
+    "CollapseWarning",
     "IncompatibleOpenPIError",
+    "NonFiniteInputWarning",
     "OpenPIDependencyError",
     "OpenPINotFoundError",
     "PruneError",
     "PruneInputError",
     "PruneSettings",
     "SettingsError",
+    "TracedBeforeChangeWarning",
+    "UnusedParametersWarning",
+    "UntrainedParametersWarning",
     "current_settings",
     "disable",
     "disabled",
@@ -42,8 +51,6 @@ __all__ = [
     "noisy_actions",
 ]
 
-_lock = threading.RLock()
-
 
 def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings | None:
     """Patch OpenPI (importing the modules it patches) and prune with these settings from now on.
@@ -54,156 +61,92 @@ def enable(settings: PruneSettings | None = None, /, **changes) -> PruneSettings
     the settings in force: these, or None when OpenPI did not match and `strict=False` left it
     unpatched.
     """
-    from openpi_prune import _bootstrap, patch, plugins
+    from openpi_prune.adapter import lifecycle
 
-    settings = (settings or PruneSettings()).replace(**changes)
-    plugins.check_method(settings.method)  # a bad choice leaves the environment's in place
-    _bootstrap.discard()  # the program's choice wins over the environment's
-    # Outside the lock: OpenPI's import hook takes it, perhaps in a thread that holds the import lock.
-    patch.import_openpi()
-    return _apply(settings)
-
-
-def _apply(settings: PruneSettings, lazy: bool = False) -> PruneSettings | None:
-    from openpi_prune import patch, plugins, prefix
-
-    with _lock:
-        plugins.check_method(settings.method)
-        if patch.is_installed() and settings == prefix.active_settings():
-            return settings  # nothing changes: no need to wait for model calls in flight
-        with patch.exclusive():
-            return _change(settings, lazy)
-
-
-def _change(settings: PruneSettings, lazy: bool) -> PruneSettings | None:
-    from openpi_prune import patch, prefix
-
-    if patch.is_installed():
-        patch.note_patches_changed("settings changed")
-        prefix.set_settings(settings)
-        return settings
-    prefix.set_settings(settings)
-    if not patch.install(patch.WRAPPERS, strict=settings.strict, lazy=lazy):
-        prefix.set_settings(PruneSettings())
-        return None
-    return settings
-
-
-def _apply_pending() -> PruneSettings | None:
-    """Apply `OPENPI_PRUNE`'s settings if they are still pending (OpenPI's import hook calls this)."""
-    from openpi_prune import _bootstrap
-
-    with _lock:
-        settings = _bootstrap.discard()
-        if isinstance(settings, Exception):
-            raise settings
-        # Lazily: this runs inside the import of `openpi`, where importing its modules could
-        # deadlock with another thread's import of them.
-        return None if settings is None else _apply(settings, lazy=True)
+    return lifecycle.enable((settings or PruneSettings()).replace(**changes))
 
 
 def disable() -> None:
     """Remove exactly openpi-prune's wrappers; OpenPI behaves as if never patched.
 
     Also cancels settings from `OPENPI_PRUNE` still waiting for OpenPI's import."""
-    from openpi_prune import _bootstrap, patch, prefix
+    from openpi_prune.adapter import lifecycle
 
-    with _lock:
-        _bootstrap.discard()
-        if not patch.is_installed():
-            prefix.set_settings(PruneSettings())
-            return
-        with patch.exclusive():
-            patch.uninstall()
-            prefix.set_settings(PruneSettings())
+    lifecycle.disable()
 
 
 def is_enabled() -> bool:
     """Whether OpenPI is patched now."""
-    from openpi_prune import patch
+    from openpi_prune.adapter import install
 
-    return patch.is_installed()
+    return install.is_installed()
 
 
 def current_settings() -> PruneSettings | None:
     """The settings in force; before OpenPI's import, those `OPENPI_PRUNE` will apply then; else None."""
-    from openpi_prune import _bootstrap, prefix
+    from openpi_prune.adapter import lifecycle
 
-    if is_enabled():
-        return prefix.active_settings()
-    return _bootstrap.pending()
-
-
-def _restore(previous: PruneSettings | None, was_pending: bool) -> None:
-    from openpi_prune import _bootstrap
-
-    with _lock:
-        if previous is None:
-            disable()
-        elif was_pending and not is_enabled() and _bootstrap.repend(previous):
-            pass  # OpenPI was not imported in the block: its import applies them, as before
-        else:
-            enable(previous)
-
-
-def _snapshot() -> tuple[PruneSettings | None, bool]:
-    from openpi_prune import _bootstrap
-
-    with _lock:
-        return current_settings(), not is_enabled() and _bootstrap.pending() is not None
+    return lifecycle.current_settings()
 
 
 @contextlib.contextmanager
 def enabled(settings: PruneSettings | None = None, /, **changes):
     """Prune inside the block; afterwards restore what was in force (or pending) before."""
-    previous = _snapshot()
+    from openpi_prune.adapter import lifecycle
+
+    previous = lifecycle.snapshot()
     try:
         yield enable(settings, **changes)
     finally:
-        _restore(*previous)
+        lifecycle.restore(*previous)
 
 
 @contextlib.contextmanager
 def disabled():
     """Run OpenPI unpatched inside the block; afterwards restore what was in force (or pending) before."""
-    previous = _snapshot()
+    from openpi_prune.adapter import lifecycle
+
+    previous = lifecycle.snapshot()
     disable()
     try:
         yield
     finally:
-        _restore(*previous)
+        lifecycle.restore(*previous)
+
+
+# The schedules and the flow-matching input of direct calls: blocks around model calls (see README).
 
 
 def noisy_actions(x_t, time, *, rng=None, train: bool = False):
     """Context manager handing the pruner noisy actions for direct `embed_prefix` calls."""
-    from openpi_prune import prefix
+    from openpi_prune import call
 
-    return prefix.noisy_actions(x_t, time, rng=rng, train=train)
+    return call.noisy_actions(x_t, time, rng=rng, train=train)
 
 
 def noise_scale(scale):
-    """Context manager setting the training noise on the scores (may be traced; see README)."""
-    from openpi_prune import prefix
+    """Context manager setting the training noise on the scores (may be traced)."""
+    from openpi_prune import call
 
-    return prefix.noise_scale(scale)
+    return call.noise_scale(scale)
 
 
 def keep_fraction(fraction):
-    """Context manager setting the share a training pass keeps (may be traced; see README)."""
-    from openpi_prune import prefix
+    """Context manager setting the share a training pass keeps (may be traced)."""
+    from openpi_prune import call
 
-    return prefix.keep_fraction(fraction)
+    return call.keep_fraction(fraction)
 
 
 def gradual_keep_fraction(step, ramp_steps: int, final: float):
     """Gradual pruning for `keep_fraction`: every patch at step 0, `final` from `ramp_steps` on."""
-    from openpi_prune import prefix
+    from openpi_prune import call
 
-    return prefix.gradual_keep_fraction(step, ramp_steps, final)
+    return call.gradual_keep_fraction(step, ramp_steps, final)
 
 
 def linear_noise_scale(step, total_steps: int, start: float = 1.0):
     """LightVLA's schedule for `noise_scale`: `start` at step 0, falling linearly to 0 at `total_steps`."""
-    from openpi_prune import prefix
+    from openpi_prune import call
 
-    return prefix.linear_noise_scale(step, total_steps, start)
+    return call.linear_noise_scale(step, total_steps, start)

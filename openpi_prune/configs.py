@@ -17,7 +17,7 @@ from openpi.models import pi0_config
 
 import openpi_prune
 from openpi_prune.errors import PruneInputError
-from openpi_prune.prefix import PARAMETER_PREFIX
+from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.settings import PruneSettings
 
 SUFFIX = "_prune"

@@ -1,4 +1,4 @@
-"""Errors openpi-prune raises, each saying what was wrong and what to do."""
+"""Errors openpi-prune raises and warnings it gives, each saying what was wrong and what to do."""
 
 
 class PruneError(Exception):
@@ -23,3 +23,26 @@ class IncompatibleOpenPIError(PruneError):
 
 class PruneInputError(PruneError, ValueError):
     """A model input cannot be pruned as asked (no prompt, capacity out of range, ...)."""
+
+
+# Warnings: each says what happened and what to do.
+
+
+class TracedBeforeChangeWarning(UserWarning):
+    """A model function was compiled before the patches changed; it keeps the old behaviour."""
+
+
+class UntrainedParametersWarning(UserWarning):
+    """A checkpoint lacks the parameters the pruning method adds; they start from scratch."""
+
+
+class UnusedParametersWarning(UserWarning):
+    """A checkpoint carries another pruning method's parameters, which this model does not use."""
+
+
+class CollapseWarning(UserWarning):
+    """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
+
+
+class NonFiniteInputWarning(UserWarning):
+    """Image tokens with NaN or inf (from bad pixels) reached the pruner; none of them was kept."""

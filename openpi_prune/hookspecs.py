@@ -1,6 +1,6 @@
 """The decisions a pruning method makes, as pluggy hooks.
 
-Built-in methods (`openpi_prune.methods`) implement these through the same plugin manager as
+Built-in methods (`openpi_prune.pruner.methods`) implement these through the same plugin manager as
 third-party plugins, which are found in the `openpi_prune` entry-point group. A method-specific
 implementation returns None unless `settings.method` names its method. Array arguments are JAX
 arrays, traced when the model is jitted: implementations must be `jax.numpy` code.
@@ -11,6 +11,8 @@ import pluggy
 NAME = "openpi_prune"
 hookspec = pluggy.HookspecMarker(NAME)
 hookimpl = pluggy.HookimplMarker(NAME)
+# Parameters a method adds to `Pi0` are named so; loaders fill them in like OpenPI's LoRA weights.
+PARAMETER_PREFIX = "prune_"
 
 
 class PruneSpec:

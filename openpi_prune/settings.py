@@ -116,6 +116,24 @@ class PruneSettings:
         return dataclasses.replace(self, **changes)
 
 
+_active: PruneSettings | None = None  # None: openpi-prune is off
+
+
+def active() -> PruneSettings:
+    """The settings in force (the defaults while openpi-prune is off)."""
+    return _active or PruneSettings()
+
+
+def is_active() -> bool:
+    return _active is not None
+
+
+def activate(settings: PruneSettings | None) -> None:
+    """Put `settings` in force (None: off). Only the lifecycle calls this, while no model call runs."""
+    global _active
+    _active = settings
+
+
 def _known() -> str:
     return ", ".join(f.name for f in dataclasses.fields(PruneSettings))
 

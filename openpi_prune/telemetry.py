@@ -17,17 +17,10 @@ import warnings
 
 import numpy as np
 
+from openpi_prune.errors import CollapseWarning, NonFiniteInputWarning
 from openpi_prune.hookspecs import hookimpl
 
 logger = logging.getLogger("openpi_prune")
-
-
-class CollapseWarning(UserWarning):
-    """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
-
-
-class NonFiniteInputWarning(UserWarning):
-    """Image tokens with NaN or inf (from bad pixels) reached the pruner; none of them was kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +52,7 @@ class Telemetry:
     capacity: int
     warn_below: int
     values: dict[str, np.ndarray]
+    call: bytes | None = None  # the key of the `sample_actions` call that made it (served figures)
 
     def __getattr__(self, name):
         try:
@@ -110,13 +104,15 @@ class Recorder:
     def __init__(self, size: int = 64):
         self._lock = threading.Lock()
         self._reports: collections.deque[Telemetry] = collections.deque(maxlen=size)
-        self.count = 0  # reports received so far
+        # Served calls waiting for their figures: call tag -> the latest report of that call.
+        self._calls: dict[bytes, Telemetry | None] = {}
 
     @hookimpl(trylast=True)
     def openpi_prune_report(self, telemetry: Telemetry):
         with self._lock:
             self._reports.append(telemetry)
-            self.count += 1
+            if telemetry.call in self._calls:
+                self._calls[telemetry.call] = telemetry
         nonfinite = int(np.sum(telemetry.values.get("nonfinite", 0)))
         if nonfinite:
             warnings.warn(
@@ -140,11 +136,15 @@ class Recorder:
         with self._lock:
             return list(self._reports)
 
-    def since(self, count: int) -> list[Telemetry]:
-        """The reports received after the `count`-th (as many as are still kept)."""
+    def expect(self, tag: bytes) -> None:
+        """Keep the reports of the call tagged `tag` until `take(tag)`."""
         with self._lock:
-            new = min(self.count - count, len(self._reports))
-            return list(self._reports)[len(self._reports) - new :] if new > 0 else []
+            self._calls[tag] = None
+
+    def take(self, tag: bytes) -> Telemetry | None:
+        """The latest report of the call tagged `tag` (None if it made none), and forget the call."""
+        with self._lock:
+            return self._calls.pop(tag, None)
 
     def clear(self) -> None:
         with self._lock:

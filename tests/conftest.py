@@ -11,7 +11,9 @@ for _var in [v for v in os.environ if v.startswith("OPENPI_PRUNE")]:
 import jax  # noqa: E402
 
 import openpi_prune  # noqa: E402
-from openpi_prune import plugins, small, telemetry  # noqa: E402
+from openpi_prune import telemetry  # noqa: E402
+from openpi_prune.pruner import plugins  # noqa: E402
+from openpi_prune.tools import small  # noqa: E402
 
 
 def _create(pi05: bool):
@@ -83,6 +85,41 @@ def _clean_state():
     openpi_prune.disable()
     plugins.set_manager(None)
     telemetry.clear()
+
+
+@pytest.fixture
+def register_plugin():
+    """`register(plugin, name=None)`: a plugin of this test only (`_clean_state` drops the manager)."""
+
+    def register(plugin, name: str | None = None):
+        plugins.get_manager().register(plugin, name=name)
+        return plugin
+
+    return register
+
+
+def child_env(*, drop: tuple[str, ...] = (), **changes: str) -> dict[str, str]:
+    """This environment for a fresh interpreter: nothing that steers openpi-prune (or `drop`), on the
+    CPU, with `changes`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE") and k not in drop}
+    return env | {"JAX_PLATFORMS": "cpu"} | changes
+
+
+def run_child(script: str, *args: str, timeout: float = 600, drop: tuple[str, ...] = (), **env: str) -> dict:
+    """Run `script` in a fresh interpreter (`child_env`); the JSON it printed last."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=child_env(drop=drop, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def last_report():

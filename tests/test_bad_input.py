@@ -7,11 +7,8 @@ never a NaN out of the model, never a half-applied patch, nothing lost from a ch
 import dataclasses
 import inspect
 import logging
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -19,14 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import last_report
+from conftest import last_report, run_child
 from flax import nnx
 from jaxtyping import TypeCheckError
 
 import openpi_prune
-from openpi_prune import PruneInputError, SettingsError, hookspecs, patch, plugins, small, telemetry
-from openpi_prune.prefix import UntrainedParametersWarning, UnusedParametersWarning
+from openpi_prune import PruneInputError, SettingsError, hookspecs, telemetry
+from openpi_prune.adapter import install, table
+from openpi_prune.errors import UntrainedParametersWarning, UnusedParametersWarning
 from openpi_prune.settings import PruneSettings, parse
+from openpi_prune.tools import small
 
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "bad-input.md"
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -46,8 +45,8 @@ def _sample(model, observation, num_steps=2, seed=0):
 
 def _openpi_attributes() -> dict:
     """Every attribute openpi-prune may wrap, as the objects OpenPI holds now."""
-    patch.import_openpi()
-    return {t.qualname: inspect.getattr_static(patch._owner(t), t.name) for t in patch.TARGETS}
+    install.import_openpi()
+    return {t.qualname: inspect.getattr_static(t.owner_object(), t.name) for t in table.CORE}
 
 
 def _child(openpi_prune_value: str) -> dict:
@@ -66,13 +65,7 @@ def _child(openpi_prune_value: str) -> dict:
         print(json.dumps(outcomes))
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE")}
-    env |= {"OPENPI_PRUNE": openpi_prune_value, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    import json
-
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(script, OPENPI_PRUNE=openpi_prune_value)
 
 
 # --- OPENPI_PRUNE -------------------------------------------------------------------------------
@@ -206,12 +199,23 @@ def test_setting_bad_change_keeps_what_was_in_force():
 def test_obs_every_camera_masked(pi05):
     cfg, model = pi05
     obs = small.observation(cfg, batch_size=1, camera_masks={name: [False] for name in CAMERAS})
+    actions = small.actions(cfg)
     for mode in ("compact", "masked"):
-        with openpi_prune.enabled(method="language_only", mode=mode, warn_below=0):
-            actions = _sample(model, obs)
+        with openpi_prune.enabled(method="scheme_b", mode=mode, warn_below=0):
+            sampled = _sample(model, obs)
             report = last_report()
+            losses = [model.compute_loss(jax.random.key(0), obs, actions, train=t) for t in (False, True)]
         assert report.kept[0] == 0 and report.candidates[0] == 0
-        assert np.isfinite(actions).all()
+        assert all(np.isfinite(np.asarray(v)).all() for v in (sampled, *losses))
+
+
+def test_obs_prefix_without_noisy_actions(pi05):
+    cfg, model = pi05
+    with (
+        openpi_prune.enabled(method="scheme_b"),
+        pytest.raises(PruneInputError, match=r"needs the noisy actions.*openpi_prune.noisy_actions\(x_t, time\)"),
+    ):
+        model.embed_prefix(small.observation(cfg))
 
 
 def test_obs_empty_prompt(pi05):
@@ -530,18 +534,8 @@ class _Broken:
 
 
 @pytest.fixture
-def broken():
-    registered = []
-
-    def register(how: str):
-        plugin = _Broken(how)
-        plugins.get_manager().register(plugin, name="broken")
-        registered.append(plugin)
-        return plugin
-
-    yield register
-    for plugin in registered:
-        plugins.get_manager().unregister(plugin)
+def broken(register_plugin):
+    return lambda how: register_plugin(_Broken(how), name="broken")
 
 
 def test_plugin_score_raises(pi05, broken):
@@ -553,7 +547,7 @@ def test_plugin_score_raises(pi05, broken):
     with pytest.raises(RuntimeError, match="no score today"):
         _sample(model, obs)
     # OpenPI stays patched as a whole, and the next call with a working method runs.
-    assert _openpi_attributes() == wrapped and all(patch.installed().values())
+    assert _openpi_attributes() == wrapped and all(install.installed().values())
     openpi_prune.enable(method="language_only")
     assert np.isfinite(_sample(model, obs)).all()
 
@@ -587,11 +581,11 @@ def test_plugin_select_wrong_shape(pi05, broken):
 def test_plugin_report_raises(pi05, broken, caplog):
     cfg, model = pi05
     broken("report raises")
-    before = telemetry.RECORDER.count
+    telemetry.clear()
     with openpi_prune.enabled(method="language_only"), caplog.at_level(logging.ERROR, "openpi_prune"):
         actions = _sample(model, small.observation(cfg))
         jax.effects_barrier()
         assert telemetry.flush(timeout=60)
     assert np.isfinite(actions).all()
     assert "the openpi_prune_report hook of 'broken' raised; skipped" in caplog.text
-    assert telemetry.RECORDER.count > before  # the built-in recorder still got its report
+    assert telemetry.recent()  # the built-in recorder still got its report

@@ -2,7 +2,7 @@
 
 import pytest
 
-from openpi_prune import bench
+from openpi_prune.tools import bench
 
 pytestmark = pytest.mark.slow  # compiles sample_actions for each variant: about two minutes
 
@@ -24,9 +24,13 @@ def test_bench_rows_describe_the_prefix_each_variant_runs():
 
 
 def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
-    times = dict(bench.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2))
-    assert list(times) == [name for name, _ in bench.SERVING_VARIANTS]
-    assert all(ms > 0 for ms in times.values())
+    rows = bench.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2)
+    assert [name for name, _, _ in rows] == [name for name, _ in bench.SERVING_VARIANTS]
+    figures = {name: f for name, _, f in rows}
+    # Upstream and telemetry off send none; on, the response says what this call kept (20 % of 768).
+    assert figures["upstream OpenPI"] is None and figures["relevance, telemetry off"] is None
+    on = figures["relevance, telemetry on (default)"]
+    assert (on["method"], on["kept"], on["live_image_tokens"]) == ("relevance", 154, 768)
 
 
 def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path):
@@ -60,7 +64,7 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
 
 
 def test_options_of_the_other_bench_are_refused_not_ignored():
-    from openpi_prune import cli
+    from openpi_prune.tools import cli
 
     with pytest.raises(SystemExit, match="--serving times the small model only: add --small"):
         cli.main(["bench", "--serving"])

@@ -8,8 +8,9 @@ from openpi.shared import array_typing as at
 from openpi.training import weight_loaders
 
 import openpi_prune
-from openpi_prune import methods, small
-from openpi_prune.prefix import UntrainedParametersWarning
+from openpi_prune.errors import UntrainedParametersWarning
+from openpi_prune.pruner import methods
+from openpi_prune.tools import small
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import openpi_prune
-from openpi_prune import hookspecs, lightvla, methods, plugins, small
+from openpi_prune import hookspecs
+from openpi_prune.pruner import lightvla, methods
+from openpi_prune.tools import small
 
 
 def _tokens(seed, b=2, k=32, d=24):
@@ -130,7 +132,7 @@ def test_scheme_a_acts_like_scheme_b_and_hides_its_placeholders(pi05, mode):
     assert lengths["scheme_a"][1] == lengths["scheme_b"][1]
 
 
-def test_scheme_a_placeholders_are_never_attended(pi05):
+def test_scheme_a_placeholders_are_never_attended(pi05, register_plugin):
     """Replacing the placeholders' values by anything leaves the actions and the loss unchanged."""
     cfg, model = pi05
     obs = small.observation(cfg, batch_size=2)
@@ -148,12 +150,8 @@ def test_scheme_a_placeholders_are_never_attended(pi05):
         return np.asarray(a), np.asarray(loss)
 
     plain = run()
-    manager = plugins.get_manager()
-    manager.register(Loud(), name="loud")
-    try:
-        loud = run()
-    finally:
-        manager.unregister(name="loud")
+    register_plugin(Loud(), name="loud")
+    loud = run()
     np.testing.assert_allclose(loud[0], plain[0], atol=2e-5)
     np.testing.assert_allclose(loud[1], plain[1], atol=2e-5)
 

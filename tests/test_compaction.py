@@ -11,7 +11,8 @@ from conftest import last_report
 from openpi.policies import policy as _policy
 
 import openpi_prune
-from openpi_prune import prefix, small
+from openpi_prune.adapter import prefix
+from openpi_prune.tools import small
 
 MASKED = {"right_wrist_0_rgb": [False, False]}
 

@@ -1,25 +1,24 @@
 """Threads, and faults inside model calls: no call runs half patched, the process stays usable."""
 
 import inspect
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 
 import jax
 import numpy as np
 import pytest
+from conftest import run_child
 from flax import nnx
 
 import openpi_prune
-from openpi_prune import PruneError, hookspecs, patch, plugins, small, telemetry
+from openpi_prune import PruneError, hookspecs, telemetry
+from openpi_prune.adapter import install, table
+from openpi_prune.tools import small
 
 
 def _attributes() -> dict:
-    patch.import_openpi()
-    return {t.qualname: inspect.getattr_static(patch._owner(t), t.name) for t in patch.TARGETS}
+    install.import_openpi()
+    return {t.qualname: inspect.getattr_static(t.owner_object(), t.name) for t in table.CORE}
 
 
 def _in_thread(function, timeout: float = 300):
@@ -113,31 +112,27 @@ RACE = textwrap.dedent(
     for t in threads: t.join()
     import time
     import openpi_prune
-    from openpi_prune import patch
+    from openpi_prune.adapter import install, table
     # A module another thread was importing when the hook was set is wrapped once that import ends.
     deadline = time.time() + 60
-    while len(patch.installed()) < len(patch.TARGETS) and time.time() < deadline:
+    while len(install.installed()) < len(table.CORE) and time.time() < deadline:
         time.sleep(0.01)
-    wrappers = [inspect.getattr_static(patch._owner(t), t.name) for t in patch.TARGETS]
+    wrappers = [inspect.getattr_static(t.owner_object(), t.name) for t in table.CORE]
     print(json.dumps({
         "errors": errors,
         "enabled": openpi_prune.is_enabled(),
-        "installed": patch.installed(),
-        "wrapped_once": all(isinstance(w, patch.PruneFunctionWrapper)
-                            and not isinstance(w.__wrapped__, patch.PruneFunctionWrapper) for w in wrappers),
+        "installed": install.installed(),
+        "wrapped_once": all(isinstance(w, install.PruneFunctionWrapper)
+                            and not isinstance(w.__wrapped__, install.PruneFunctionWrapper) for w in wrappers),
     }))
     """
 )
 
 
 def test_the_start_up_hook_racing_imports_in_threads():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE")}
-    env |= {"OPENPI_PRUNE": "method=language_only", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", RACE], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child(RACE, OPENPI_PRUNE="method=language_only")
     assert result["errors"] == [] and result["enabled"] and result["wrapped_once"]
-    assert len(result["installed"]) == len(patch.TARGETS) and all(result["installed"].values())
+    assert len(result["installed"]) == len(table.CORE) and all(result["installed"].values())
 
 
 class _Plugin:
@@ -167,18 +162,16 @@ class _Plugin:
 
 
 @pytest.fixture
-def plugin():
+def plugin(register_plugin):
     made = []
 
     def register(**kwargs):
-        made.append(_Plugin(**kwargs))
-        plugins.get_manager().register(made[-1], name="faulty")
+        made.append(register_plugin(_Plugin(**kwargs), name="faulty"))
         return made[-1]
 
     yield register
     for p in made:
         p.release.set()
-        plugins.get_manager().unregister(p)
     telemetry.flush(timeout=30)
 
 
@@ -195,7 +188,7 @@ def test_a_plugin_raising_inside_a_jitted_call_leaves_the_process_usable(pi05, p
     sample = jax.jit(lambda o: model.sample_actions(jax.random.key(0), o, num_steps=1))
     with pytest.raises(RuntimeError, match="faulty plugin"):
         sample(obs)
-    assert _attributes() == wrapped and all(patch.installed().values())
+    assert _attributes() == wrapped and all(install.installed().values())
     # No call is left counted as in flight: changing settings does not wait for it.
     _in_thread(lambda: openpi_prune.enable(method="language_only"), timeout=30)
     actions = jax.jit(lambda o: model.sample_actions(jax.random.key(0), o, num_steps=1))(obs)
@@ -233,3 +226,35 @@ def test_a_blocked_report_hook_does_not_stop_a_policy_from_serving(pi05, plugin)
         blocked.release.set()
         assert telemetry.flush(timeout=60)
     assert len(blocked.reports) == 3
+
+
+def test_each_served_call_carries_its_own_figures_whatever_the_threads(relevance_model):
+    """Four threads share one `Policy`; their observations have one or two live cameras, so a
+    response carrying another call's figures shows in its live image tokens."""
+    import concurrent.futures
+
+    from openpi.policies import policy as _policy
+
+    cfg, model = relevance_model
+
+    def example(live_cameras: int) -> dict:
+        masks = {name: [i < live_cameras] for i, name in enumerate(small.observation(cfg).images)}
+        obs = small.observation(cfg, batch_size=1, camera_masks=masks)
+        return jax.tree.map(lambda x: np.asarray(x[0]), obs.to_dict())
+
+    examples = {1: example(1), 2: example(2)}
+    with openpi_prune.enabled(method="relevance", warn_below=0):
+        policy = _policy.Policy(model, sample_kwargs={"num_steps": 1})
+        for live in examples:  # compiled once before the threads start
+            policy.infer(examples[live])
+
+        def serve(index: int):
+            live = 1 + index % 2
+            return live, policy.infer(examples[live])["pruning"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(serve, range(60)))
+    per_camera = 256  # SigLIP on 224x224 images
+    wrong = [(live, f) for live, f in responses if f["live_image_tokens"] != live * per_camera]
+    assert not wrong, f"{len(wrong)} of {len(responses)} responses carried another call's figures: {wrong[:3]}"
+    assert {int(np.count_nonzero(f["kept_per_camera"])) for _, f in responses} == {1, 2}

@@ -1,21 +1,19 @@
 """Pruned twins of OpenPI's configs: in its registry after installation, and `with_pruning`."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import small_train_config
+from conftest import run_child, small_train_config
 from openpi.models import pi0_config
 from openpi.shared import normalize
 from openpi.training import config as _config
 
 import openpi_prune
-from openpi_prune import configs, methods, small
+from openpi_prune import configs
+from openpi_prune.pruner import methods
+from openpi_prune.tools import small
 
 REGISTRY = r"""
 import json, sys
@@ -44,10 +42,7 @@ print(json.dumps({
 
 
 def test_every_pi0_config_has_a_twin_in_openpi_s_registry_with_no_variable_set():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE")}
-    done = subprocess.run([sys.executable, "-c", REGISTRY], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child(REGISTRY)
     assert result["twins"] == sorted(f"{name}_prune" for name in result["bases"])
     assert len(result["twins"]) >= 10  # OpenPI 0.2.2 has 18
     assert result["twin_model"] == "PrunedPi0Config" and result["twin_method"] == "relevance"

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import openpi_prune
-from openpi_prune import cli, diagnose, small
-from openpi_prune.lab import scenes
+from openpi_prune.tools import cli, diagnose, small
+from openpi_prune.tools.lab import scenes
 
 CONFIG = "diagnose_small_pi05"
 SPEC = scenes.SceneSpec(patch=14, block=4)
@@ -122,7 +122,7 @@ def test_every_scoring_of_each_method_is_run(shared_run):
 
 
 def test_by_default_every_registered_method_is_diagnosed():
-    from openpi_prune import plugins
+    from openpi_prune.pruner import plugins
 
     parser = diagnose.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args([CONFIG, "ckpt"])

@@ -13,18 +13,21 @@ import numpy as np
 import pytest
 
 import openpi_prune
-from openpi_prune import IncompatibleOpenPIError, patch, small
+from openpi_prune import IncompatibleOpenPIError
+from openpi_prune.adapter import install, table
+from openpi_prune.adapter.patches import Patch
+from openpi_prune.tools import small
 
-ALL = (*patch.TARGETS, patch.SERVING)
+ALL = (*table.CORE, table.SERVING)
 
 
 def _attributes() -> dict:
-    patch.import_openpi()
-    importlib.import_module(patch.SERVING.module)
-    return {t.qualname: inspect.getattr_static(patch._owner(t), t.name, None) for t in ALL}
+    install.import_openpi()
+    importlib.import_module(table.SERVING.module)
+    return {t.qualname: inspect.getattr_static(t.owner_object(), t.name, None) for t in ALL}
 
 
-def _statements_moved(target: patch.Target, folder):
+def _statements_moved(target: Patch, folder):
     """A function with the target's parameters whose source has its statements in reverse order
     (or, with only one, without it)."""
     statements = target.source[::-1] if len(target.source) > 1 else ()
@@ -40,9 +43,9 @@ def _changed_signature(*args, new_argument=None, **kwargs):
     raise AssertionError("never called: enable() must refuse it")
 
 
-def _drift(kind: str, target: patch.Target, monkeypatch, folder) -> re.Pattern:
-    patch.import_openpi()
-    owner = patch._owner(target)
+def _drift(kind: str, target: Patch, monkeypatch, folder) -> re.Pattern:
+    install.import_openpi()
+    owner = target.owner_object()
     name = re.escape(target.qualname)
     if kind == "renamed":
         monkeypatch.delattr(owner, target.name)
@@ -56,7 +59,7 @@ def _drift(kind: str, target: patch.Target, monkeypatch, folder) -> re.Pattern:
 
 CASES = [
     pytest.param(kind, target, id=f"{target.key}-{kind}")
-    for target in patch.TARGETS
+    for target in table.CORE
     for kind in ("renamed", "signature", "moved")
     if kind != "moved" or target.source
 ]
@@ -79,9 +82,9 @@ def test_a_changed_target_is_named_and_nothing_is_patched(kind, target, strict, 
     assert all(now is before[name] for name, now in _attributes().items())
 
 
-def _returns(monkeypatch, target: patch.Target, change):
+def _returns(monkeypatch, target: Patch, change):
     """Make `target` return `change(original, args, kwargs)`, its signature and source as they are."""
-    owner = patch._owner(target)
+    owner = target.owner_object()
     original = inspect.getattr_static(owner, target.name)
 
     @functools.wraps(original)

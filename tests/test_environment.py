@@ -7,15 +7,16 @@ all started together, so the module costs about their CPU time over the cores.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import child_env
 
 import openpi_prune
-from openpi_prune import methods, patch
+from openpi_prune.adapter import install
 from openpi_prune.errors import OpenPIDependencyError, OpenPINotFoundError
+from openpi_prune.pruner import methods
 
 TIMEOUT = 600
 
@@ -31,10 +32,10 @@ HEAD = "prune_relevance_query"  # a parameter the default method (relevance) add
 
 def targets_wrapped():
     # Every target of every OpenPI module imported so far (the others are wrapped at their import).
-    from openpi_prune import patch
+    from openpi_prune.adapter import install, table
 
-    wrapped = patch.installed()
-    imported = [t for t in patch.TARGETS if t.module in sys.modules]
+    wrapped = install.installed()
+    imported = [t for t in table.CORE if t.module in sys.modules]
     return bool(imported) and all(wrapped.get(t.qualname) for t in imported)
 
 
@@ -51,7 +52,7 @@ def pruning_report():
 
 
 def untrained_warnings(caught):
-    from openpi_prune.prefix import UntrainedParametersWarning
+    from openpi_prune.errors import UntrainedParametersWarning
 
     return [str(w.message) for w in caught if issubclass(w.category, UntrainedParametersWarning)]
 
@@ -76,7 +77,7 @@ elif scenario == "serve-load":
     result["enabled_at_import"] = openpi_prune.is_enabled()
     import jax
     import numpy as np
-    from openpi_prune import small
+    from openpi_prune.tools import small
 
     cfg = small.config(pi05=True)
     params = _model.restore_params(args[0] + "/params")
@@ -102,7 +103,7 @@ elif scenario == "serve-policy":
     import numpy as np
     from openpi import transforms
     from openpi.training import config as _config
-    from openpi_prune import small
+    from openpi_prune.tools import small
 
     def no_transforms(model_config):
         return transforms.Group()
@@ -141,7 +142,7 @@ elif scenario == "train":
     import jax
     from flax import nnx
     from openpi.shared import array_typing as at
-    from openpi_prune import small
+    from openpi_prune.tools import small
 
     cfg = small.config(pi05=True)
     with small.siglip_variant("mu/14"):
@@ -223,13 +224,6 @@ print(json.dumps(result))
 """
 
 
-def _env(**changes) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(changes)
-    return env
-
-
 class Children:
     """Interpreters started together, each read when a test asks for it."""
 
@@ -240,7 +234,7 @@ class Children:
     def start(self, name: str, *args: str, **env: str) -> None:
         self._procs[name] = subprocess.Popen(
             [sys.executable, "-c", CHILD, *args],
-            env=_env(**env),
+            env=child_env(**env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -376,17 +370,17 @@ def _raising(error):
 
 def test_dependency_error_names_the_module(monkeypatch):
     error = ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")
-    monkeypatch.setattr(patch.importlib, "import_module", _raising(error))
+    monkeypatch.setattr(install.importlib, "import_module", _raising(error))
     with pytest.raises(OpenPIDependencyError, match=r"needs the module 'sentencepiece'.*pip install sentencepiece"):
-        patch.import_openpi()
+        install.import_openpi()
 
 
 @pytest.mark.parametrize("missing", ["openpi", "openpi.training.weight_loaders"])
 def test_missing_openpi_is_not_found(monkeypatch, missing):
     error = ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-    monkeypatch.setattr(patch.importlib, "import_module", _raising(error))
+    monkeypatch.setattr(install.importlib, "import_module", _raising(error))
     with pytest.raises(OpenPINotFoundError, match="OpenPI not found") as raised:
-        patch.import_openpi()
+        install.import_openpi()
     assert not isinstance(raised.value, OpenPIDependencyError)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import child_env
 from openpi.models import model as _model
 
-from openpi_prune import methods
+from openpi_prune.pruner import methods
 
 pytestmark = pytest.mark.slow  # three interpreters, a short training run and a server: a few minutes
 
@@ -20,8 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _run(*args, **kwargs):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE")}
-    return subprocess.run([sys.executable, *args], env=env, cwd=EXAMPLES, text=True, **kwargs)
+    return subprocess.run([sys.executable, *args], env=child_env(), cwd=EXAMPLES, text=True, **kwargs)
 
 
 def test_train_serve_and_query_a_pruned_twin(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from flax import nnx, traverse_util
 from openpi.models import gemma, pi0_config
 
 import openpi_prune
-from openpi_prune import flops
+from openpi_prune.tools import flops
 
 
 @pytest.fixture(scope="module")

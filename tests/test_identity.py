@@ -9,7 +9,7 @@ from openpi.models import pi0 as openpi_pi0
 from openpi.shared import nnx_utils
 
 import openpi_prune
-from openpi_prune import small
+from openpi_prune.tools import small
 
 ORIGINALS = {
     name: inspect.getattr_static(openpi_pi0.Pi0, name)

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_SRC = Path(__file__).resolve().parent / "thirdparty_plugin"
@@ -93,7 +94,9 @@ import jax
 import numpy as np
 import openpi_prune
 import openpi_prune_every_other
-from openpi_prune import plugins, small, telemetry
+from openpi_prune.pruner import plugins
+from openpi_prune.tools import small
+from openpi_prune import telemetry
 
 cfg = small.config(pi05=True)
 model = small.create(cfg)
@@ -142,11 +145,7 @@ def _python(venv: Path) -> Path:
 
 def _clean_env(**changes) -> dict[str, str]:
     """The test's environment without anything that would steer openpi-prune or the imports."""
-    dropped = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "EVERY_OTHER_LOG")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE") and k not in dropped}
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(changes)
-    return env
+    return child_env(drop=("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "EVERY_OTHER_LOG"), **changes)
 
 
 def _check(cmd, **kwargs) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import openpi_prune
-from openpi_prune.lab import run, scenes, train
+from openpi_prune.tools.lab import run, scenes, train
 
 
 def test_scenes_are_deterministic_and_the_target_is_where_the_masks_say():

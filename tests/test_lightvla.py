@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openpi_prune import lightvla
+from openpi_prune.pruner import lightvla
 
 
 def _embeddings(seed, b=2, n=24, t=6, d=16):

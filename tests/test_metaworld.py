@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from openpi_prune.lab import metaworld, metaworld_trial
+from openpi_prune.tools.lab import metaworld, metaworld_trial
 
 SPEC = metaworld.MetaWorldSpec()
 

@@ -13,16 +13,19 @@ from openpi.models import pi0 as openpi_pi0
 from openpi.shared import nnx_utils
 
 import openpi_prune
-from openpi_prune import IncompatibleOpenPIError, hookspecs, patch, plugins, small
+from openpi_prune import IncompatibleOpenPIError, errors, hookspecs
+from openpi_prune.adapter import install, table
+from openpi_prune.pruner import plugins
+from openpi_prune.tools import small
 
 
 def _ours(name):
-    return isinstance(inspect.getattr_static(openpi_pi0.Pi0, name), patch.PruneFunctionWrapper)
+    return isinstance(inspect.getattr_static(openpi_pi0.Pi0, name), install.PruneFunctionWrapper)
 
 
 def _none_of_ours():
     return not any(
-        isinstance(inspect.getattr_static(patch._owner(t), t.name), patch.PruneFunctionWrapper) for t in patch.TARGETS
+        isinstance(inspect.getattr_static(t.owner_object(), t.name), install.PruneFunctionWrapper) for t in table.CORE
     )
 
 
@@ -31,12 +34,12 @@ def test_enable_wraps_every_target_and_disable_removes_only_ours():
         return wrapped(*args, **kwargs)
 
     openpi_prune.enable()
-    assert all(patch.installed().values()) and len(patch.installed()) == len(patch.TARGETS)
+    assert all(install.installed().values()) and len(install.installed()) == len(table.CORE)
     # Someone else wraps embed_prefix on top of us; disabling us must leave theirs in place.
     handle = wrapt.wrap_function_wrapper(openpi_pi0.Pi0, "embed_prefix", theirs)
     openpi_prune.disable()
     assert inspect.getattr_static(openpi_pi0.Pi0, "embed_prefix") is handle
-    assert not isinstance(handle.__wrapped__, patch.PruneFunctionWrapper)
+    assert not isinstance(handle.__wrapped__, install.PruneFunctionWrapper)
     wrapt.unwrap_object(openpi_pi0.Pi0, "embed_prefix", handle)
     assert _none_of_ours()
 
@@ -56,7 +59,7 @@ def test_incompatible_openpi_is_named_and_nothing_is_patched(monkeypatch, caplog
 
 def test_signature_change_is_reported(monkeypatch):
     monkeypatch.setattr(openpi_pi0, "make_attn_mask", lambda input_mask, mask_ar, extra=None: None)
-    problems = patch.check()
+    problems = install.check_openpi()
     assert problems == [
         "openpi.models.pi0.make_attn_mask takes (input_mask, mask_ar, extra), expected (input_mask, mask_ar)"
     ]
@@ -70,7 +73,7 @@ def test_a_failing_wrap_rolls_back_the_others(monkeypatch):
             raise RuntimeError("cannot wrap CheckpointWeightLoader.load")
         return real_wrap(owner, name, factory, args)
 
-    monkeypatch.setattr(patch.wrapt, "wrap_object", wrap_object)
+    monkeypatch.setattr(install.wrapt, "wrap_object", wrap_object)
     with pytest.raises(RuntimeError, match="cannot wrap CheckpointWeightLoader.load"):
         openpi_prune.enable()
     assert not openpi_prune.is_enabled()
@@ -84,14 +87,14 @@ def test_changes_after_tracing_warn(pi05):
     jitted = nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))
     jitted(jax.random.key(0), obs, num_steps=1)
     with pytest.warns(
-        patch.TracedBeforeChangeWarning, match="settings changed after a pruned model function was jit-compiled"
+        errors.TracedBeforeChangeWarning, match="settings changed after a pruned model function was jit-compiled"
     ):
         openpi_prune.enable(method="scheme_b")
     openpi_prune.disable()
     # Enabling after a Policy-style function was compiled unpruned: those functions stay unpruned.
     late = nnx_utils.module_jit(model.sample_actions, static_argnames=("num_steps",))
     late(jax.random.key(0), obs, num_steps=1)
-    with pytest.warns(patch.TracedBeforeChangeWarning, match="enabled after Pi0.sample_actions was jit-compiled"):
+    with pytest.warns(errors.TracedBeforeChangeWarning, match="enabled after Pi0.sample_actions was jit-compiled"):
         openpi_prune.enable()
     del jitted, late
 
@@ -106,15 +109,11 @@ class _MaskSpy:
         return None
 
 
-def test_attn_mask_hook_sees_every_mask_openpi_builds(pi0):
+def test_attn_mask_hook_sees_every_mask_openpi_builds(pi0, register_plugin):
     cfg, model = pi0
-    spy = _MaskSpy()
-    plugins.get_manager().register(spy)
-    try:
-        with openpi_prune.enabled(method="keep_all"):
-            model.sample_actions(jax.random.key(0), small.observation(cfg), num_steps=2)
-    finally:
-        plugins.get_manager().unregister(spy)
+    spy = register_plugin(_MaskSpy())
+    with openpi_prune.enabled(method="keep_all"):
+        model.sample_actions(jax.random.key(0), small.observation(cfg), num_steps=2)
     # sample_actions builds one prefix mask, then one suffix mask per denoising step (traced once
     # in OpenPI's while_loop).
     assert spy.calls == 2
@@ -163,14 +162,14 @@ def test_plugin_manager_blocks_and_allows_by_environment(monkeypatch, fake_plugi
 
 
 def test_doctor_reports_targets_plugins_and_patches(capsys):
-    from openpi_prune import cli
+    from openpi_prune.tools import cli
 
     openpi_prune.enable()
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     openpi_dist = importlib.metadata.packages_distributions()["openpi"][0]
     assert f"OpenPI: {openpi_dist} {importlib.metadata.version(openpi_dist)}" in out
-    for target in patch.TARGETS:
+    for target in table.CORE:
         assert target.qualname in out
     assert "scheme_b" in out and "builtin:SchemeB" in out
-    assert out.count("yes") >= 2 * len(patch.TARGETS)  # compatible and patched, each
+    assert out.count("yes") >= 2 * len(table.CORE)  # compatible and patched, each

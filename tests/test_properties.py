@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import openpi_prune
-from openpi_prune import lightvla, relevance, small
+from openpi_prune.pruner import lightvla, relevance
+from openpi_prune.tools import small
 
 N = 24
 

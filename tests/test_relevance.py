@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 from openpi.models import pi0
 
 import openpi_prune
-from openpi_prune import methods, prefix, relevance, small, telemetry
-from openpi_prune.lab import train as lab_train
+from openpi_prune import telemetry
+from openpi_prune.adapter import prefix
+from openpi_prune.pruner import methods, relevance
+from openpi_prune.tools import small
+from openpi_prune.tools.lab import train as lab_train
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,14 +8,15 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from conftest import small_train_config
+from conftest import run_child, small_train_config
 from openpi.policies import policy_config
 from openpi.serving import websocket_policy_server
 from openpi_client import websocket_client_policy
 
 import openpi_prune
-from openpi_prune import configs, small
-from openpi_prune.prefix import UntrainedParametersWarning
+from openpi_prune import configs
+from openpi_prune.errors import UntrainedParametersWarning
+from openpi_prune.tools import small
 
 
 def _train_config(cfg, folder):
@@ -84,3 +85,25 @@ def test_without_pruning_the_response_is_upstream_s(plain_checkpoint, example):
     direct = policy().infer(example)
     assert set(response) == set(direct) | {"server_timing"} and "pruning" not in response
     np.testing.assert_array_equal(response["actions"], direct["actions"])
+
+
+BASE_INSTALL = """
+import json, sys
+for name in ("rich", "matplotlib"):  # as on a base install, without the tools extra
+    sys.modules[name] = None
+import jax, numpy as np
+from openpi.policies import policy as _policy
+import openpi_prune
+from openpi_prune.tools import small
+cfg = small.config(pi05=True)
+example = jax.tree.map(lambda x: np.asarray(x[0]), small.observation(cfg).to_dict())
+response = _policy.Policy(small.create(cfg), sample_kwargs={"num_steps": 1}).infer(example)
+print(json.dumps({"enabled": openpi_prune.is_enabled(), "figures": sorted(response["pruning"]),
+                  "kept": response["pruning"]["kept"]}))
+"""
+
+
+def test_a_base_install_serves_pruned_without_the_tools_extra():
+    result = run_child(BASE_INSTALL, OPENPI_PRUNE="1")
+    assert result["enabled"] and result["kept"] == 154  # 20 % of three cameras' 768 patches
+    assert result["figures"] == ["kept", "kept_per_camera", "live_image_tokens", "method", "prefix_length"]

@@ -1,12 +1,8 @@
 """Pruning under OpenPI's FSDP sharding, on 8 emulated CPU devices (a fresh interpreter: the device
 count is fixed when JAX starts)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import run_child
 
 pytestmark = pytest.mark.slow  # a fresh interpreter compiling for 8 devices: about two minutes
 
@@ -19,7 +15,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 import openpi_prune
 from openpi.training import sharding
-from openpi_prune import small, telemetry
+from openpi_prune.tools import small
+from openpi_prune import telemetry
 
 openpi_prune.enable(warn_below=0, telemetry=False)  # the default method
 cfg = small.config(pi05=True)
@@ -81,10 +78,7 @@ print(json.dumps({
 
 
 def test_pruned_train_step_and_inference_agree_on_8_devices_with_openpi_s_fsdp():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_PRUNE") and k != "XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_child(CHILD, timeout=900, drop=("XLA_FLAGS",))
     assert result["devices"] == 8 and result["sharded_params"] > 10
     assert result["train_kept_equal"] and result["kept_equal"] and result["kept"] > 0
     single, sharded = result["loss"]

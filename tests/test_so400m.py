@@ -6,7 +6,7 @@ import pytest
 from conftest import last_report
 
 import openpi_prune
-from openpi_prune import small
+from openpi_prune.tools import small
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import openpi_prune
-from openpi_prune.lab import named, scenes, train, trial
+from openpi_prune.tools.lab import named, scenes, train, trial
 
 SPEC = scenes.SceneSpec()
 NAMED = named.NamedSpec()

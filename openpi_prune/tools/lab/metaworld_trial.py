@@ -16,15 +16,13 @@ import json
 import math
 import pathlib
 import time
-import warnings
 
 import numpy as np
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, prefix
-from openpi_prune.lab import metaworld, train, trial
-from openpi_prune.lab.run import console, progress_bars, slug
+from openpi_prune.tools.lab import metaworld, train, trial
+from openpi_prune.tools.lab.run import console, prepare, progress_bars, slug
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
@@ -96,7 +94,7 @@ def run(
     episodes: int | None = None,
     baseline_steps: int | None = None,
 ) -> dict:
-    out_dir = pathlib.Path(out)
+    out_dir = prepare(out, only, VARIANTS)
     plan = (
         quick_plan(out_dir)
         if quick
@@ -106,12 +104,7 @@ def run(
         plan = dataclasses.replace(plan, episodes=episodes)
     if baseline_steps is not None:
         plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
-    unknown = set(only or ()) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     metaworld.require_rendering()
-    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
-    warnings.simplefilter("ignore", prefix.UntrainedParametersWarning)
     code = trial.commit()
     with progress_bars() as progress:
         solved = metaworld.collect(plan.spec, progress)
@@ -197,7 +190,7 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
     if rows:
-        from openpi_prune.lab import pictures
+        from openpi_prune.tools.lab import pictures
 
         pictures.success(rows, out_dir / "success.png")
     return report

@@ -24,9 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, small
-from openpi_prune.lab import scenes, train
-from openpi_prune.prefix import UntrainedParametersWarning
+from openpi_prune import errors
+from openpi_prune.tools import small
+from openpi_prune.tools.lab import scenes, train
 
 console = Console(width=max(Console().width, 120))
 
@@ -124,6 +124,20 @@ def _check(plan: LabPlan, val, mean_mse: float, name: str):
     return check
 
 
+def prepare(out: str, only: list[str] | None, variants) -> pathlib.Path:
+    """A lab run's output folder (made), once `only` names none but `variants`; the warnings every
+    run expects are silenced: each variant is traced anew, and fine-tuning starts the pruner's
+    parameters."""
+    unknown = set(only or ()) - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(variants)}")
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings.simplefilter("ignore", errors.TracedBeforeChangeWarning)
+    warnings.simplefilter("ignore", errors.UntrainedParametersWarning)
+    return out_dir
+
+
 def run(
     out: str = "lab-results",
     quick: bool = False,
@@ -146,13 +160,7 @@ def run(
         schedule = schedule if steps is None else dataclasses.replace(schedule, steps=steps)
         schedule = schedule if batch_size is None else dataclasses.replace(schedule, batch_size=batch_size)
         plan = dataclasses.replace(plan, **{stage: schedule})
-    unknown = set(only or ()) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
-    out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # every variant is traced anew
-    warnings.simplefilter("ignore", UntrainedParametersWarning)  # expected: fine-tuning starts them
+    out_dir = prepare(out, only, VARIANTS)
     spec = plan.spec
     val = train.validation(spec, plan.validation)
     mean_mse = train.mean_action_mse(spec, val)
@@ -202,7 +210,7 @@ def run(
             _write(out_dir, plan, results, histories, started)  # a long run leaves what it has so far
     report = _write(out_dir, plan, results, histories, started)
     _print(results, spec)
-    from openpi_prune.lab import pictures
+    from openpi_prune.tools.lab import pictures
 
     pictures.kept_patches(val, kept_masks, spec, out_dir / "kept_patches.png")
     pictures.training(histories, out_dir / "training.png")

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from openpi_prune.lab import scenes
+from openpi_prune.tools.lab import scenes
 
 COLOURS = {**scenes.COLOURS, "purple": (0.5, -0.8, 0.9)}
 SHAPES = {"block": (2, 2), "bar": (1, 3), "dot": (1, 1)}  # rows x cols of patches (the base camera's)

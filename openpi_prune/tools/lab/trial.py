@@ -25,7 +25,6 @@ import json
 import pathlib
 import subprocess
 import time
-import warnings
 
 import numpy as np
 from flax import traverse_util
@@ -33,9 +32,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, prefix
-from openpi_prune.lab import named, scenes, train
-from openpi_prune.lab.run import console, progress_bars, slug
+from openpi_prune.adapter import checkpoints
+from openpi_prune.tools.lab import named, scenes, train
+from openpi_prune.tools.lab.run import console, prepare, progress_bars, slug
 
 REFERENCE = "reference (unpruned)"
 # name -> settings changes (compact mode, the shipped default, unless a variant says otherwise).
@@ -242,7 +241,7 @@ def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test,
     openpi_prune.enable(settings)
     try:
         config = train.model_config(plan.spec)
-        fresh = prefix.fresh_parameters(config, seed=seed)  # the pruner's own, drawn per seed
+        fresh = checkpoints.fresh_parameters(config, seed=seed)  # the pruner's own, drawn per seed
         model = train.load(plan.spec, {**base_params, **fresh})
         started = time.time()
         history = train.train(model, plan.spec, plan.finetune_for(seed), progress, f"seed {seed}: {name}")
@@ -323,13 +322,7 @@ def run(
         plan = dataclasses.replace(plan, seeds=tuple(seeds))
     if finetune_steps is not None:  # another plan: its runs go to another --out (the fingerprint says so)
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
-    unknown = set(only or ()) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
-    out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # every variant is traced anew
-    warnings.simplefilter("ignore", prefix.UntrainedParametersWarning)  # expected: fine-tuning starts them
+    out_dir = prepare(out, only, VARIANTS)
     val = train.validation(plan.spec, plan.validation)
     test = train.test(plan.spec, plan.test)
     baseline_layouts = train.training_layouts(plan.baseline, plan.spec)
@@ -444,7 +437,7 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report))
-    from openpi_prune.lab import pictures
+    from openpi_prune.tools.lab import pictures
 
     if any(isinstance(r.get("test_ratio"), dict) for r in rows.values()):
         pictures.ratios(rows, out_dir / "ratios.png")

@@ -18,9 +18,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import patch, small, telemetry
+from openpi_prune import errors, telemetry
 from openpi_prune import settings as _settings
-from openpi_prune.lab import pictures, scenes
+from openpi_prune.adapter import install
+from openpi_prune.tools import small
+from openpi_prune.tools.lab import pictures, scenes
 
 console = Console(width=max(Console().width, 130))
 VERBATIM = dict(method="language_only", scoring="lightvla")  # LightVLA's released recipe
@@ -45,7 +47,7 @@ def _prefix_length(model, observation, noise) -> tuple[int, int]:
 
 
 def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
-    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # each method is traced anew
+    warnings.simplefilter("ignore", errors.TracedBeforeChangeWarning)  # each method is traced anew
     env = os.environ.get(_settings.ENV_VAR, "").strip()
     default = _settings.parse(env) if env else _settings.PruneSettings()
     # Create the models with every method's parameters the demo runs (the default's may be a plugin's).
@@ -53,7 +55,7 @@ def run(out: str = "openpi-prune-demo", seed: int = 0) -> int:
     openpi_prune.enable(methods["default"])
     console.print(f"[bold]openpi-prune[/] enabled with {default}")
     table = Table("patched in OpenPI", "by openpi-prune")
-    for name, in_place in patch.installed().items():
+    for name, in_place in install.installed().items():
         table.add_row(name, "yes" if in_place else "no")
     console.print(table)
 

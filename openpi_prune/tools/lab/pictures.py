@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from openpi_prune.lab import scenes  # noqa: E402
+from openpi_prune.tools.lab import scenes  # noqa: E402
 
 
 def _overlay(image: np.ndarray, kept: np.ndarray, target: np.ndarray, grid: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 
-from openpi_prune.lab import scenes
+from openpi_prune.tools.lab import scenes
 
 TASKS = {  # task -> the instruction the prompt says
     "button-press-topdown-v3": "press the button from the top",

@@ -6,8 +6,13 @@ import importlib.util
 import os
 import sys
 
-from rich.console import Console
-from rich.table import Table
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError as error:  # a base install: the plugin without its tools
+    raise SystemExit(
+        f"openpi-prune's commands need its tools extra ({error.name} is missing): pip install 'openpi-prune[tools]'"
+    ) from error
 
 console = Console(width=max(Console().width, 120))
 
@@ -23,7 +28,10 @@ def _openpi_location() -> tuple[str, str]:
 
 def doctor(_args) -> int:
     import openpi_prune
-    from openpi_prune import patch, plugins, settings
+    from openpi_prune import settings
+    from openpi_prune.adapter import install
+    from openpi_prune.adapter.table import CORE
+    from openpi_prune.pruner import plugins
 
     dist, where = _openpi_location()
     console.print(f"[bold]OpenPI[/]: {dist} at {where}")
@@ -33,11 +41,11 @@ def doctor(_args) -> int:
     if dist == "not installed":
         console.print("[red]OpenPI is not importable here: nothing can be patched.[/]")
         return 1
-    patch.import_openpi()
-    problems = patch.check()
+    install.import_openpi()
+    problems = install.check_openpi()
     targets = Table("target", "compatible", "patched")
-    patched = patch.installed()
-    for target in patch.TARGETS:
+    patched = install.installed()
+    for target in CORE:
         bad = [p for p in problems if p.startswith(target.qualname)]
         targets.add_row(
             target.qualname,
@@ -61,7 +69,7 @@ def doctor(_args) -> int:
 
 
 def demo(args) -> int:
-    from openpi_prune import demo as _demo
+    from openpi_prune.tools import demo as _demo
 
     return _demo.run(out=args.out, seed=args.seed)
 
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--baseline-dir", help="where the baseline checkpoint is kept (default: OUT/baseline)")
     lab.add_argument("--validation", type=int, help="validation scenes (default 64)")
     lab.add_argument("--seed", type=int, help="offset of the fine-tuning batches and noise, to repeat a run")
-    from openpi_prune import diagnose as _diagnose
+    from openpi_prune.tools import diagnose as _diagnose
 
     trial = sub.add_parser(
         "trial", help="pruned against an unpruned reference fine-tuned alike: seeds, test split, baselines"
@@ -146,45 +154,32 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command](args)
 
 
-def _lab(args) -> int:
-    from openpi_prune.lab import run
+def _options(args, function) -> dict:
+    """The parsed options `function` takes, by name: a new option of a command reaches its run."""
+    import inspect
 
-    run.run(
-        out=args.out,
-        quick=args.quick,
-        retrain=args.retrain,
-        only=args.only,
-        finetune_steps=args.finetune_steps,
-        baseline_steps=args.baseline_steps,
-        batch_size=args.batch_size,
-        baseline_dir=args.baseline_dir,
-        validation=args.validation,
-        seed=args.seed,
-    )
+    return {name: getattr(args, name) for name in inspect.signature(function).parameters if hasattr(args, name)}
+
+
+def _lab(args) -> int:
+    from openpi_prune.tools.lab import run
+
+    run.run(**_options(args, run.run))
     return 0
 
 
 def _trial(args) -> int:
-    from openpi_prune.lab import trial
+    from openpi_prune.tools.lab import trial
 
-    trial.run(
-        out=args.out,
-        family=args.family,
-        quick=args.quick,
-        seeds=args.seeds,
-        only=args.only,
-        report_only=args.report_only,
-    )
+    trial.run(**_options(args, trial.run))
     return 0
 
 
 def _metaworld(args) -> int:
-    from openpi_prune.lab import metaworld, metaworld_trial
+    from openpi_prune.tools.lab import metaworld, metaworld_trial
 
     try:
-        metaworld_trial.run(
-            out=args.out, quick=args.quick, only=args.only, episodes=args.episodes, baseline_steps=args.baseline_steps
-        )
+        metaworld_trial.run(**_options(args, metaworld_trial.run))
     except metaworld.SuiteError as error:
         print(f"openpi-prune metaworld: {error}", file=sys.stderr)
         return 2
@@ -192,7 +187,7 @@ def _metaworld(args) -> int:
 
 
 def _bench(args) -> int:
-    from openpi_prune import bench
+    from openpi_prune.tools import bench
 
     return bench.main(args)
 

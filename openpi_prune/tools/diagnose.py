@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from openpi_prune import errors
 from openpi_prune.errors import PruneError
 
 console = Console(width=max(Console().width, 140))
@@ -351,19 +352,20 @@ def _load_model(model_config, params: dict, siglip: str | None):
     """`model_config.load(params)` as OpenPI serves a checkpoint; returns the model and the names of the
     parameters the active method added that the checkpoint lacked (they start fresh, with an
     `UntrainedParametersWarning`, which is reported here instead of shown)."""
-    from openpi_prune import prefix, small
+    from openpi_prune.adapter import checkpoints
+    from openpi_prune.tools import small
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", prefix.UntrainedParametersWarning)
+        warnings.simplefilter("always", errors.UntrainedParametersWarning)
         with small.siglip_variant(siglip):
             model = model_config.load(params)
     untrained = False
     for warning in caught:
-        if issubclass(warning.category, prefix.UntrainedParametersWarning):
+        if issubclass(warning.category, errors.UntrainedParametersWarning):
             untrained = True
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    fresh = sorted(k for k in prefix.fresh_parameters(model_config) if k not in params) if untrained else []
+    fresh = sorted(k for k in checkpoints.fresh_parameters(model_config) if k not in params) if untrained else []
     return model, fresh
 
 
@@ -409,7 +411,8 @@ def diagnose(
 ) -> tuple[list[Row], dict]:
     """Every method x scoring on `params`; returns the rows and the embeddings' geometry."""
     import openpi_prune
-    from openpi_prune import patch, plugins, settings
+    from openpi_prune import settings
+    from openpi_prune.pruner import plugins
 
     methods = methods or default_methods(list(plugins.known_methods()))
     scorings = scorings or list(settings.SCORINGS)
@@ -425,7 +428,7 @@ def diagnose(
         warnings.catch_warnings(),
         openpi_prune.enabled(method=methods[0], scoring=scorings[0], mode="masked", warn_below=0),
     ):
-        warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)  # each setting is run anew
+        warnings.simplefilter("ignore", errors.TracedBeforeChangeWarning)  # each setting is run anew
         for method in methods:
             # Before the model is made: a method may add parameters when it is created.
             openpi_prune.enable(method=method, scoring=scorings[0], mode="masked", warn_below=0)
@@ -650,7 +653,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from openpi.models import pi0_config
 
-    from openpi_prune import plugins, settings
+    from openpi_prune import settings
+    from openpi_prune.pruner import plugins
 
     methods = _subset(args.methods, list(plugins.known_methods()), "method(s)")
     scorings = _subset(args.scorings, list(settings.SCORINGS), "scoring(s)")

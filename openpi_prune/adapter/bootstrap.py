@@ -13,21 +13,15 @@ The environment's settings are *pending* until the hook applies them. A program'
 
 import logging
 import sys
-import threading
 
 logger = logging.getLogger("openpi_prune")
 
 PACKAGE = "openpi"
 
-_lock = threading.RLock()
-_pending = None  # PruneSettings from OPENPI_PRUNE (or the SettingsError it gave), not applied yet
-_registered = False  # the post-import hook is registered
-_fired = False  # it ran: OpenPI was imported
-
 
 def arm(value: str) -> None:
     """Validate the variable now (a bad value is reported at start-up), patch on OpenPI's import."""
-    global _pending, _registered
+    from openpi_prune.adapter import pending
     from openpi_prune.errors import SettingsError
     from openpi_prune.settings import parse
 
@@ -37,52 +31,24 @@ def arm(value: str) -> None:
         # Raised at OpenPI's import, every import, as for an unknown method: the user asked for
         # pruning, and an unpruned run would hide the typo.
         settings = error
-    with _lock:
-        if _registered:
-            return
-        _pending, _registered = settings, True
+    if not pending.arm(settings):
+        return
     import wrapt
 
     # Runs `_on_import` at once when `openpi` is already imported.
     wrapt.register_post_import_hook(_on_import, PACKAGE)
 
 
-def pending():
-    """The environment's settings while they wait for OpenPI's import, else None."""
-    return None if isinstance(_pending, Exception) else _pending
-
-
-def discard():
-    """Forget the pending settings (the program chose its own). Returns what was pending."""
-    global _pending
-    with _lock:
-        settings, _pending = _pending, None
-        return settings
-
-
-def repend(settings) -> bool:
-    """Make `settings` pending again if the hook has yet to run; False if it ran (apply them now)."""
-    global _pending
-    with _lock:
-        if not _registered or _fired:
-            return False
-        _pending = settings
-        return True
-
-
 def _on_import(module) -> None:
     # A strict-mode incompatibility or a missing OpenPI dependency raises here and so fails the
     # import of `openpi`: the user asked for pruning, and running unpruned without saying so would
     # hide it.
-    global _fired, _pending
-    import openpi_prune
+    from openpi_prune.adapter import lifecycle, pending
 
-    with _lock:
-        _fired = True
-        asked = _pending
+    asked = pending.fire()
     before = set(sys.modules)
     try:
-        settings = openpi_prune._apply_pending()
+        settings = lifecycle.apply_pending()
     except BaseException:
         # Python drops the failed `openpi` but keeps the submodules imported here; without them a
         # later import of OpenPI starts afresh instead of tripping over their remains.
@@ -92,8 +58,7 @@ def _on_import(module) -> None:
         # And a later import must fail the same way, not run OpenPI unpatched without a word: the
         # settings wait again, and the hook waits for the next import (with `openpi` gone from
         # sys.modules, which Python would do anyway, registering does not fire it at once).
-        with _lock:
-            _pending, _fired = asked, False
+        pending.unfire(asked)
         sys.modules.pop(PACKAGE, None)
         import wrapt
 

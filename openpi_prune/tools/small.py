@@ -15,22 +15,14 @@ from flax import nnx
 
 @contextlib.contextmanager
 def siglip_variant(variant: str | None):
-    """Make `Pi0.__init__` build SigLIP `variant` (None: OpenPI's own So400m/14)."""
-    from openpi.models import siglip
+    """Make `Pi0.__init__` build SigLIP `variant` inside the block (None: OpenPI's own So400m/14)."""
+    from openpi_prune.adapter import install, table
 
     if variant is None:
         yield
         return
-    original, replacement = siglip.Module, variant
-
-    def module(num_classes=None, *, variant=None, **kwargs):  # noqa: ARG001 - OpenPI's choice is overridden
-        return original(num_classes, variant=replacement, **kwargs)
-
-    siglip.Module = module
-    try:
+    with install.patched(table.SMALL_SIGLIP, siglip_variant=variant):
         yield
-    finally:
-        siglip.Module = original
 
 
 def config(*, pi05: bool = True, action_horizon: int = 10, max_token_len: int = 32, **changes):

@@ -30,7 +30,8 @@ def _names(var: str) -> set[str]:
 
 def create_manager() -> pluggy.PluginManager:
     """A fresh manager with the hook specs, the built-in methods and the allowed entry points."""
-    from openpi_prune import methods, telemetry
+    from openpi_prune import telemetry
+    from openpi_prune.pruner import methods
 
     manager = pluggy.PluginManager(hookspecs.NAME)
     manager.add_hookspecs(hookspecs.PruneSpec)

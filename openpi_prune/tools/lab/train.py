@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +19,9 @@ import optax
 from flax import nnx
 
 import openpi_prune
-from openpi_prune import small, telemetry
-from openpi_prune.lab import scenes
+from openpi_prune import telemetry
+from openpi_prune.tools import small
+from openpi_prune.tools.lab import scenes
 
 SIGLIP = "mu/28"
 _RENDER_THREADS = 3  # batches rendered ahead of the step that trains on them
@@ -52,7 +52,7 @@ class Schedule:
 def family(spec):
     """The module that draws batches of `spec`'s family: `scenes` (blocks, one named by colour),
     `named` (two named objects among distractors) or `metaworld` (expert episodes)."""
-    from openpi_prune.lab import metaworld, named
+    from openpi_prune.tools.lab import metaworld, named
 
     return {named.NamedSpec: named, metaworld.MetaWorldSpec: metaworld}.get(type(spec), scenes)
 
@@ -81,14 +81,9 @@ def params_of(model) -> dict:
 
 def without_augmentation():
     """While tracing: OpenPI's `compute_loss(train=True)` preprocesses its images as at inference."""
-    from openpi.models import model as _model
+    from openpi_prune.adapter import install, table
 
-    preprocess = _model.preprocess_observation
-
-    def preprocess_unaugmented(rng, observation, *, train=False, **kwargs):
-        return preprocess(rng, observation, train=False, **kwargs)
-
-    return mock.patch.object(_model, "preprocess_observation", preprocess_unaugmented)
+    return install.patched(table.UNAUGMENTED, unaugmented=True)
 
 
 _TRAINABLE = nnx.All(nnx.Param, nnx.Not(lambda path, _: "input_embedding" in path))

@@ -22,7 +22,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune import flops, methods, patch, small, telemetry
+from openpi_prune import errors, telemetry
+from openpi_prune.pruner import methods
+from openpi_prune.tools import flops, small
 
 console = Console(width=max(Console().width, 110))
 
@@ -176,9 +178,12 @@ SERVING_VARIANTS = (
 )
 
 
-def serving_times(*, siglip: str | None, paligemma: str, num_steps: int, repeats: int) -> list[tuple[str, float]]:
+def serving_times(
+    *, siglip: str | None, paligemma: str, num_steps: int, repeats: int
+) -> list[tuple[str, float, dict | None]]:
     """Median wall time of OpenPI's `Policy.infer` (one observation, as a robot server calls it) per
-    variant: with telemetry on, each call also waits for the pruner's report on the host."""
+    variant, and the pruning figures its last response carried: with telemetry on, each call also
+    waits for the pruner's report on the host."""
     from openpi.policies import policy as _policy
 
     cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
@@ -194,7 +199,8 @@ def serving_times(*, siglip: str | None, paligemma: str, num_steps: int, repeats
             with context:
                 policy = _policy.Policy(model, sample_kwargs={"num_steps": num_steps})
                 samples = _timed(policy.infer, (example,), repeats)  # the warm-up call compiles
-            times.append((name, statistics.median(samples)))
+                figures = policy.infer(example).get("pruning")
+            times.append((name, statistics.median(samples), figures))
             progress.advance(task)
     return times
 
@@ -326,22 +332,15 @@ def _prefix_parts(model, observation):
     `sample_actions` runs it (returning the pruner's telemetry values), and the pruner alone."""
     import jax.numpy as jnp
     from openpi.models import model as _model
-    from openpi.models import pi0
 
-    from openpi_prune import prefix
+    from openpi_prune.adapter import prefix
 
     graphdef, state = nnx.split(model)
     leaves, tree = jax.tree.flatten(observation)
-    b = observation.state.shape[0]
-    noise = jnp.zeros((b, model.action_horizon, model.action_dim))
 
     def prefix_pass(state, leaves):
-        m = nnx.merge(graphdef, state)
-        obs = _model.preprocess_observation(None, tree.unflatten(leaves), train=False)
-        with telemetry.collect() as reports, openpi_prune.noisy_actions(noise, jnp.ones(b)):
-            tokens, mask, ar_mask = m.embed_prefix(obs)
-            positions = jnp.cumsum(mask, axis=1) - 1
-            _, kv_cache = m.PaliGemma.llm([tokens, None], mask=pi0.make_attn_mask(mask, ar_mask), positions=positions)
+        with telemetry.collect() as reports:
+            kv_cache, mask = prefix.prefix_pass(nnx.merge(graphdef, state), tree.unflatten(leaves))
         return kv_cache, (reports[0] if reports else {}), jnp.sum(mask, axis=1)
 
     # The pruner's input: upstream's prefix of the cameras the settings embed.
@@ -371,7 +370,7 @@ def run_at_size(
     repeats: int,
     prompt_tokens: int,
 ) -> list[SizeRow]:
-    from openpi_prune import prefix
+    from openpi_prune.adapter import prefix
 
     model_config = libero_config(paligemma, action_expert, dtype)
     rows = []
@@ -391,7 +390,7 @@ def run_at_size(
                     obs = (
                         observation
                         if settings is None
-                        else prefix.bucket_prompt(observation, prefix.active_settings().prompt_buckets)
+                        else prefix.bucket_prompt(observation, openpi_prune.current_settings().prompt_buckets)
                     )
                     compiled, args = _compiled_sample(model, obs, num_steps)
                     times = _timed(compiled, args, repeats)
@@ -509,7 +508,7 @@ def show_at_size(rows: list[SizeRow], title: str, out: str | None = None) -> Non
 
 def main(args) -> int:
     # Each variant is compiled anew on purpose; being told so after every switch is noise here.
-    warnings.simplefilter("ignore", patch.TracedBeforeChangeWarning)
+    warnings.simplefilter("ignore", errors.TracedBeforeChangeWarning)
     machine = (
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
     )
@@ -573,13 +572,15 @@ def main(args) -> int:
             "variant",
             "Policy.infer ms",
             "x upstream",
+            "figures in the response",
             title=(
                 f"OpenPI Policy.infer, one observation ({paligemma} Gemma, SigLIP {siglip_name}, "
                 f"{args.num_steps} steps, median of {repeats}) on {machine}"
             ),
         )
-        for name, ms in times:
-            table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
+        for name, ms, figures in times:
+            kept = "none" if figures is None else f"kept {figures['kept']} of {figures['live_image_tokens']}"
+            table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}", kept)
         console.print(table)
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")

@@ -26,9 +26,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from openpi_prune import lightvla, relevance
 from openpi_prune.errors import PruneInputError
 from openpi_prune.hookspecs import hookimpl
+from openpi_prune.pruner import lightvla, relevance
 
 # prefix.PARAMETER_PREFIX: loaders fill these in when a checkpoint lacks them.
 PROJECTOR = "prune_action_proj"

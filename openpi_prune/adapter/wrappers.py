@@ -1,0 +1,175 @@
+"""The wrappers: each calls OpenPI's original and hands its result over (the prefix to `prefix`,
+parameters to `checkpoints`). A result OpenPI now gives in another form raises `Drifted`, which
+the install guard turns into an error (strict) or OpenPI's own result."""
+
+import inspect
+
+from openpi_prune import call, settings
+from openpi_prune.adapter import checkpoints, prefix
+from openpi_prune.adapter.patches import Drifted
+
+# Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
+# and never folds it, so this draws nothing OpenPI uses.
+_PRUNER_RNG_FOLD = 0x5052554E
+
+
+def _describe(value) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    shape = getattr(value, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
+
+
+def _bind(wrapped, args, kwargs):
+    return inspect.signature(wrapped).bind(*args, **kwargs).arguments
+
+
+def wrap_init(wrapped, instance, args, kwargs):
+    wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    checkpoints.init_model(instance, bound["config"], bound["rngs"])
+
+
+def wrap_embed_prefix(wrapped, instance, args, kwargs):
+    observation = prefix.observation_for_prefix(_bind(wrapped, args, kwargs)["obs"])
+    result = wrapped(observation)
+    if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
+        raise Drifted(f"returned {_describe(result)} (expected tokens [b,s,d], input_mask, ar_mask)", result)
+    return prefix.prune(instance, observation, *result)
+
+
+def wrap_make_attn_mask(wrapped, instance, args, kwargs):
+    attn_mask = wrapped(*args, **kwargs)
+    if getattr(attn_mask, "ndim", None) != 3:
+        raise Drifted(f"returned {_describe(attn_mask)} (expected a mask [b,q,k])", attn_mask)
+    bound = _bind(wrapped, args, kwargs)
+    return prefix.adjust_attn_mask(attn_mask, bound["input_mask"], bound["mask_ar"])
+
+
+def wrap_compute_loss(wrapped, instance, args, kwargs):
+    import jax
+
+    state = call.current()
+    if state is not None and state.probe is not None:  # a saliency pass wants the unpruned loss
+        return wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    rng, actions = bound["rng"], bound["actions"]
+    # The same x_t and time OpenPI's compute_loss draws (checked against its source at install).
+    _, noise_rng, time_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, actions.shape)
+    time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
+    time_expanded = time[..., None, None]
+    x_t = time_expanded * noise + (1 - time_expanded) * actions
+    train = bool(bound.get("train", False))
+    # A method that learns from the model's saliency gets it from the same call, unpruned.
+    saliency = prefix.saliency(lambda: wrapped(*args, **kwargs)) if train and prefix.wants_saliency() else None
+    rng_for_pruner = jax.random.fold_in(rng, _PRUNER_RNG_FOLD)
+    with call.noisy_actions(x_t, time, rng=rng_for_pruner, train=train, saliency=saliency) as this_call:
+        loss = wrapped(*args, **kwargs)
+    if getattr(loss, "shape", ())[:1] != actions.shape[:1]:
+        raise Drifted(f"returned {_describe(loss)} (expected a loss per sample, [b, ...])", loss)
+    extra = this_call.extra_loss  # per sample; OpenPI's loss is per sample and action step
+    if extra is not None:
+        loss = loss + extra.reshape(extra.shape + (1,) * (loss.ndim - extra.ndim)).astype(loss.dtype)
+    return loss
+
+
+def wrap_sample_actions(wrapped, instance, args, kwargs):
+    import jax
+    import jax.numpy as jnp
+
+    bound = _bind(wrapped, args, kwargs)
+    noise = bound.get("noise")
+    if noise is None:
+        batch_size = bound["observation"].state.shape[0]
+        noise = jax.random.normal(bound["rng"], (batch_size, instance.action_horizon, instance.action_dim))
+        kwargs = {**kwargs, "noise": noise}
+    time = jnp.ones(noise.shape[:1], dtype=jnp.float32)
+    tag = prefix.call_tag(bound["rng"])
+    with call.scope(noisy_actions=noise, time=time, rng=None, train=False, saliency=None, tag=tag):
+        return wrapped(*args, **kwargs)
+
+
+def wrap_llm_call(wrapped, instance, args, kwargs):
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    positions = prefix.upstream_positions(bound.arguments["embedded"], bound.arguments["positions"])
+    if positions is None:
+        return wrapped(*args, **kwargs)
+    bound.arguments["positions"] = positions
+    return wrapped(*bound.args, **bound.kwargs)
+
+
+def wrap_policy_infer(wrapped, instance, args, kwargs):
+    """`Policy.infer`: its compiled `sample_actions` gets the prompt cut to a bucket, and the response
+    carries this call's pruning figures under "pruning"."""
+    import jax
+
+    sample = vars(instance).get("_sample_actions")
+    if sample is not None and not isinstance(sample, _ServedSampler):
+        instance._sample_actions = _ServedSampler(sample)
+    with call.scope(served=call.Served()) as this_call:
+        outputs = wrapped(*args, **kwargs)
+    if not isinstance(outputs, dict):
+        raise Drifted(f"returned {_describe(outputs)} (expected a dict of outputs)", outputs)
+    if this_call.served.tag is not None:
+        jax.effects_barrier()  # the telemetry's host callback has run
+        figures = prefix.serving_figures(this_call.served.tag)
+        if figures is not None:
+            outputs["pruning"] = figures
+    return outputs
+
+
+class _ServedSampler:
+    """A `Policy`'s compiled `sample_actions`, handed the observation with its prompt cut to a
+    bucket (compact mode, while pruning is on: a shorter prefix, one compile per bucket), and
+    noting the key of the call so that `Policy.infer` finds this call's figures."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __call__(self, rng, observation, **kwargs):
+        import jax
+
+        active = settings.active()
+        prompt = getattr(observation, "tokenized_prompt", None)
+        if settings.is_active() and active.mode == "compact" and isinstance(prompt, jax.Array):
+            observation = prefix.bucket_prompt(observation, active.prompt_buckets)
+        this_call = call.current()
+        if settings.is_active() and this_call is not None and this_call.served is not None:
+            this_call.served.tag = prefix.expect_figures(rng)
+        return self.sample(rng, observation, **kwargs)
+
+
+def wrap_siglip_variant(wrapped, instance, args, kwargs):
+    """`siglip.Module` inside a small model's creation: the variant the block names, not OpenPI's."""
+    state = call.current()
+    if state is None or state.siglip_variant is None:
+        return wrapped(*args, **kwargs)
+    return wrapped(*args, **{**kwargs, "variant": state.siglip_variant})
+
+
+def wrap_unaugmented(wrapped, instance, args, kwargs):
+    """`preprocess_observation` inside the lab's training: the images as at inference."""
+    state = call.current()
+    if state is None or not state.unaugmented:
+        return wrapped(*args, **kwargs)
+    return wrapped(*args, **{**kwargs, "train": False})
+
+
+def wrap_config_load(wrapped, instance, args, kwargs):
+    """`BaseModelConfig.load`: give a pi0 checkpoint made without this method its fresh parameters."""
+    from openpi.models import pi0_config
+
+    if not isinstance(instance, pi0_config.Pi0Config):
+        return wrapped(*args, **kwargs)
+    bound = _bind(wrapped, args, kwargs)
+    params = checkpoints.complete_params(instance, bound["params"])
+    return wrapped(params, **{k: v for k, v in bound.items() if k != "params"})
+
+
+def wrap_checkpoint_load(wrapped, instance, args, kwargs):
+    """`CheckpointWeightLoader.load`: treat a method's parameters like LoRA's, kept from `params`."""
+    loaded = wrapped(*args, **kwargs)
+    if not isinstance(loaded, dict):
+        raise Drifted(f"returned {_describe(loaded)} (expected a dict of params)", loaded)
+    return checkpoints.add_missing_from_reference(loaded, _bind(wrapped, args, kwargs)["params"])
