@@ -19,9 +19,11 @@ from openpi_prune.errors import PruneInputError
 @dataclasses.dataclass
 class Served:
     """A served call (`Policy.infer`): the key its compiled `sample_actions` drew, which tags the
-    host telemetry of that call so that its figures are its own under any concurrency."""
+    host telemetry of that call so that its figures are its own under any concurrency, and the
+    observation it was handed (to tell apart calls that raced on the policy's key)."""
 
-    tag: bytes | None = None
+    key: bytes | None = None
+    observation: Any = None
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class CallState:
     noise_scale: Any = None  # a schedule's value (may be traced), over `PruneSettings.noise_scale`
     keep_fraction: Any = None  # a schedule's value (may be traced), over `PruneSettings.keep_fraction`
     probe: Any = None  # inside a saliency pass: the unpruned prefix, perturbed
-    tag: Any = None  # the key of this `sample_actions` call (traced): its telemetry carries it
+    tag: Any = None  # (key bits, observation checksum) of this `sample_actions` call, traced
     served: Served | None = None
     # For the tools' patches (`adapter.table.TOOLS`): small models and the lab's training.
     siglip_variant: str | None = None  # the SigLIP `Pi0.__init__` builds, instead of So400m/14

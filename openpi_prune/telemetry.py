@@ -52,7 +52,8 @@ class Telemetry:
     capacity: int
     warn_below: int
     values: dict[str, np.ndarray]
-    call: bytes | None = None  # the key of the `sample_actions` call that made it (served figures)
+    # The `sample_actions` call that made it: its key's bits and its observation's checksum.
+    call: tuple[bytes, int] | None = None
 
     def __getattr__(self, name):
         try:
@@ -104,15 +105,16 @@ class Recorder:
     def __init__(self, size: int = 64):
         self._lock = threading.Lock()
         self._reports: collections.deque[Telemetry] = collections.deque(maxlen=size)
-        # Served calls waiting for their figures: call tag -> the latest report of that call.
-        self._calls: dict[bytes, Telemetry | None] = {}
+        # Served calls waiting for their figures: key -> [calls waiting, reports of that key].
+        self._calls: dict[bytes, list] = {}
 
     @hookimpl(trylast=True)
     def openpi_prune_report(self, telemetry: Telemetry):
         with self._lock:
             self._reports.append(telemetry)
-            if telemetry.call in self._calls:
-                self._calls[telemetry.call] = telemetry
+            waiting = self._calls.get(telemetry.call[0]) if telemetry.call else None
+            if waiting is not None:
+                waiting[1].append(telemetry)
         nonfinite = int(np.sum(telemetry.values.get("nonfinite", 0)))
         if nonfinite:
             warnings.warn(
@@ -136,15 +138,28 @@ class Recorder:
         with self._lock:
             return list(self._reports)
 
-    def expect(self, tag: bytes) -> None:
-        """Keep the reports of the call tagged `tag` until `take(tag)`."""
+    def expect(self, key: bytes) -> None:
+        """Keep the reports of a served call with this key until it `take`s them."""
         with self._lock:
-            self._calls[tag] = None
+            self._calls.setdefault(key, [0, []])[0] += 1
 
-    def take(self, tag: bytes) -> Telemetry | None:
-        """The latest report of the call tagged `tag` (None if it made none), and forget the call."""
+    def take(self, key: bytes, checksum) -> Telemetry | None:
+        """The latest report of a served call with this key (None if it made none). Calls that share
+        a key (they raced on their policy's key) are told apart by `checksum()` of their observation."""
         with self._lock:
-            return self._calls.pop(tag, None)
+            waiting = self._calls.get(key)
+            if waiting is None:
+                return None
+            reports = waiting[1]
+            if len({r.call[1] for r in reports}) > 1:
+                reports = [r for r in reports if r.call[1] == checksum()] or reports
+            report = reports[-1] if reports else None
+            if report is not None:
+                waiting[1].remove(report)
+            waiting[0] -= 1
+            if waiting[0] == 0:
+                del self._calls[key]
+            return report
 
     def clear(self) -> None:
         with self._lock:

@@ -13,13 +13,6 @@ from openpi_prune.pruner import methods
 from openpi_prune.tools import small
 
 
-@pytest.fixture(scope="module")
-def plain_checkpoint(plain_checkpoint):
-    """A pi0.5 checkpoint saved by orbax as OpenPI saves `params`, from a model without openpi-prune."""
-    cfg, params, folder = plain_checkpoint
-    return cfg, params, folder / "params"
-
-
 def test_serving_loads_a_plain_checkpoint_with_a_fresh_projector(plain_checkpoint):
     cfg, params, _ = plain_checkpoint
     assert methods.PROJECTOR not in params
@@ -33,12 +26,12 @@ def test_serving_loads_a_plain_checkpoint_with_a_fresh_projector(plain_checkpoin
 
 
 def test_training_weight_loader_keeps_the_new_projector(plain_checkpoint):
-    cfg, _, path = plain_checkpoint
+    cfg, _, folder = plain_checkpoint
     with openpi_prune.enabled(method="scheme_b"):
         # What openpi's train script does: the model's shapes, the checkpoint, then a strict check.
         with small.siglip_variant("mu/14"):
             params_shape = nnx.state(nnx.eval_shape(cfg.create, jax.random.key(0)), nnx.Param).to_pure_dict()
-        loaded = weight_loaders.CheckpointWeightLoader(str(path)).load(params_shape)
+        loaded = weight_loaders.CheckpointWeightLoader(str(folder / "params")).load(params_shape)
     at.check_pytree_equality(expected=params_shape, got=loaded, check_shapes=True, check_dtypes=True)
     assert isinstance(loaded[methods.PROJECTOR]["kernel"], jax.ShapeDtypeStruct)  # left to the model's init
     assert not isinstance(loaded["PaliGemma"]["img"]["head"]["kernel"], jax.ShapeDtypeStruct)

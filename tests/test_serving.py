@@ -89,8 +89,7 @@ def test_without_pruning_the_response_is_upstream_s(plain_checkpoint, example):
 
 BASE_INSTALL = """
 import json, sys
-for name in ("rich", "matplotlib"):  # as on a base install, without the tools extra
-    sys.modules[name] = None
+sys.modules["matplotlib"] = None  # as on a base install, without the tools extra (rich comes with Flax)
 import jax, numpy as np
 from openpi.policies import policy as _policy
 import openpi_prune
@@ -99,7 +98,8 @@ cfg = small.config(pi05=True)
 example = jax.tree.map(lambda x: np.asarray(x[0]), small.observation(cfg).to_dict())
 response = _policy.Policy(small.create(cfg), sample_kwargs={"num_steps": 1}).infer(example)
 print(json.dumps({"enabled": openpi_prune.is_enabled(), "figures": sorted(response["pruning"]),
-                  "kept": response["pruning"]["kept"]}))
+                  "kept": response["pruning"]["kept"],
+                  "tools": sorted(m for m in sys.modules if m.startswith("openpi_prune.tools."))}))
 """
 
 
@@ -107,3 +107,4 @@ def test_a_base_install_serves_pruned_without_the_tools_extra():
     result = run_child(BASE_INSTALL, OPENPI_PRUNE="1")
     assert result["enabled"] and result["kept"] == 154  # 20 % of three cameras' 768 patches
     assert result["figures"] == ["kept", "kept_per_camera", "live_image_tokens", "method", "prefix_length"]
+    assert result["tools"] == ["openpi_prune.tools.small"]  # the test's model; serving needs no tool

@@ -85,7 +85,7 @@ def wrap_sample_actions(wrapped, instance, args, kwargs):
         noise = jax.random.normal(bound["rng"], (batch_size, instance.action_horizon, instance.action_dim))
         kwargs = {**kwargs, "noise": noise}
     time = jnp.ones(noise.shape[:1], dtype=jnp.float32)
-    tag = prefix.call_tag(bound["rng"])
+    tag = prefix.call_tag(bound["rng"], bound["observation"])
     with call.scope(noisy_actions=noise, time=time, rng=None, train=False, saliency=None, tag=tag):
         return wrapped(*args, **kwargs)
 
@@ -111,9 +111,9 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
         outputs = wrapped(*args, **kwargs)
     if not isinstance(outputs, dict):
         raise Drifted(f"returned {_describe(outputs)} (expected a dict of outputs)", outputs)
-    if this_call.served.tag is not None:
+    if this_call.served.key is not None:
         jax.effects_barrier()  # the telemetry's host callback has run
-        figures = prefix.serving_figures(this_call.served.tag)
+        figures = prefix.serving_figures(this_call.served)
         if figures is not None:
             outputs["pruning"] = figures
     return outputs
@@ -136,7 +136,7 @@ class _ServedSampler:
             observation = prefix.bucket_prompt(observation, active.prompt_buckets)
         this_call = call.current()
         if settings.is_active() and this_call is not None and this_call.served is not None:
-            this_call.served.tag = prefix.expect_figures(rng)
+            prefix.expect_figures(this_call.served, rng, observation)
         return self.sample(rng, observation, **kwargs)
 
 

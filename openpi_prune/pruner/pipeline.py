@@ -269,8 +269,8 @@ def _report(meta: dict, values: dict, tag=None) -> None:
     """A pruned prefix's host callback: its telemetry to the built-in recorder at once (a policy's
     response carries its figures), and to the plugins' hooks, in pluggy's order, on the delivery
     thread, so that none can fail or stall this model call."""
-    tag_bytes = None if tag is None else np.asarray(tag).tobytes()
-    report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, call=tag_bytes, **meta)
+    made_by = None if tag is None else (np.asarray(tag[0]).tobytes(), int(tag[1]))
+    report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, call=made_by, **meta)
     hooks = list(reversed(plugins.get_manager().hook.openpi_prune_report.get_hookimpls()))
     for hook in hooks:
         if hook.plugin is telemetry.RECORDER:

@@ -314,14 +314,18 @@ def run(
     only: list[str] | None = None,
     report_only: bool = False,
     finetune_steps: int | None = None,
+    baseline_steps: int | None = None,
 ) -> dict:
     if family not in FAMILIES:
         raise SystemExit(f"unknown scene family {family!r}; known: {', '.join(FAMILIES)}")
     plan = dataclasses.replace(QUICK if quick else TrialPlan(), spec=FAMILIES[family])
     if seeds is not None:
         plan = dataclasses.replace(plan, seeds=tuple(seeds))
-    if finetune_steps is not None:  # another plan: its runs go to another --out (the fingerprint says so)
+    # Another plan: its runs go to another --out (the fingerprint says so).
+    if finetune_steps is not None:
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
+    if baseline_steps is not None:
+        plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
     out_dir = prepare(out, only, VARIANTS)
     val = train.validation(plan.spec, plan.validation)
     test = train.test(plan.spec, plan.test)
