@@ -2,7 +2,7 @@
 
 import pytest
 
-from openpi_prune.tools import bench
+from openpi_prune.tools.bench import at_size, small_model
 
 pytestmark = pytest.mark.slow  # compiles sample_actions for each variant: about two minutes
 
@@ -10,7 +10,9 @@ pytestmark = pytest.mark.slow  # compiles sample_actions for each variant: about
 def test_bench_rows_describe_the_prefix_each_variant_runs():
     rows = {
         r.name: r
-        for r in bench.run(siglip="mu/14", paligemma="dummy", batch_size=1, num_steps=2, repeats=1, capacities=[96])
+        for r in small_model.run(
+            siglip="mu/14", paligemma="dummy", batch_size=1, num_steps=2, repeats=1, capacities=[96]
+        )
     }
     upstream = rows["upstream OpenPI"]
     assert upstream.prefix == 768 + 48 and upstream.kept == 768
@@ -24,8 +26,8 @@ def test_bench_rows_describe_the_prefix_each_variant_runs():
 
 
 def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
-    rows = bench.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2)
-    assert [name for name, _, _ in rows] == [name for name, _ in bench.SERVING_VARIANTS]
+    rows = small_model.serving_times(siglip="mu/14", paligemma="dummy", num_steps=1, repeats=2)
+    assert [name for name, _, _ in rows] == [name for name, _ in small_model.SERVING_VARIANTS]
     figures = {name: f for name, _, f in rows}
     # Upstream and telemetry off send none; on, the response says what this call kept (20 % of 768).
     assert figures["upstream OpenPI"] is None and figures["relevance, telemetry off"] is None
@@ -34,7 +36,7 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
 
 
 def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path):
-    rows = bench.run_at_size(
+    rows = at_size.run_at_size(
         paligemma="dummy",
         action_expert="dummy",
         siglip="mu/14",
@@ -45,7 +47,7 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
         prompt_tokens=24,
     )
     by_name = {r.name: r for r in rows}
-    assert list(by_name) == [name for name, _ in bench.SIZE_VARIANTS]
+    assert list(by_name) == [name for name, _ in at_size.SIZE_VARIANTS]
     upstream = by_name["upstream OpenPI"]
     assert (upstream.prefix, upstream.live) == (3 * 256 + 200, 2 * 256 + 24)
     default = by_name["relevance (defaults)"]
@@ -57,7 +59,7 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
     assert dropped.flops.prefix_llm < 0.2 * upstream.flops.prefix_llm
     assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
     assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")
-    bench.show_at_size(rows, "title", str(tmp_path))
+    at_size.show_at_size(rows, "title", str(tmp_path))
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[0] == "title" and len(table) == 2 + 2 + len(rows)
     assert "| 2 | upstream OpenPI | 968 (536) | 512 |" in table[4]

@@ -12,6 +12,7 @@ from flax import nnx
 
 import openpi_prune
 from openpi_prune.tools import cli, diagnose, small
+from openpi_prune.tools.diagnose import measures, running
 from openpi_prune.tools.lab import scenes
 
 CONFIG = "diagnose_small_pi05"
@@ -127,7 +128,7 @@ def test_by_default_every_registered_method_is_diagnosed():
     parser = diagnose.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args([CONFIG, "ckpt"])
     assert args.methods is None and args.scorings is None
-    order = diagnose.default_methods(list(plugins.known_methods()))
+    order = running.default_methods(list(plugins.known_methods()))
     assert sorted(order) == sorted(plugins.known_methods())
     assert {"language_only", "scheme_b", "scheme_a", "action_queries", "keep_all"} <= set(order)
     assert order[0] == "language_only" and order[-1] == "keep_all"
@@ -196,13 +197,13 @@ def test_a_training_run_folder_resolves_to_its_latest_step(checkpoints):
 
 def test_geometry_of_isotropic_and_anisotropic_tokens():
     rng = np.random.default_rng(0)
-    isotropic = diagnose.geometry(rng.normal(size=(512, 64)))
+    isotropic = measures.geometry(rng.normal(size=(512, 64)))
     assert isotropic["shared"] < 0.05 and isotropic["top_dims"] < 0.15
-    shared = diagnose.geometry(rng.normal(size=(512, 64)) + 3 * rng.normal(size=64))
+    shared = measures.geometry(rng.normal(size=(512, 64)) + 3 * rng.normal(size=64))
     assert shared["shared"] > 0.8 and shared["top_dims_centred"] < 0.15
     massive = rng.normal(size=(512, 64))
     massive[:, :2] *= 50
-    assert diagnose.geometry(massive)["top_dims_centred"] > 0.9
+    assert measures.geometry(massive)["top_dims_centred"] > 0.9
 
 
 # Errors: each names what is wrong, before any model is built.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import openpi_prune
-from openpi_prune.tools.lab import named, scenes, train, trial
+from openpi_prune.tools.lab import named, scenes, train, trial, trial_plan, trial_report
 
 SPEC = scenes.SceneSpec()
 NAMED = named.NamedSpec()
@@ -123,18 +123,20 @@ def test_distinct_keeps_what_stands_out_and_random_does_not(lab_model):
 def test_paired_ratio_interval_holds_the_ratio_and_needs_the_reference():
     rng = np.random.default_rng(0)
     reference = {s: rng.gamma(2.0, 1.0, (2, 200)) for s in range(3)}
-    same = trial.paired_ratio(reference, reference, rng)
+    same = trial_report.paired_ratio(reference, reference, rng)
     assert same["ratio"] == same["low"] == same["high"] == 1.0
-    worse = trial.paired_ratio({s: 1.2 * v for s, v in reference.items()}, reference, rng)
+    worse = trial_report.paired_ratio({s: 1.2 * v for s, v in reference.items()}, reference, rng)
     assert worse["ratio"] == pytest.approx(1.2) and worse["low"] == pytest.approx(1.2)
-    noisy = trial.paired_ratio({s: v * rng.uniform(0.5, 1.7, v.shape) for s, v in reference.items()}, reference, rng)
+    noisy = trial_report.paired_ratio(
+        {s: v * rng.uniform(0.5, 1.7, v.shape) for s, v in reference.items()}, reference, rng
+    )
     assert noisy["low"] < noisy["ratio"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.02
-    assert trial.paired_ratio(reference, {7: reference[0]}, rng) is None
+    assert trial_report.paired_ratio(reference, {7: reference[0]}, rng) is None
 
 
 @pytest.mark.slow
 def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
-    only = [trial.REFERENCE, "default (relevance)", "distinct (prompt-blind)"]
+    only = [trial_plan.REFERENCE, "default (relevance)", "distinct (prompt-blind)"]
     report = trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
     assert report["splits"]["test_layouts_in_training"] == 0
     assert report["splits"]["test_layouts"] > 0
@@ -176,7 +178,7 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_trial_on_named_scenes_reports_distractors_and_the_prompt_swap(tmp_path):
-    only = [trial.REFERENCE, "distinct (prompt-blind)"]
+    only = [trial_plan.REFERENCE, "distinct (prompt-blind)"]
     report = trial.run(out=str(tmp_path), family="named", quick=True, seeds=[0], only=only)
     row = report["variants"]["distinct (prompt-blind)"]
     assert 0 <= row["distractors_kept"] <= 1 and 0 <= row["swap_coverage"] <= 1

@@ -21,14 +21,14 @@ import numpy as np
 from rich.table import Table
 
 import openpi_prune
-from openpi_prune.tools.lab import metaworld, train, trial
+from openpi_prune.tools.lab import checkpoint, metaworld, train, trial_plan
 from openpi_prune.tools.lab.run import console, prepare, progress_bars, slug
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
     "unpruned checkpoint": None,
     "unpruned checkpoint, images blanked": None,
-    trial.REFERENCE: dict(method="keep_all", scoring="lightvla"),
+    trial_plan.REFERENCE: dict(method="keep_all", scoring="lightvla"),
     "default (relevance)": dict(method="relevance"),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
@@ -105,7 +105,7 @@ def run(
     if baseline_steps is not None:
         plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
     metaworld.require_rendering()
-    code = trial.commit()
+    code = checkpoint.commit()
     with progress_bars() as progress:
         solved = metaworld.collect(plan.spec, progress)
         console.print(f"expert episodes solved, per task: {solved}")
@@ -114,7 +114,7 @@ def run(
             openpi_prune.disable()
             model = train.create(plan.spec)
             history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)")
-            trial.save_trained(model, base_path, trial._frozen(plan.spec))
+            checkpoint.save_trained(model, base_path, checkpoint.frozen(plan.spec))
             (out_dir / "baseline" / "history.json").write_text(
                 json.dumps(
                     {
@@ -124,7 +124,7 @@ def run(
                     }
                 )
             )
-        base_params = trial.load_trained(base_path, plan.spec)
+        base_params = checkpoint.load_trained(base_path, plan.spec)
         for name, changes in VARIANTS.items():
             path = out_dir / "closed-loop" / f"{slug(name)}.json"
             if (only and name not in only) or path.exists():
@@ -135,7 +135,7 @@ def run(
                 model = train.load(plan.spec, base_params)
                 settings = None
             else:
-                settings = trial.settings_for(changes)
+                settings = trial_plan.settings_for(changes)
                 openpi_prune.enable(settings)
                 model = train.load(plan.spec, base_params)
                 train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")

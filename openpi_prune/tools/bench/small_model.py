@@ -1,0 +1,209 @@
+"""The small pi0.5 with every method: `sample_actions`, the training step and `Policy.infer`, each
+variant beside upstream."""
+
+import dataclasses
+import statistics
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.progress import Progress
+from rich.table import Table
+
+import openpi_prune
+from openpi_prune import telemetry
+from openpi_prune.pruner import methods
+from openpi_prune.tools import small
+from openpi_prune.tools.bench import timing
+from openpi_prune.tools.bench.timing import console
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    prefix: int
+    kept: float
+    latency_ms: float
+    flops: float | None
+    temp_bytes: float | None
+
+
+def _variants(capacities):
+    yield "upstream OpenPI", None
+    yield "keep_all (masked)", dict(method="keep_all", mode="masked")
+    yield "relevance compact (default)", dict(method="relevance")
+    yield "relevance compact, telemetry off", dict(method="relevance", telemetry=False)
+    yield "relevance masked", dict(method="relevance", mode="masked")
+    for capacity in capacities:
+        yield f"scheme_b compact {capacity}", dict(method="scheme_b", mode="compact", capacity=capacity)
+
+
+def _model_with_every_method(cfg, siglip):
+    """One real model carrying Scheme B's projector and the relevance head, so that every variant
+    runs on the same weights."""
+    with openpi_prune.enabled(method="scheme_b"):
+        model = small.create(cfg, siglip=siglip)
+    with openpi_prune.enabled(method="relevance"):
+        head = small.create(cfg, siglip=siglip)
+    for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
+        setattr(model, name, nnx.Param(getattr(head, name).value))
+    return model
+
+
+def _prefix(model, observation, cfg) -> tuple[int, float]:
+    """Positions of the prefix PaliGemma runs, and image tokens kept (batch mean), with the settings
+    in force (read from the pruner's telemetry values, whether or not it reports them)."""
+    b = observation.state.shape[0]
+    noise = jax.numpy.zeros((b, cfg.action_horizon, cfg.action_dim))
+    with telemetry.collect() as reports, openpi_prune.noisy_actions(noise, jax.numpy.ones(b)):
+        tokens, _, _ = model.embed_prefix(observation)
+    return tokens.shape[1], float(np.mean(reports[0]["kept"]))
+
+
+def _measure(model, observation, num_steps, repeats):
+    compiled, args = timing.compiled_sample(model, observation, num_steps)
+    times = timing.timed(compiled, args, repeats)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return (
+        statistics.median(times),
+        (cost or {}).get("flops"),
+        getattr(memory, "temp_size_in_bytes", None),
+    )
+
+
+def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, repeats: int, capacities) -> list[Row]:
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    model = _model_with_every_method(cfg, siglip)
+    observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
+    rows = []
+    variants = list(_variants(capacities))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("compiling and timing", total=len(variants))
+        for name, settings in variants:
+            progress.update(task, description=f"compiling and timing: {name}")
+            telemetry.clear()
+            if settings is None:
+                with openpi_prune.disabled():
+                    latency, flops, temp = _measure(model, observation, num_steps, repeats)
+                prefix, kept = 768 + cfg.max_token_len, 768.0
+            else:
+                with openpi_prune.enabled(warn_below=0, **settings):
+                    latency, flops, temp = _measure(model, observation, num_steps, repeats)
+                    prefix, kept = _prefix(model, observation, cfg)
+            rows.append(Row(name, prefix, kept, latency, flops, temp))
+            progress.advance(task)
+    return rows
+
+
+TRAIN_VARIANTS = (
+    ("upstream OpenPI", None),
+    ("relevance (default)", dict(method="relevance")),
+    ("scheme_b", dict(method="scheme_b")),
+    ("language_only (verbatim LightVLA)", dict(method="language_only", scoring="lightvla")),
+)
+
+
+def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, repeats: int) -> list[tuple[str, float]]:
+    """Median time of one jitted training step (OpenPI's `compute_loss(train=True)` and its gradient)
+    per variant, telemetry off, on one model that has every method's parameters."""
+    import jax.numpy as jnp
+
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    model = _model_with_every_method(cfg, siglip)
+    observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
+    actions = small.actions(cfg, batch_size=batch_size)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    times = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing training steps", total=len(TRAIN_VARIANTS))
+        for name, settings in TRAIN_VARIANTS:
+
+            def step(params):
+                def loss(p):
+                    m = nnx.merge(graphdef, p, rest)
+                    return jnp.mean(m.compute_loss(jax.random.key(0), observation, actions, train=True))
+
+                return jax.value_and_grad(loss)(params)
+
+            context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(telemetry=False, **settings)
+            with context:
+                compiled = jax.jit(step).lower(params).compile()
+            times.append((name, statistics.median(timing.timed(compiled, (params,), repeats))))
+            progress.advance(task)
+    return times
+
+
+SERVING_VARIANTS = (
+    ("upstream OpenPI", None),
+    ("relevance, telemetry off", dict(method="relevance", telemetry=False)),
+    ("relevance, telemetry on (default)", dict(method="relevance")),
+)
+
+
+def serving_times(
+    *, siglip: str | None, paligemma: str, num_steps: int, repeats: int
+) -> list[tuple[str, float, dict | None]]:
+    """Median wall time of OpenPI's `Policy.infer` (one observation, as a robot server calls it) per
+    variant, and the pruning figures its last response carried: with telemetry on, each call also
+    waits for the pruner's report on the host."""
+    from openpi.policies import policy as _policy
+
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    model = _model_with_every_method(cfg, siglip)
+    observation = small.observation(cfg, batch_size=1, prompt_tokens=16)
+    example = jax.tree.map(lambda x: np.asarray(x[0]), observation.to_dict())
+    times = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("serving", total=len(SERVING_VARIANTS))
+        for name, settings in SERVING_VARIANTS:
+            progress.update(task, description=f"serving: {name}")
+            context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(warn_below=0, **settings)
+            with context:
+                policy = _policy.Policy(model, sample_kwargs={"num_steps": num_steps})
+                samples = timing.timed(policy.infer, (example,), repeats)  # the warm-up call compiles
+                figures = policy.infer(example).get("pruning")
+            times.append((name, statistics.median(samples), figures))
+            progress.advance(task)
+    return times
+
+
+def show_train(times: list[tuple[str, float]], title: str) -> None:
+    table = Table("variant", "train step ms", "x upstream", title=title)
+    for name, ms in times:
+        table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
+    console.print(table)
+
+
+def show(rows: list[Row], title: str) -> None:
+    base = rows[0]
+    table = Table(
+        "variant",
+        "prefix",
+        "kept",
+        "latency ms",
+        "x upstream",
+        "GFLOP",
+        "x upstream",
+        "temp MiB",
+        "x upstream",
+        title=title,
+    )
+
+    def ratio(value, reference):
+        return f"{value / reference:.2f}" if value and reference else "-"
+
+    for row in rows:
+        table.add_row(
+            row.name,
+            str(row.prefix),
+            f"{row.kept:.0f}",
+            f"{row.latency_ms:.1f}",
+            ratio(row.latency_ms, base.latency_ms),
+            f"{row.flops / 1e9:.2f}" if row.flops else "-",
+            ratio(row.flops, base.flops),
+            f"{row.temp_bytes / 2**20:.0f}" if row.temp_bytes else "-",
+            ratio(row.temp_bytes, base.temp_bytes),
+        )
+    console.print(table)

@@ -1,0 +1,54 @@
+"""A lab checkpoint small enough to commit: only the parameters training changes, and the commit
+of the code that made it."""
+
+import pathlib
+import subprocess
+
+import numpy as np
+from flax import traverse_util
+
+import openpi_prune
+from openpi_prune.tools.lab import scenes, train
+
+
+def commit() -> str:
+    """The commit of the code that runs (with `+dirty` when it has uncommitted changes)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "openpi_prune"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# --- the baseline checkpoint: only what training changes, so that it is small enough to keep -------
+
+
+def save_trained(model, path: pathlib.Path, frozen: dict) -> None:
+    """The parameters that differ from a fresh model's `frozen` ones (the prompt's embedding table
+    stays as created), as one `.npz`."""
+    flat = traverse_util.flatten_dict(train.params_of(model), sep="/")
+    kept = {k: np.asarray(v) for k, v in flat.items() if k not in frozen}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **kept)
+
+
+def load_trained(path: pathlib.Path, spec: scenes.SceneSpec) -> dict:
+    """Full params: a fresh model's (seeded as the baseline was), the saved ones written over them."""
+    with openpi_prune.disabled():
+        params = traverse_util.flatten_dict(train.params_of(train.create(spec)), sep="/")
+    with np.load(path) as saved:
+        unknown = set(saved.files) - set(params)
+        if unknown:
+            raise SystemExit(f"{path} holds parameters this model lacks ({', '.join(sorted(unknown)[:3])}, ...)")
+        params.update({k: saved[k] for k in saved.files})
+    return traverse_util.unflatten_dict(params, sep="/")
+
+
+def frozen(spec: scenes.SceneSpec) -> set[str]:
+    with openpi_prune.disabled():
+        flat = traverse_util.flatten_dict(train.params_of(train.create(spec)), sep="/")
+    return {k for k in flat if "input_embedding" in k}

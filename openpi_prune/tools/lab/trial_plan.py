@@ -1,0 +1,81 @@
+"""The trial's plan: the variants (settings), the schedules, the families and the fingerprint a
+run must share to be summarised with others."""
+
+import dataclasses
+import hashlib
+import pathlib
+
+import numpy as np
+
+import openpi_prune
+from openpi_prune.tools.lab import named, scenes, train
+
+REFERENCE = "reference (unpruned)"
+# name -> settings changes (compact mode, the shipped default, unless a variant says otherwise).
+VARIANTS = {
+    REFERENCE: dict(method="keep_all", scoring="lightvla"),
+    "default (relevance)": dict(method="relevance"),
+    "distinct (prompt-blind)": dict(method="distinct"),
+    "random share": dict(method="random"),
+    "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
+    # The kept count follows the scene (the head's softmax mass), at most 30 % of the live patches;
+    # after fine-tuning, keep_mass is set on the validation split to keep the default's share.
+    "adaptive budget (relevance)": dict(method="relevance", keep_mass=0.8, keep_fraction=0.3),
+}
+BOOTSTRAP = 2000
+EXAMPLES = 4  # test scenes whose kept patches each run keeps, for the picture
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPlan:
+    baseline: train.Schedule = train.Schedule(steps=2000, lr=1e-3, single_object=0.25)
+    finetune: train.Schedule = train.Schedule(
+        steps=600, lr=3e-4, batch_size=16, warmup=15, seed=100_000, keep_ramp=0.25
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    validation: int = 256
+    test: int = 1024
+    noise_draws: int = 3
+    spec: scenes.SceneSpec | named.NamedSpec = scenes.SceneSpec()
+
+    def finetune_for(self, seed: int) -> train.Schedule:
+        """Seed `seed`'s fine-tuning: its own batches (and, through them, its own noise)."""
+        return dataclasses.replace(self.finetune, seed=self.finetune.seed + 10_000 * seed)
+
+
+QUICK = TrialPlan(
+    baseline=train.Schedule(steps=3, lr=1e-3, batch_size=4, single_object=0.34, warmup=1),
+    finetune=train.Schedule(steps=2, lr=3e-4, batch_size=4, warmup=1, seed=100_000, keep_ramp=0.25),
+    seeds=(0, 1),
+    validation=8,
+    test=12,
+    noise_draws=2,
+)
+FAMILIES = {"blocks": scenes.SceneSpec(), "named": named.NamedSpec()}
+SWAP_SEED = 3_000_000
+
+
+def settings_for(changes: dict) -> openpi_prune.PruneSettings:
+    # Telemetry is collected inside the jitted functions; no host callback needed.
+    return openpi_prune.PruneSettings(telemetry=False, warn_below=0, **changes)
+
+
+def fingerprint(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch, training: set) -> str:
+    """A hash of what a run's figures rest on besides its code: the plan (but which seeds this piece
+    runs), the held-out scenes and every training layout. A piece resumes only runs that share it."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(dataclasses.replace(plan, seeds=())).encode())
+    for batch in (val, test):
+        digest.update(repr(batch.layouts).encode())
+        for array in (batch.actions, batch.tokens, *batch.images.values()):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(repr(sorted(training)).encode())
+    return digest.hexdigest()
+
+
+def check_same(path: pathlib.Path, found: str | None, expected: str) -> None:
+    if found != expected:
+        raise SystemExit(
+            f"{path} was made for another plan or other scenes (fingerprint {found}, this run's {expected}): "
+            "its figures cannot be paired with this run's. Choose another --out, or move it away."
+        )

@@ -1,0 +1,183 @@
+"""The trial's report: each variant's MSE as a ratio to the reference's, paired by seed, scene and
+noise draw, with a bootstrap interval; tables and pictures."""
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+from rich.table import Table
+
+from openpi_prune.tools.lab import checkpoint, named, train
+from openpi_prune.tools.lab.run import console
+from openpi_prune.tools.lab.trial_plan import BOOTSTRAP, EXAMPLES, REFERENCE, VARIANTS, TrialPlan, check_same
+
+
+def load_runs(out_dir: pathlib.Path, print_: str) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(out_dir.glob("runs/seed-*/*.json")):
+        row = json.loads(path.read_text())
+        check_same(path, row.get("fingerprint"), print_)
+        runs.setdefault(row["variant"], {})[row["seed"]] = row
+    return runs
+
+
+def paired_ratio(
+    variant: dict[int, np.ndarray], reference: dict[int, np.ndarray], rng: np.random.Generator
+) -> dict | None:
+    """Mean MSE of `variant` over that of `reference` on the same seeds, scenes and noise draws, with
+    a 95 % interval: bootstrap over seeds, then over scenes within each drawn seed, paired."""
+    seeds = sorted(set(variant) & set(reference))
+    if not seeds:
+        return None
+    # [seeds, scenes]: each scene's MSE averaged over the noise draws.
+    v = np.stack([np.mean(variant[s], axis=0) for s in seeds])
+    r = np.stack([np.mean(reference[s], axis=0) for s in seeds])
+    ratios = np.empty(BOOTSTRAP)
+    n_seeds, n_scenes = v.shape
+    for i in range(BOOTSTRAP):
+        picked_seeds = rng.integers(0, n_seeds, n_seeds)
+        picked_scenes = rng.integers(0, n_scenes, (n_seeds, n_scenes))
+        ratios[i] = v[picked_seeds[:, None], picked_scenes].sum() / r[picked_seeds[:, None], picked_scenes].sum()
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"ratio": float(v.sum() / r.sum()), "low": float(low), "high": float(high), "seeds": seeds}
+
+
+def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, print_: str) -> dict:
+    runs = load_runs(out_dir, print_)
+    mean_action = train.mean_action(plan.spec)
+    mean_test = float(np.mean((test.actions - mean_action) ** 2))
+    mean_val = float(np.mean((val.actions - mean_action) ** 2))
+    reference = runs.get(REFERENCE, {})
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name in VARIANTS:
+        if name not in runs:
+            continue
+        by_seed = runs[name]
+        row = {
+            "seeds": sorted(by_seed),
+            "test_mse_vs_mean": float(np.mean([np.mean(r["test_mse"]) for r in by_seed.values()]) / mean_test),
+            "validation_mse_vs_mean": float(
+                np.mean([np.mean(r["validation_mse"]) for r in by_seed.values()]) / mean_val
+            ),
+            "commits": sorted({r["commit"] for r in by_seed.values()}),
+        }
+        if name != REFERENCE:
+            test_pair = paired_ratio(
+                {s: np.asarray(r["test_mse"]) for s, r in by_seed.items()},
+                {s: np.asarray(r["test_mse"]) for s, r in reference.items()},
+                rng,
+            )
+            val_pair = paired_ratio(
+                {s: np.asarray(r["validation_mse"])[None] for s, r in by_seed.items()},
+                {s: np.asarray(r["validation_mse"])[None] for s, r in reference.items()},
+                rng,
+            )
+            # No reference run for these seeds: said, never replaced by another figure.
+            row["test_ratio"] = test_pair or "no reference run for these seeds"
+            row["validation_ratio"] = val_pair or "no reference run for these seeds"
+            kept = np.concatenate([np.asarray(r["kept_per_camera"]) for r in by_seed.values()])
+            row |= {
+                "kept_per_camera": float(kept.mean()),
+                "kept_share": float(kept.mean() / plan.spec.grid**2),
+                "recall": float(np.mean([np.mean(r["recall"]) for r in by_seed.values()])),
+                "precision": float(np.mean([np.mean(r["precision"]) for r in by_seed.values()])),
+                "masked_vs_compact_max_abs": max(r["masked_vs_compact_max_abs"] for r in by_seed.values()),
+            }
+            for key in ("distractors_kept", "swap_coverage"):
+                if all(key in r for r in by_seed.values()):
+                    row[key] = float(np.mean([np.mean(r[key]) for r in by_seed.values()]))
+        rows[name] = row
+    report = {
+        "plan": dataclasses.asdict(plan),
+        "splits": splits,
+        "bootstrap": BOOTSTRAP,
+        "summarised_by": checkpoint.commit(),
+        "fingerprint": print_,
+        "variants": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "results.md").write_text(markdown(report))
+    from openpi_prune.tools.lab import pictures
+
+    if any(isinstance(r.get("test_ratio"), dict) for r in rows.values()):
+        pictures.ratios(rows, out_dir / "ratios.png")
+    # The lowest seed's kept patches of the first test scenes, per variant that recorded them.
+    examples = {
+        name: np.asarray(by_seed[min(by_seed)]["kept_mask_examples"])
+        for name, by_seed in runs.items()
+        if name != REFERENCE and "kept_mask_examples" in by_seed[min(by_seed)]
+    }
+    if examples:
+        shown = test.head(EXAMPLES)
+        captions = [named.caption(shown, i) for i in range(EXAMPLES)] if shown.named else None
+        pictures.kept_patches(
+            shown, examples, plan.spec, out_dir / "kept_patches.png", scenes_shown=2, captions=captions
+        )
+    return report
+
+
+def _ratio_cell(pair) -> str:
+    if not isinstance(pair, dict):
+        return "no reference"
+    return f"{pair['ratio']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}]"
+
+
+def _cells(name: str, row: dict) -> list[str]:
+    def fmt(key, spec="{:.3g}"):
+        return spec.format(row[key]) if key in row else "-"
+
+    return [
+        name,
+        ", ".join(map(str, row["seeds"])),
+        _ratio_cell(row.get("test_ratio")) if name != REFERENCE else "1",
+        _ratio_cell(row.get("validation_ratio")) if name != REFERENCE else "1",
+        fmt("test_mse_vs_mean", "{:.4f}"),
+        fmt("kept_per_camera", "{:.1f}"),
+        fmt("kept_share", "{:.0%}"),
+        fmt("recall", "{:.0%}"),
+        fmt("precision", "{:.0%}"),
+        fmt("distractors_kept", "{:.0%}"),
+        fmt("swap_coverage", "{:.0%}"),
+        fmt("masked_vs_compact_max_abs", "{:.1e}"),
+    ]
+
+
+HEADERS = [
+    "variant",
+    "seeds",
+    "test MSE / reference [95 %]",
+    "validation MSE / reference [95 %]",
+    "test MSE / predict-mean",
+    "kept per live camera",
+    "kept share",
+    "recall",
+    "precision",
+    "distractors kept",
+    "prompt swap: new object kept",
+    "masked vs compact",
+]
+
+
+def markdown(report: dict) -> str:
+    plan, splits = report["plan"], report["splits"]
+    lines = [
+        f"Summarised by `{report['summarised_by']}`; runs by {sorted({c for r in report['variants'].values() for c in r['commits']})}.",
+        f"Test split: {plan['test']} scenes x {plan['noise_draws']} noise draws, {splits['test_layouts']} layouts, "
+        f"{splits['test_layouts_in_training']} of them in training ({splits['training_layouts']} layouts drawn "
+        f"there); validation: {plan['validation']} scenes, {splits['validation_layouts_in_training']} in training. "
+        f"Intervals: bootstrap over seeds and scenes, {report['bootstrap']} resamples, paired with the reference.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(_cells(name, row)) + " |" for name, row in report["variants"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: dict) -> None:
+    table = Table(*HEADERS, title="trial: paired with the unpruned reference, test split")
+    for name, row in report["variants"].items():
+        table.add_row(*_cells(name, row))
+    console.print(table)
