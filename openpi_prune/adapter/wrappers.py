@@ -107,15 +107,18 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
     sample = vars(instance).get("_sample_actions")
     if sample is not None and not isinstance(sample, _ServedSampler):
         instance._sample_actions = _ServedSampler(sample)
+    figures = None
     with call.scope(served=call.Served()) as this_call:
-        outputs = wrapped(*args, **kwargs)
+        try:
+            outputs = wrapped(*args, **kwargs)
+        finally:  # taken even when the call failed: the recorder keeps nothing for it
+            if this_call.served.key is not None:
+                jax.effects_barrier()  # the telemetry's host callback has run
+                figures = prefix.serving_figures(this_call.served)
     if not isinstance(outputs, dict):
         raise Drifted(f"returned {_describe(outputs)} (expected a dict of outputs)", outputs)
-    if this_call.served.key is not None:
-        jax.effects_barrier()  # the telemetry's host callback has run
-        figures = prefix.serving_figures(this_call.served)
-        if figures is not None:
-            outputs["pruning"] = figures
+    if figures is not None:
+        outputs["pruning"] = figures
     return outputs
 
 
