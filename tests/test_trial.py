@@ -168,6 +168,30 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="another plan or other scenes"):
         trial.run(out=str(tmp_path), quick=True, seeds=[0], only=only)
     monkeypatch.undo()
+    # A trial that differs only in its fine-tuning shares the baseline: it fine-tunes from it, never
+    # trains it again, and one made for other scenes is refused.
+    trained = []
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: trained.append(args[2]) or [{"loss": 1.0}])
+    other = trial.run(
+        out=str(tmp_path / "longer"),
+        quick=True,
+        seeds=[0],
+        only=only[:2],
+        finetune_steps=3,
+        baseline_dir=str(tmp_path / "baseline"),
+    )
+    assert [schedule.steps for schedule in trained] == [3, 3] and not (tmp_path / "longer" / "baseline").exists()
+    assert other["variants"][only[1]]["test_ratio"]["seeds"] == [0]
+    with pytest.raises(SystemExit, match="another plan or other scenes"):
+        trial.run(
+            out=str(tmp_path / "named"),
+            family="named",
+            quick=True,
+            seeds=[0],
+            only=only[:1],
+            baseline_dir=str(tmp_path / "baseline"),
+        )
+    monkeypatch.undo()
     # Without the reference's run, a ratio is said to be missing, never taken against another figure.
     monkeypatch.setattr(train, "train", no_training)
     (tmp_path / "runs" / "seed-0" / "reference-unpruned.json").unlink()

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
     trial.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 600; another --out)")
     trial.add_argument("--baseline-steps", type=int, help="training steps of the unpruned baseline (default 2000)")
+    trial.add_argument(
+        "--baseline-dir", help="the baseline checkpoint to fine-tune from, or train (default: OUT/baseline)"
+    )
     trial.add_argument("--report-only", action="store_true", help="summarise the runs in --out, run nothing")
     suite = sub.add_parser(
         "metaworld", help="closed-loop success on Meta-World: pruned against unpruned, through OpenPI's server"

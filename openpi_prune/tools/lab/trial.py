@@ -1,7 +1,8 @@
 """`openpi-prune trial`: pruned against unpruned as a sceptic would have it compared.
 
 1. One unpruned pi0.5 trained on the train split (kept as `baseline/params.npz`, the parameters
-   it trains: a later run, or a later session, resumes from it).
+   it trains: a later run, or a later session, resumes from it; trials that differ only in their
+   fine-tuning share it through `--baseline-dir`).
 2. For every seed (fine-tuning batches, flow-matching noise, fresh pruner parameters) and every
    variant: fine-tune from that checkpoint alike, the unpruned reference included, then evaluate in
    compact mode (the shipped path) on the validation split (what choices are made on) and on the test
@@ -45,10 +46,12 @@ from openpi_prune.tools.lab.trial_plan import (
 from openpi_prune.tools.lab.trial_report import print_report, summarise
 
 
-def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str, print_: str) -> dict:
-    path = out / "baseline" / "params.npz"
+def baseline(plan: TrialPlan, folder: pathlib.Path, progress: Progress, code: str, print_: str) -> dict:
+    """The unpruned baseline in `folder`, trained there first if it is not; `print_` is its own
+    fingerprint (the plan without the fine-tuning)."""
+    path = folder / "params.npz"
     if path.exists():
-        check_same(path, json.loads((out / "baseline" / "history.json").read_text()).get("fingerprint"), print_)
+        check_same(path, json.loads((folder / "history.json").read_text()).get("fingerprint"), print_)
         console.print(f"reusing the baseline in {path}")
         return checkpoint.load_trained(path, plan.spec)
     openpi_prune.disable()
@@ -63,7 +66,7 @@ def baseline(plan: TrialPlan, out: pathlib.Path, progress: Progress, code: str, 
 
     history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
     checkpoint.save_trained(model, path, checkpoint.frozen(plan.spec))
-    (out / "baseline" / "history.json").write_text(
+    (folder / "history.json").write_text(
         json.dumps(
             {"commit": code, "fingerprint": print_, "schedule": dataclasses.asdict(plan.baseline), "history": history}
         )
@@ -210,6 +213,7 @@ def run(
     report_only: bool = False,
     finetune_steps: int | None = None,
     baseline_steps: int | None = None,
+    baseline_dir: str | None = None,
 ) -> dict:
     if family not in FAMILIES:
         raise SystemExit(f"unknown scene family {family!r}; known: {', '.join(FAMILIES)}")
@@ -235,7 +239,8 @@ def run(
     print_ = fingerprint(plan, val, test, baseline_layouts)
     if not report_only:
         with progress_bars() as progress:
-            base_params = baseline(plan, out_dir, progress, code, print_)
+            folder = pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
+            base_params = baseline(plan, folder, progress, code, fingerprint(plan, val, test, baseline_layouts, True))
             for seed in plan.seeds:
                 for name in VARIANTS:
                     path = out_dir / "runs" / f"seed-{seed}" / f"{slug(name)}.json"

@@ -60,11 +60,14 @@ def settings_for(changes: dict) -> openpi_prune.PruneSettings:
     return openpi_prune.PruneSettings(telemetry=False, warn_below=0, **changes)
 
 
-def fingerprint(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch, training: set) -> str:
+def fingerprint(plan: TrialPlan, val: scenes.Batch, test: scenes.Batch, training: set, baseline: bool = False) -> str:
     """A hash of what a run's figures rest on besides its code: the plan (but which seeds this piece
-    runs), the held-out scenes and every training layout. A piece resumes only runs that share it."""
+    runs), the held-out scenes and every training layout. A piece resumes only runs that share it.
+    `baseline`: what the baseline rests on, its plan without the fine-tuning, so trials that differ
+    only in their fine-tuning share one baseline."""
+    covered = dataclasses.replace(plan, seeds=(), **({"finetune": None} if baseline else {}))
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(repr(dataclasses.replace(plan, seeds=())).encode())
+    digest.update(repr(covered).encode())
     for batch in (val, test):
         digest.update(repr(batch.layouts).encode())
         for array in (batch.actions, batch.tokens, *batch.images.values()):
