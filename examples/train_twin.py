@@ -2,16 +2,20 @@
 
 The twin comes from `with_pruning` (as `pi05_libero_prune` comes from `pi05_libero`). Everything else
 is OpenPI's: its `TrainConfig`, its data loader on `FakeDataConfig` (with every camera and prompt
-token marked live), its optimizer and schedule, its `TrainState` and orbax checkpoints. Training starts
-from a checkpoint written without openpi-prune, so the pruner's parameters start fresh, and prunes
-gradually (every patch at first, 20 % from a quarter of the way on). Each step logs the pruner's
-telemetry. The last checkpoint is what `serve_twin.py` serves.
+token marked live), its optimizer and schedule, its `TrainState` and orbax checkpoints, and a train
+step written as OpenPI's `scripts/train.py` writes it, with no openpi-prune call in it. Training
+starts from a checkpoint written without openpi-prune, so the pruner's parameters start fresh, and
+prunes gradually (every patch at first, 20 % from a quarter of the way on): the twin's settings carry
+the schedule and the model counts its own steps (saved in the checkpoint, so a resumed run goes on
+where it was). The pruner's line in the training log comes every `log_every` steps. The last
+checkpoint is what `serve_twin.py` serves.
 
 Run: .venv/bin/python examples/train_twin.py --out /tmp/twin [--steps 20]
 """
 
 import argparse
 import dataclasses
+import logging
 import pathlib
 
 import jax
@@ -71,7 +75,11 @@ def train_config(out: pathlib.Path, steps: int):
         assets_base_dir=str(out / "assets"),
         wandb_enabled=False,
     )
-    return configs.with_pruning(base, telemetry=False, warn_below=0)
+    # Gradual pruning over the first quarter, LightVLA's noise falling to 0 over the run (the
+    # relevance head ignores it), the pruner's log line every quarter of the run.
+    return configs.with_pruning(
+        base, warn_below=0, keep_ramp_steps=steps // 4, noise_steps=steps, log_every=max(steps // 4, 1)
+    )
 
 
 def write_plain_checkpoint(folder: pathlib.Path) -> None:
@@ -103,36 +111,22 @@ def init_train_state(config, rng) -> training_utils.TrainState:
 
 
 def train_step(config, rng, state: training_utils.TrainState, batch):
+    """One step as OpenPI's `scripts/train.py` takes it: nothing here knows of openpi-prune."""
     model = nnx.merge(state.model_def, state.params)
     model.train()
+
+    def loss_fn(model, rng, observation, actions):
+        return jnp.mean(model.compute_loss(rng, observation, actions, train=True))
+
     observation, actions = batch
-
-    def loss_fn(model):
-        # LightVLA's noise on the vote scores, 1 -> 0 over training (the relevance head ignores it).
-        scale = openpi_prune.linear_noise_scale(state.step, config.num_train_steps)
-        # Gradual pruning: every patch at first, the setting's share from a quarter of the way on, so
-        # the head learns before the model trains on its picks.
-        share = openpi_prune.gradual_keep_fraction(
-            state.step, config.num_train_steps // 4, config.model.prune.keep_fraction
-        )
-        with telemetry.collect() as reports, openpi_prune.noise_scale(scale), openpi_prune.keep_fraction(share):
-            loss = jnp.mean(model.compute_loss(jax.random.fold_in(rng, state.step), observation, actions, train=True))
-        return loss, (reports[0], scale, share)
-
     trainable = nnx.DiffState(0, config.trainable_filter)
-    (loss, (report, scale, share)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=trainable)(
+        model, jax.random.fold_in(rng, state.step), observation, actions
+    )
     params = state.params.filter(config.trainable_filter)
     updates, opt_state = state.tx.update(grads, state.opt_state, params)
     nnx.update(model, optax.apply_updates(params, updates))
-    info = {
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "noise_scale": scale,
-        "keep_fraction": share,
-        "kept_per_camera": jnp.mean(report["kept_per_camera"], axis=0),
-        "query_spread": jnp.mean(report["query_spread"]),
-        "distill_loss": jnp.mean(report["distill_loss"]),
-    }
+    info = {"loss": loss, "grad_norm": optax.global_norm(grads)}
     return dataclasses.replace(state, step=state.step + 1, params=nnx.state(model), opt_state=opt_state), info
 
 
@@ -148,12 +142,8 @@ def main(out: pathlib.Path, steps: int) -> tuple[pathlib.Path, training_utils.Tr
     for step in track(range(steps), description="training the pruned twin (the first step compiles)", console=console):
         state, info = step_fn(rng, state, next(batches))
         if step in (0, steps - 1):
-            info = jax.device_get(info)
-            console.print(
-                f"step {step}: loss {info['loss']:.3f} (head's distillation {info['distill_loss']:.3f}), kept per "
-                f"camera {np.round(info['kept_per_camera']).astype(int).tolist()} (share {info['keep_fraction']:.2f}), "
-                f"noise scale {info['noise_scale']:.2f}"
-            )
+            console.print(f"step {step}: loss {float(info['loss']):.3f}")
+    telemetry.DELIVERY.flush(timeout=30)  # the pruner's log lines have been written
     manager, _ = checkpoints.initialize_checkpoint_dir(
         config.checkpoint_dir, keep_period=config.keep_period, overwrite=True, resume=False
     )
@@ -165,6 +155,7 @@ def main(out: pathlib.Path, steps: int) -> tuple[pathlib.Path, training_utils.Tr
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # as OpenPI's train.py logs
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("twin-example"))
     parser.add_argument("--steps", type=int, default=20)

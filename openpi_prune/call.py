@@ -37,6 +37,8 @@ class CallState:
     noise_scale: Any = None  # a schedule's value (may be traced), over `PruneSettings.noise_scale`
     keep_fraction: Any = None  # a schedule's value (may be traced), over `PruneSettings.keep_fraction`
     probe: Any = None  # inside a saliency pass: the unpruned prefix, perturbed
+    train_capacity: int | None = None  # a training pass on the compact prefix: its image slots
+    step: Any = None  # the model's training step (may be traced), for the schedules and the log
     tag: Any = None  # (key bits, observation checksum) of this `sample_actions` call, traced
     served: Served | None = None
     # For the tools' patches (`adapter.table.TOOLS`): small models and the lab's training.

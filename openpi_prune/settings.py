@@ -54,6 +54,22 @@ class PruneSettings:
     train_picks: Literal["head", "saliency"] = "head"
     # Uniform noise added to the vote scores in training (LightVLA anneals it from 1 to 0).
     noise_scale: float = 1.0
+    # Schedules counted in training steps by the model itself (it keeps its step with its parameters,
+    # so OpenPI's own train step follows them and a resumed run goes on where it was); a block's own
+    # `keep_fraction(...)` / `noise_scale(...)` wins. Gradual pruning: the kept share falls from every
+    # patch to keep_fraction over this many steps (0: keep_fraction from the first step).
+    keep_ramp_steps: int = 0
+    # LightVLA's noise schedule: noise_scale at step 0, falling linearly to 0 at this step (0: constant).
+    noise_steps: int = 0
+    # The model's saliency (an unpruned forward and backward pass) on every k-th training step only;
+    # the head learns on those steps and keeps what it learnt between them.
+    saliency_every: int = 1
+    # After the ramp, train on the compact prefix (the kept patches gathered, as inference runs it):
+    # a pruned training pass shorter than upstream's. False: full length, the rest masked.
+    compact_training: bool = False
+    # Every this many training steps, a line in the training log (Python's logging, which OpenPI's
+    # scripts/train.py prints): kept patches per camera and the head's loss; 0: none.
+    log_every: int = 100
     # A telemetry report whose mean kept count is below this warns of collapse.
     warn_below: int = 8
     # Report telemetry to `openpi_prune_report` hooks (a host callback per prefix).
@@ -108,6 +124,12 @@ class PruneSettings:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:
             raise SettingsError(f"warn_below must be an integer >= 0; got {self.warn_below!r}")
+        for name, lowest in (("keep_ramp_steps", 0), ("noise_steps", 0), ("saliency_every", 1), ("log_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise SettingsError(f"{name} must be an integer >= {lowest} (training steps); got {value!r}")
+        if not isinstance(self.compact_training, bool):
+            raise SettingsError(f"compact_training must be True or False; got {self.compact_training!r}")
 
     def replace(self, **changes) -> "PruneSettings":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

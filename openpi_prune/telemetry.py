@@ -41,7 +41,9 @@ class Telemetry:
     overflow          kept tokens dropped because the capacity was full
     kept_mask         [b, n] which image tokens were kept
     prefix_length     positions of the prefix PaliGemma runs (compact: image slots + prompt)
-    distill_loss      the pruner's own loss (training passes of methods that learn from saliency)
+    distill_loss      the pruner's own loss (training passes of methods that learn from saliency;
+                      0 on a step without saliency, see `saliency_every`)
+    training_step     the model's training step (training passes of a model that counts them)
     nonfinite         live image tokens with a NaN or inf, never kept
     For a method that scores each patch (`relevance`) rather than voting, union_picks is the kept
     count, top1_vote_share the top patch's softmax share, score_gap the gap between the best two.
@@ -54,6 +56,7 @@ class Telemetry:
     values: dict[str, np.ndarray]
     # The `sample_actions` call that made it: its key's bits and its observation's checksum.
     call: tuple[bytes, int] | None = None
+    log_every: int = 0  # the settings' `log_every`, for the training log
 
     def __getattr__(self, name):
         try:
@@ -83,6 +86,18 @@ def collect():
     """
     reports: list[dict] = []
     token = _collectors.set((*_collectors.get(), reports))
+    try:
+        yield reports
+    finally:
+        _collectors.reset(token)
+
+
+@contextlib.contextmanager
+def isolated():
+    """Inside a traced branch (`lax.cond`), whose values can leave it only as its outputs: the block's
+    reports go to the list it yields, not to the blocks around it (and only if one collects)."""
+    reports: list[dict] = []
+    token = _collectors.set((reports,) if _collectors.get() else ())
     try:
         yield reports
     finally:
@@ -167,6 +182,44 @@ class Recorder:
 
 
 RECORDER = Recorder()
+
+
+class TrainingLog:
+    """Built-in `openpi_prune_report` plugin: the pruner's line in a training log. Every `log_every`
+    training steps it logs (Python's `logging`, which OpenPI's `scripts/train.py` prints) the kept
+    patches per camera and the head's loss, averaged over those steps."""
+
+    def __init__(self):
+        self._kept: list[np.ndarray] = []
+        self._losses: list[float] = []
+
+    @hookimpl
+    def openpi_prune_report(self, telemetry: Telemetry):
+        step = telemetry.values.get("training_step")
+        if telemetry.mode != "train" or not telemetry.log_every or step is None:
+            return
+        self._kept.append(np.mean(telemetry.values["kept_per_camera"], axis=0))
+        if "distill_loss" in telemetry.values:
+            self._losses.append(float(np.mean(telemetry.values["distill_loss"])))
+        step = int(np.max(step))
+        if (step + 1) % telemetry.log_every:
+            return
+        kept = np.mean(self._kept, axis=0)
+        live = np.mean(telemetry.values["candidates"])
+        head = f", head's loss {np.mean(self._losses):.4f}" if self._losses else ""
+        logger.info(
+            "openpi-prune at training step %d: kept per camera %s (%.0f %% of the live patches)%s; means over %d step(s)",
+            step,
+            np.round(kept, 1).tolist(),
+            100 * kept.sum() / max(live, 1),
+            head,
+            len(self._kept),
+        )
+        self._kept.clear()
+        self._losses.clear()
+
+
+TRAINING_LOG = TrainingLog()
 
 
 def recent() -> list[Telemetry]:

@@ -8,13 +8,16 @@ import jax
 from flax import nnx
 
 from openpi_prune import settings
+from openpi_prune.adapter import training
 from openpi_prune.errors import PruneInputError, UntrainedParametersWarning, UnusedParametersWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.pruner import plugins
 
 
 def init_model(model, config, rngs) -> None:
-    """After OpenPI's `Pi0.__init__`: the active method adds its parameters."""
+    """After OpenPI's `Pi0.__init__`: the step the settings' schedules count, and the active
+    method's parameters."""
+    training.add_step(model)
     plugins.get_manager().hook.openpi_prune_init_model(
         model=model, config=config, rngs=rngs, settings=settings.active()
     )
@@ -25,10 +28,11 @@ class _Additions(nnx.Module):
 
 
 def fresh_parameters(config, seed: int = 0) -> dict:
-    """The parameters the active method adds to a model of `config`, freshly initialised."""
+    """The parameters the active method adds to a model of `config`, freshly initialised, and the
+    training step at 0."""
     holder = _Additions()
     init_model(holder, config, nnx.Rngs(seed))
-    return nnx.state(holder, nnx.Param).to_pure_dict()
+    return nnx.state(holder, nnx.Any(nnx.Param, training.TrainingStep)).to_pure_dict()
 
 
 def complete_params(config, params: dict) -> dict:
@@ -47,10 +51,11 @@ def complete_params(config, params: dict) -> dict:
             stacklevel=4,
         )
     missing = {k: v for k, v in fresh.items() if k not in params}
-    if not missing:
-        return params
+    if set(missing) <= {training.STEP}:  # a step missing only starts the schedules from 0
+        return {**params, **missing}
+    missing_parameters = sorted(k for k in missing if k != training.STEP)
     warnings.warn(
-        f"the checkpoint has no {', '.join(sorted(missing))} (it was trained without "
+        f"the checkpoint has no {', '.join(missing_parameters)} (it was trained without "
         f"{settings.active().method}); pruning with freshly initialised, untrained parameters. Fine-tune "
         "with openpi-prune enabled to train them.",
         UntrainedParametersWarning,

@@ -109,7 +109,7 @@ def adjust_attn_mask(attn_mask, input_mask, mask_ar):
 # --- the saliency probe: the gradient of OpenPI's unpruned loss at each image token.
 
 
-class _Probe:
+class Probe:
     """Inside `saliency`: `embed_prefix` returns the unpruned prefix with `delta` added to its image
     tokens (or, with no delta yet, records their shape)."""
 
@@ -131,7 +131,7 @@ def wants_saliency() -> bool:
 def saliency(loss_fn) -> jax.Array:
     """`[b, image tokens]`: the norm of the gradient of the unpruned `loss_fn()` (per-sample losses,
     e.g. OpenPI's `compute_loss`) at each image token of the prefix; no gradient flows back into it."""
-    probe = _Probe()
+    probe = Probe()
     with call.scope(probe=probe):
         jax.eval_shape(loss_fn)
         if probe.shape is None:

@@ -5,7 +5,7 @@ the install guard turns into an error (strict) or OpenPI's own result."""
 import inspect
 
 from openpi_prune import call, settings
-from openpi_prune.adapter import checkpoints, prefix
+from openpi_prune.adapter import checkpoints, prefix, training
 from openpi_prune.adapter.patches import Drifted
 
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
@@ -60,15 +60,16 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
     time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
     time_expanded = time[..., None, None]
     x_t = time_expanded * noise + (1 - time_expanded) * actions
-    train = bool(bound.get("train", False))
-    # A method that learns from the model's saliency gets it from the same call, unpruned.
-    saliency = prefix.saliency(lambda: wrapped(*args, **kwargs)) if train and prefix.wants_saliency() else None
     rng_for_pruner = jax.random.fold_in(rng, _PRUNER_RNG_FOLD)
-    with call.noisy_actions(x_t, time, rng=rng_for_pruner, train=train, saliency=saliency) as this_call:
-        loss = wrapped(*args, **kwargs)
+    if bool(bound.get("train", False)):  # schedules, saliency, the compact pass after the ramp
+        loss, extra = training.loss(wrapped, instance, args, kwargs, x_t, time, rng_for_pruner)
+    else:
+        with call.noisy_actions(x_t, time, rng=rng_for_pruner) as this_call:
+            loss = wrapped(*args, **kwargs)
+        extra = this_call.extra_loss
     if getattr(loss, "shape", ())[:1] != actions.shape[:1]:
         raise Drifted(f"returned {_describe(loss)} (expected a loss per sample, [b, ...])", loss)
-    extra = this_call.extra_loss  # per sample; OpenPI's loss is per sample and action step
+    # The pruner's loss is per sample; OpenPI's is per sample and action step.
     if extra is not None:
         loss = loss + extra.reshape(extra.shape + (1,) * (loss.ndim - extra.ndim)).astype(loss.dtype)
     return loss

@@ -63,7 +63,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     extra = {}
     if state is not None and state.train:
         pruned, kept_mask, extra = _select_train(prefix, scored, state, settings, manager)
-        mode, slots, overflow = "train", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
+        mode, overflow = "train", jnp.zeros(image_tokens.shape[:1], jnp.int32)
+        slots = pruned.input_mask.shape[1] - prefix.text_mask.shape[1]
     else:
         kept_mask = _select(prefix, scored, settings, manager)
         if settings.mode == "masked":
@@ -80,7 +81,13 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         values["nonfinite"] = nonfinite
         telemetry.deliver_traced(values)
         if settings.telemetry:
-            meta = dict(method=settings.method, mode=mode, capacity=slots, warn_below=settings.warn_below)
+            meta = dict(
+                method=settings.method,
+                mode=mode,
+                capacity=slots,
+                warn_below=settings.warn_below,
+                log_every=settings.log_every,
+            )
             tag = None if state is None else state.tag
             jax.debug.callback(functools.partial(_report, meta), values, tag)
     return pruned
@@ -142,8 +149,9 @@ def _score(model, prefix: Prefix, state, settings, manager) -> _Scored:
 
 
 def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settings, manager):
-    """Training keeps the length (LightVLA: each live patch becomes its noisy pick); a method that
-    learns from the saliency adds its loss to the call's."""
+    """Training keeps the length (LightVLA: each live patch becomes its noisy pick), or, for a method
+    that names the visible patches, gathers them into `state.train_capacity` slots as inference does;
+    a method that learns from the saliency adds its loss to the call's."""
     hook = manager.hook
     b, n = prefix.candidate_mask.shape
     scale = settings.noise_scale if state.noise_scale is None else state.noise_scale
@@ -163,8 +171,12 @@ def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settin
     _check_output("openpi_prune_select_train", picked, (prefix.image_tokens.shape,), settings, manager)
     _check_output("openpi_prune_select_train", kept_mask, ((b, n),), settings, manager)
     image_mask = prefix.candidate_mask & visible[0] if visible else prefix.candidate_mask
-    pruned = _joined(prefix, picked, image_mask, prefix.ar_mask, jnp.arange(n))
-    extra = {}
+    if visible and state.train_capacity is not None:
+        picked_prefix = dataclasses.replace(prefix, image_tokens=picked)
+        pruned, kept_mask, _ = _compact(picked_prefix, image_mask, scored.counts, state.train_capacity)
+    else:
+        pruned = _joined(prefix, picked, image_mask, prefix.ar_mask, jnp.arange(n))
+    extra = {} if state.step is None else {"training_step": jnp.full((b,), state.step, jnp.int32)}
     if state.saliency is not None:
         loss = hook.openpi_prune_distill_loss(
             scores=scored.scores, saliency=state.saliency, candidate_mask=prefix.candidate_mask, settings=settings

@@ -35,7 +35,7 @@ def create_manager() -> pluggy.PluginManager:
 
     manager = pluggy.PluginManager(hookspecs.NAME)
     manager.add_hookspecs(hookspecs.PruneSpec)
-    for plugin in (*methods.BUILTIN, telemetry.RECORDER):
+    for plugin in (*methods.BUILTIN, telemetry.RECORDER, telemetry.TRAINING_LOG):
         manager.register(plugin, name=f"builtin:{type(plugin).__name__}")
     allow, block = _names(ALLOW_VAR), _names(BLOCK_VAR)
     for name in {ep.name for ep in importlib.metadata.entry_points(group=hookspecs.NAME)}:

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from flax import nnx
 
 import openpi_prune
 from openpi_prune import telemetry
+from openpi_prune.adapter import training
 from openpi_prune.tools import small
 from openpi_prune.tools.lab import scenes
 
@@ -95,25 +97,20 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     (and, for a method with its own loss, `distill_loss` and the flow-matching `action_loss`).
     `check(model) -> dict` of figures, if given, runs every tenth of the steps; they join that step's
     metrics and the progress line."""
-    graphdef, params, rest = nnx.split(model, _TRAINABLE, ...)
+    graphdef, params, counter, rest = nnx.split(model, _TRAINABLE, training.TrainingStep, ...)
     lr = optax.warmup_cosine_decay_schedule(
         0.0, schedule.lr, min(schedule.warmup, schedule.steps // 2), max(schedule.steps, 2), schedule.lr * 0.1
     )
     optimizer = optax.adamw(lr, weight_decay=1e-4)
     opt_state = optimizer.init(params)
 
-    ramp = int(schedule.keep_ramp * schedule.steps)
-    final_share = openpi_prune.current_settings().keep_fraction if openpi_prune.is_enabled() else 1.0
-
     @jax.jit
-    def step_fn(step, params, opt_state, observation, actions):
+    def step_fn(step, params, counter, opt_state, observation, actions):
         def loss_fn(params):
-            m = nnx.merge(graphdef, params, rest)
+            m = nnx.merge(graphdef, params, counter, rest)
             rng = jax.random.fold_in(jax.random.key(schedule.seed), step)
             with (
                 telemetry.collect() as reports,
-                openpi_prune.noise_scale(openpi_prune.linear_noise_scale(step, schedule.steps)),
-                openpi_prune.keep_fraction(openpi_prune.gradual_keep_fraction(step, ramp, final_share)),
                 contextlib.nullcontext() if schedule.augment else without_augmentation(),
             ):
                 loss = jnp.mean(m.compute_loss(rng, observation, actions, train=True))
@@ -127,11 +124,11 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
                 if "distill_loss" in reports[0]:  # included in `loss`; the flow-matching part apart
                     info["distill_loss"] = jnp.mean(reports[0]["distill_loss"])
                     info["action_loss"] = loss - info["distill_loss"]
-            return loss, info
+            return loss, (info, nnx.state(m, training.TrainingStep))
 
-        (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (info, counter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, **info}
+        return optax.apply_updates(params, updates), counter, opt_state, {"loss": loss, **info}
 
     history = []
     task = progress.add_task(description, total=schedule.steps) if progress is not None else None
@@ -143,23 +140,38 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     note = ""
     # The next batches are rendered while the device trains on this one (on a GPU, rendering on
     # the host would otherwise take most of a step).
-    with concurrent.futures.ThreadPoolExecutor(_RENDER_THREADS) as pool:
+    with _schedules(schedule), concurrent.futures.ThreadPoolExecutor(_RENDER_THREADS) as pool:
         ahead = collections.deque(pool.submit(batch_of, s) for s in range(min(_RENDER_THREADS, schedule.steps)))
         for step in range(schedule.steps):
             observation, actions = ahead.popleft().result()
             if step + _RENDER_THREADS < schedule.steps:
                 ahead.append(pool.submit(batch_of, step + _RENDER_THREADS))
-            params, opt_state, info = step_fn(step, params, opt_state, observation, actions)
+            params, counter, opt_state, info = step_fn(step, params, counter, opt_state, observation, actions)
             history.append({k: float(v) for k, v in jax.device_get(info).items()})
             if check is not None and (step + 1) % max(schedule.steps // 10, 1) == 0:
-                nnx.update(model, params)
+                nnx.update(model, params, counter)
                 figures = check(model)
                 history[-1] |= figures
                 note = " ".join(f"{k} {v:.4f}" for k, v in figures.items())
             if progress is not None:
                 progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
-    nnx.update(model, params)
+    nnx.update(model, params, counter)
     return history
+
+
+@contextlib.contextmanager
+def _schedules(schedule: Schedule):
+    """The schedules as a user's settings carry them, counted by the model's own step: gradual
+    pruning over the ramp, LightVLA's noise falling to 0 over the run."""
+    if not openpi_prune.is_enabled():
+        yield
+        return
+    ramp, noise = int(schedule.keep_ramp * schedule.steps), schedule.steps
+    # What runs after the block is compiled anew (the lab jits each evaluation).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", openpi_prune.TracedBeforeChangeWarning)
+        with openpi_prune.enabled(openpi_prune.current_settings(), keep_ramp_steps=ramp, noise_steps=noise):
+            yield
 
 
 def _batch_arguments(schedule: Schedule, spec: scenes.SceneSpec, step: int) -> tuple:
