@@ -35,6 +35,14 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
     assert (on["method"], on["kept"], on["live_image_tokens"]) == ("relevance", 154, 768)
 
 
+def test_training_steps_are_timed_in_cycles_that_carry_the_model_s_step():
+    cheaper = dict(small_model.TRAIN_VARIANTS)["relevance, compact after the ramp, saliency every 4th step"]
+    variants = (small_model.TRAIN_VARIANTS[0], ("cheaper", cheaper))
+    rows = small_model.train_step_times(siglip="mu/14", paligemma="dummy", batch_size=2, repeats=4, variants=variants)
+    assert [name for name, _ in rows] == ["upstream OpenPI", "cheaper"]
+    assert all(ms > 0 for _, ms in rows)
+
+
 def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path):
     rows = at_size.run_at_size(
         paligemma="dummy",

@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the small pi0.5 (dummy Gemma, SigLIP mu/14) with every method; --serving and --train need it",
     )
     bench.add_argument("--paligemma", help="PaliGemma's Gemma variant (default gemma_2b; --small: dummy)")
-    bench.add_argument("--action-expert", help="the action expert's Gemma variant (default gemma_300m)")
+    bench.add_argument(
+        "--action-expert",
+        help="the action expert's Gemma variant (default gemma_300m; --small: dummy, used by --train)",
+    )
     bench.add_argument("--siglip", help="SigLIP variant (default OpenPI's own So400m/14; --small: mu/14)")
     bench.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default %(default)s)")
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes (default 1)")

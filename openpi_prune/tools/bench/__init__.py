@@ -27,7 +27,7 @@ def main(args) -> int:
     ignored = (
         [f for f, given in (("--serving", args.serving), ("--train", args.train)) if given]
         if not args.small
-        else [f for f, given in (("--action-expert", args.action_expert), ("--out", args.out)) if given]
+        else [f for f, given in (("--out", args.out),) if given]
     )
     if ignored:
         names = ", ".join(ignored)
@@ -97,10 +97,13 @@ def main(args) -> int:
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
     if args.train:
-        times = train_step_times(siglip=siglip, paligemma=paligemma, batch_size=max(batch_size, 4), repeats=repeats)
+        expert = args.action_expert or "dummy"
+        times = train_step_times(
+            siglip=siglip, paligemma=paligemma, action_expert=expert, batch_size=max(batch_size, 4), repeats=repeats
+        )
         show_train(
             times,
-            f"pi0.5 training step, loss and gradient ({paligemma} Gemma, SigLIP {siglip_name}, batch "
-            f"{max(batch_size, 4)}, image augmentation on, median of {repeats}) on {machine}",
+            f"pi0.5 training step, loss and gradient ({paligemma} + {expert} Gemma, SigLIP {siglip_name}, batch "
+            f"{max(batch_size, 4)}, image augmentation on, mean of {repeats} consecutive steps) on {machine}",
         )
     return 0

@@ -97,40 +97,74 @@ def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, 
     return rows
 
 
+_RELEVANCE = dict(method="relevance")
+_CHEAPER = dict(method="relevance", compact_training=True, keep_ramp_steps=1)
+# (name, settings, in the ramp): after the ramp the model's step is past keep_ramp_steps.
 TRAIN_VARIANTS = (
     ("upstream OpenPI", None),
-    ("relevance (default)", dict(method="relevance")),
+    ("relevance, saliency every step, full length (default)", _RELEVANCE),
+    ("relevance, saliency every 4th step, full length", dict(_RELEVANCE, saliency_every=4)),
+    ("relevance, compact after the ramp, saliency every step", _CHEAPER),
+    ("relevance, compact after the ramp, saliency every 4th step", dict(_CHEAPER, saliency_every=4)),
+    ("  the same, during the ramp (full length)", dict(_CHEAPER, saliency_every=4, keep_ramp_steps=10**6)),
     ("scheme_b", dict(method="scheme_b")),
     ("language_only (verbatim LightVLA)", dict(method="language_only", scoring="lightvla")),
 )
+_CYCLE = 4  # steps timed together, so that "every 4th step" rows pay their share of saliency
 
 
-def train_step_times(*, siglip: str | None, paligemma: str, batch_size: int, repeats: int) -> list[tuple[str, float]]:
-    """Median time of one jitted training step (OpenPI's `compute_loss(train=True)` and its gradient)
-    per variant, telemetry off, on one model that has every method's parameters."""
+class _Steps:
+    """Consecutive training steps, each handing the next the model's step, as a train loop does."""
+
+    def __init__(self, compiled, params, counter):
+        self.compiled, self.params, self.counter = compiled, params, counter
+
+    def __call__(self):
+        (value, self.counter), grads = self.compiled(self.params, self.counter)
+        return value, grads
+
+
+def train_step_times(
+    *,
+    siglip: str | None,
+    paligemma: str,
+    action_expert: str = "dummy",
+    batch_size: int,
+    repeats: int,
+    variants: tuple = TRAIN_VARIANTS,
+) -> list[tuple[str, float]]:
+    """Mean time of a jitted training step (OpenPI's `compute_loss(train=True)` and its gradient) per
+    variant, over whole cycles of consecutive steps that carry the model's step (after one warm-up
+    step), telemetry off, on one model that has every method's parameters."""
     import jax.numpy as jnp
 
-    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    from openpi_prune.adapter import training
+
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, action_expert_variant=action_expert, max_token_len=48)
     model = _model_with_every_method(cfg, siglip)
     observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
     actions = small.actions(cfg, batch_size=batch_size)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, counter, rest = nnx.split(model, nnx.Param, training.TrainingStep, ...)
+    steps = _CYCLE * max(1, round(repeats / _CYCLE))
     times = []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("timing training steps", total=len(TRAIN_VARIANTS))
-        for name, settings in TRAIN_VARIANTS:
+        task = progress.add_task("timing training steps", total=len(variants))
+        for name, settings in variants:
+            progress.update(task, description=f"timing training steps: {name}")
 
-            def step(params):
+            def step(params, counter):
                 def loss(p):
-                    m = nnx.merge(graphdef, p, rest)
-                    return jnp.mean(m.compute_loss(jax.random.key(0), observation, actions, train=True))
+                    m = nnx.merge(graphdef, p, counter, rest)
+                    value = jnp.mean(m.compute_loss(jax.random.key(0), observation, actions, train=True))
+                    return value, nnx.state(m, training.TrainingStep)
 
-                return jax.value_and_grad(loss)(params)
+                return jax.value_and_grad(loss, has_aux=True)(params)
 
             context = openpi_prune.disabled() if settings is None else openpi_prune.enabled(telemetry=False, **settings)
             with context:
-                compiled = jax.jit(step).lower(params).compile()
-            times.append((name, statistics.median(timing.timed(compiled, (params,), repeats))))
+                compiled = jax.jit(step).lower(params, counter).compile()
+            samples = timing.timed(_Steps(compiled, params, counter), (), steps)
+            times.append((name, statistics.mean(samples)))
             progress.advance(task)
     return times
 
@@ -169,11 +203,19 @@ def serving_times(
     return times
 
 
-def show_train(times: list[tuple[str, float]], title: str) -> None:
+def show_train(times: list[tuple[str, float]], title: str, ramp_share: float = 0.25) -> None:
     table = Table("variant", "train step ms", "x upstream", title=title)
     for name, ms in times:
         table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
     console.print(table)
+    by_name = dict(times)
+    after = by_name["relevance, compact after the ramp, saliency every 4th step"]
+    during = by_name["  the same, during the ramp (full length)"]
+    whole = ramp_share * during + (1 - ramp_share) * after
+    console.print(
+        f"a whole fine-tune with compact training and saliency every 4th step, the ramp over its first "
+        f"{ramp_share:.0%}: {whole / times[0][1]:.2f}x upstream's training time"
+    )
 
 
 def show(rows: list[Row], title: str) -> None:
