@@ -156,6 +156,21 @@ def test_setting_negative_numbers():
         PruneSettings(warn_below=-1)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("keep_ramp_steps", -1, "keep_ramp_steps must be an integer >= 0"),
+        ("noise_steps", 2.5, "noise_steps must be an integer >= 0"),
+        ("saliency_every", 0, "saliency_every must be an integer >= 1"),
+        ("log_every", True, "log_every must be an integer >= 0"),
+        ("compact_training", "yes", "compact_training must be True or False"),
+    ],
+)
+def test_setting_bad_training_schedule(name, value, message):
+    with pytest.raises(SettingsError, match=message):
+        PruneSettings(**{name: value})
+
+
 def test_setting_bad_lists():
     for buckets in ((64, 32), (0,), (16, 16)):
         with pytest.raises(SettingsError, match=r"prompt_buckets must be increasing .*\(32, 64, 128\)"):
@@ -589,3 +604,13 @@ def test_plugin_report_raises(pi05, broken, caplog):
     assert np.isfinite(actions).all()
     assert "the openpi_prune_report hook of 'broken' raised; skipped" in caplog.text
     assert telemetry.recent()  # the built-in recorder still got its report
+
+
+def test_schedule_on_a_model_without_its_step():
+    with openpi_prune.disabled():
+        model = small.create(small.config(pi05=True, max_token_len=48))
+    cfg = small.config(pi05=True, max_token_len=48)
+    observation, actions = small.observation(cfg, batch_size=1, prompt_tokens=4), small.actions(cfg, batch_size=1)
+    with openpi_prune.enabled(method="keep_all", keep_ramp_steps=10, telemetry=False):
+        with pytest.raises(openpi_prune.PruneInputError, match="created before openpi-prune was enabled"):
+            model.compute_loss(jax.random.key(0), observation, actions, train=True)

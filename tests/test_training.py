@@ -141,13 +141,3 @@ def test_saliency_every_kth_step_and_the_compact_pass_after_the_ramp(relevance_m
     # Without saliency the head gets no gradient that step; with it, it does.
     head = [float(jnp.abs(grads["prune_relevance_query"].value).max()) for _, _, grads in passes]
     assert head[0] > 0 and head[1] == 0
-
-
-def test_schedules_need_a_model_that_counts_its_steps():
-    with openpi_prune.disabled():
-        model = small.create(small.config(pi05=True, max_token_len=48))
-    cfg = small.config(pi05=True, max_token_len=48)
-    observation, actions = small.observation(cfg, batch_size=1, prompt_tokens=4), small.actions(cfg, batch_size=1)
-    with openpi_prune.enabled(method="keep_all", keep_ramp_steps=10, telemetry=False):
-        with pytest.raises(openpi_prune.PruneInputError, match="created before openpi-prune was enabled"):
-            model.compute_loss(jax.random.key(0), observation, actions, train=True)

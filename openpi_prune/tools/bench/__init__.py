@@ -62,6 +62,7 @@ def main(args) -> int:
             console.print(f"batch {batch}: telemetry costs {on - off:.0f} ms a call ({(on - off) / on:.1%} of it)")
         return 0
     paligemma, siglip_name = args.paligemma or "dummy", args.siglip or "mu/14"
+    expert = args.action_expert or "dummy"
     siglip = None if siglip_name == "So400m/14" else siglip_name
     batch_size = args.batch_size[0]
     repeats = args.repeats or 10
@@ -72,14 +73,17 @@ def main(args) -> int:
         num_steps=args.num_steps,
         repeats=repeats,
         capacities=args.capacity,
+        action_expert=expert,
     )
     show(
         rows,
-        f"pi0.5 sample_actions ({paligemma} Gemma, SigLIP {siglip_name}, batch {batch_size}, "
+        f"pi0.5 sample_actions ({paligemma} + {expert} Gemma, SigLIP {siglip_name}, batch {batch_size}, "
         f"{args.num_steps} steps, median of {repeats}) on {machine}",
     )
     if args.serving:
-        times = serving_times(siglip=siglip, paligemma=paligemma, num_steps=args.num_steps, repeats=repeats)
+        times = serving_times(
+            siglip=siglip, paligemma=paligemma, num_steps=args.num_steps, repeats=repeats, action_expert=expert
+        )
         table = Table(
             "variant",
             "Policy.infer ms",
@@ -97,7 +101,6 @@ def main(args) -> int:
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
     if args.train:
-        expert = args.action_expert or "dummy"
         times = train_step_times(
             siglip=siglip, paligemma=paligemma, action_expert=expert, batch_size=max(batch_size, 4), repeats=repeats
         )

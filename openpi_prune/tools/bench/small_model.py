@@ -73,8 +73,17 @@ def _measure(model, observation, num_steps, repeats):
     )
 
 
-def run(*, siglip: str | None, paligemma: str, batch_size: int, num_steps: int, repeats: int, capacities) -> list[Row]:
-    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+def run(
+    *,
+    siglip: str | None,
+    paligemma: str,
+    batch_size: int,
+    num_steps: int,
+    repeats: int,
+    capacities,
+    action_expert: str = "dummy",
+) -> list[Row]:
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, action_expert_variant=action_expert, max_token_len=48)
     model = _model_with_every_method(cfg, siglip)
     observation = small.observation(cfg, batch_size=batch_size, prompt_tokens=16)
     rows = []
@@ -177,14 +186,14 @@ SERVING_VARIANTS = (
 
 
 def serving_times(
-    *, siglip: str | None, paligemma: str, num_steps: int, repeats: int
+    *, siglip: str | None, paligemma: str, num_steps: int, repeats: int, action_expert: str = "dummy"
 ) -> list[tuple[str, float, dict | None]]:
     """Median wall time of OpenPI's `Policy.infer` (one observation, as a robot server calls it) per
     variant, and the pruning figures its last response carried: with telemetry on, each call also
     waits for the pruner's report on the host."""
     from openpi.policies import policy as _policy
 
-    cfg = small.config(pi05=True, paligemma_variant=paligemma, max_token_len=48)
+    cfg = small.config(pi05=True, paligemma_variant=paligemma, action_expert_variant=action_expert, max_token_len=48)
     model = _model_with_every_method(cfg, siglip)
     observation = small.observation(cfg, batch_size=1, prompt_tokens=16)
     example = jax.tree.map(lambda x: np.asarray(x[0]), observation.to_dict())

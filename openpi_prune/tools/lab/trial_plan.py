@@ -21,6 +21,8 @@ VARIANTS = {
     # The kept count follows the scene (the head's softmax mass), at most 30 % of the live patches;
     # after fine-tuning, keep_mass is set on the validation split to keep the default's share.
     "adaptive budget (relevance)": dict(method="relevance", keep_mass=0.8, keep_fraction=0.3),
+    # The cheaper training rule: the compact prefix after the ramp, the saliency every 4th step.
+    "relevance, cheaper training": dict(method="relevance", compact_training=True, saliency_every=4),
 }
 BOOTSTRAP = 2000
 EXAMPLES = 4  # test scenes whose kept patches each run keeps, for the picture
