@@ -51,9 +51,9 @@ def complete_params(config, params: dict) -> dict:
             stacklevel=4,
         )
     missing = {k: v for k, v in fresh.items() if k not in params}
-    if set(missing) <= {training.STEP}:  # a step missing only starts the schedules from 0
+    missing_parameters = untrained(config, params)
+    if not missing_parameters:  # a step missing only starts the schedules from 0
         return {**params, **missing}
-    missing_parameters = sorted(k for k in missing if k != training.STEP)
     warnings.warn(
         f"the checkpoint has no {', '.join(missing_parameters)} (it was trained without "
         f"{settings.active().method}); pruning with freshly initialised, untrained parameters. Fine-tune "
@@ -62,6 +62,12 @@ def complete_params(config, params: dict) -> dict:
         stacklevel=4,
     )
     return {**params, **missing}
+
+
+def untrained(config, params: dict) -> list[str]:
+    """The active method's parameters that `params` lacks (the training step is no parameter: a
+    checkpoint without it starts the schedules from 0)."""
+    return sorted(k for k in fresh_parameters(config) if k not in params and k != training.STEP)
 
 
 def _check_shapes(name: str, expected, got, method: str) -> None:

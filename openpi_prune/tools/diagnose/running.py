@@ -61,8 +61,7 @@ def _load_model(model_config, params: dict, siglip: str | None):
             untrained = True
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    fresh = sorted(k for k in checkpoints.fresh_parameters(model_config) if k not in params) if untrained else []
-    return model, fresh
+    return model, (checkpoints.untrained(model_config, params) if untrained else [])
 
 
 def _judge(row: Row, min_kept: float, min_spread: float) -> str:
