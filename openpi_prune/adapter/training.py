@@ -57,15 +57,17 @@ def schedules(active: settings.PruneSettings, step) -> dict:
     return out
 
 
-def _training_capacity(active: settings.PruneSettings, state: call.CallState | None, image_tokens: int):
+def _training_capacity(active: settings.PruneSettings, state: call.CallState | None, image_tokens) -> int | None:
     """Image slots of the compact training pass after the ramp, or None (full length throughout):
-    only for a method that keeps a bounded share, with the share the settings' own."""
+    only for a method that keeps a bounded share, with the share the settings' own, and fewer slots
+    than `image_tokens()` (traced only then)."""
     if not active.compact_training or active.mode != "compact":
         return None
     if state is not None and state.keep_fraction is not None:  # a hand-written ramp: its end is unknown here
         return None
-    manager = plugins.get_manager()
-    return manager.hook.openpi_prune_capacity(image_tokens=image_tokens, settings=active)
+    n = image_tokens()
+    capacity = plugins.get_manager().hook.openpi_prune_capacity(image_tokens=n, settings=active)
+    return capacity if capacity is not None and capacity < n else None
 
 
 def loss(wrapped, model, args, kwargs, x_t, time, rng):
@@ -95,9 +97,8 @@ def loss(wrapped, model, args, kwargs, x_t, time, rng):
 
         return run
 
-    image_tokens = _image_tokens(wrapped, args, kwargs, x_t, time)
-    capacity = _training_capacity(active, outer, image_tokens)
-    if capacity is None or capacity >= image_tokens:
+    capacity = _training_capacity(active, outer, lambda: _image_tokens(wrapped, args, kwargs))
+    if capacity is None:
         value, extra, report = branch(None)(None)
     elif not active.keep_ramp_steps or step is None:
         value, extra, report = branch(capacity)(None)
@@ -123,7 +124,7 @@ def _saliency(wrapped, args, kwargs, active, step):
     return jax.lax.cond(step % active.saliency_every == 0, full, lambda _: jnp.zeros(shape.shape, shape.dtype), None)
 
 
-def _image_tokens(wrapped, args, kwargs, x_t, time) -> int:
+def _image_tokens(wrapped, args, kwargs) -> int:
     """Image tokens of the unpruned prefix (all cameras), read from a shape-only trace."""
     probe = prefix.Probe()
     with call.scope(probe=probe):
