@@ -29,8 +29,10 @@ def add_step(model) -> None:
     setattr(model, STEP, TrainingStep(jnp.zeros((), jnp.int32)))
 
 
-def _advance(model, active: settings.PruneSettings):
-    """This pass's step, counted; None for a model made before pruning was enabled."""
+def _advance(model, active: settings.PruneSettings, traced: bool):
+    """This pass's step, counted; None for a model made before pruning was enabled. A model that a
+    jitted function closes over (a constant there, its step not traced) cannot carry a new count out
+    of it: its step is read, not advanced."""
     counter = getattr(model, STEP, None)
     if counter is None:
         if active.keep_ramp_steps or active.noise_steps or active.saliency_every > 1:
@@ -41,7 +43,8 @@ def _advance(model, active: settings.PruneSettings):
             )
         return None
     step = counter.value
-    counter.value = step + 1
+    if isinstance(step, jax.core.Tracer) or not traced:
+        counter.value = step + 1
     return step
 
 
@@ -75,7 +78,7 @@ def loss(wrapped, model, args, kwargs, x_t, time, rng):
     loss or None)."""
     active = settings.active()
     outer = call.current()
-    step = _advance(model, active)
+    step = _advance(model, active, traced=isinstance(x_t, jax.core.Tracer))
     inputs = schedules(active, step)
     if outer is not None:  # a block's schedule wins over the settings'
         inputs = {k: v for k, v in inputs.items() if getattr(outer, k) is None}
