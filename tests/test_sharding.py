@@ -28,13 +28,16 @@ graphdef, state = nnx.split(model)
 
 
 def step(state, obs, actions):
+    # The parameters only, as OpenPI's train step differentiates (the model's step is an integer).
+    params, rest = state.split(nnx.Param, ...)
+
     def loss(params):
-        m = nnx.merge(graphdef, params)
+        m = nnx.merge(graphdef, params, rest)
         with telemetry.collect() as reports:
             value = jnp.mean(m.compute_loss(jax.random.key(0), obs, actions, train=True))
         return value, reports[0]["kept_mask"]
 
-    (value, kept), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    (value, kept), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return value, kept, optax_norm(grads)
 
 
