@@ -51,7 +51,7 @@ def complete_params(config, params: dict) -> dict:
             stacklevel=4,
         )
     missing = {k: v for k, v in fresh.items() if k not in params}
-    missing_parameters = untrained(config, params)
+    missing_parameters = _untrained(fresh, params)
     if not missing_parameters:  # a step missing only starts the schedules from 0
         return {**params, **missing}
     warnings.warn(
@@ -67,7 +67,11 @@ def complete_params(config, params: dict) -> dict:
 def untrained(config, params: dict) -> list[str]:
     """The active method's parameters that `params` lacks (the training step is no parameter: a
     checkpoint without it starts the schedules from 0)."""
-    return sorted(k for k in fresh_parameters(config) if k not in params and k != training.STEP)
+    return _untrained(fresh_parameters(config), params)
+
+
+def _untrained(fresh: dict, params: dict) -> list[str]:
+    return sorted(k for k in fresh if k not in params and k != training.STEP)
 
 
 def _check_shapes(name: str, expected, got, method: str) -> None:
