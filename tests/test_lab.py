@@ -1,7 +1,9 @@
 """The lab's scenes are what they claim, and its pipeline runs end to end (a few steps only)."""
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,3 +84,34 @@ def test_lab_pipeline_writes_its_table_and_pictures(tmp_path):
     assert (
         other["histories"]["unpruned, fine-tuned"][0]["loss"] != again["histories"]["unpruned, fine-tuned"][0]["loss"]
     )
+
+
+def test_an_interrupted_training_run_resumes_with_the_same_updates(tmp_path, monkeypatch):
+    spec = run.QUICK.spec
+    schedule = train.Schedule(steps=4, lr=1e-3, batch_size=2, warmup=1)
+    whole = train.create(spec)
+    whole_history = train.train(whole, spec, schedule)
+
+    class Interrupted(Exception):
+        pass
+
+    render = scenes.render
+
+    def render_until_step_2(seed, *args, **kwargs):
+        if seed >= 2:
+            raise Interrupted
+        return render(seed, *args, **kwargs)
+
+    state = tmp_path / "training-state.npz"
+    monkeypatch.setattr(train, "SAVE_SECONDS", -1)  # save after every step
+    monkeypatch.setattr(scenes, "render", render_until_step_2)
+    with pytest.raises(Interrupted):
+        train.train(train.create(spec), spec, schedule, resume=state)
+    monkeypatch.setattr(scenes, "render", render)
+    resumed = train.create(spec)
+    history = train.train(resumed, spec, schedule, resume=state)
+    assert [h["loss"] for h in history] == [h["loss"] for h in whole_history]
+    for a, b in zip(jax.tree.leaves(train.params_of(whole)), jax.tree.leaves(train.params_of(resumed))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="another schedule"):
+        train.train(train.create(spec), spec, dataclasses.replace(schedule, steps=5), resume=state)

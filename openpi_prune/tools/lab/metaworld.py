@@ -15,8 +15,10 @@ the objects, which move with the reset seed.
   OpenPI's LIBERO client does. Success on held-out reset seeds, never seen in training.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import pathlib
 import socket
@@ -155,24 +157,39 @@ def expert_episode(task: str, seed: int, spec: MetaWorldSpec) -> dict[str, np.nd
     return episode | {"success": np.asarray(success)}
 
 
-def collect(spec: MetaWorldSpec, progress=None) -> dict[str, int]:
+def _collect_one(task: str, seed: int, spec: MetaWorldSpec, path: pathlib.Path) -> None:
+    """One expert episode to `path`, written whole or not at all (an interrupted run redoes it)."""
+    require_rendering()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        np.savez_compressed(file, **expert_episode(task, seed, spec))
+    partial.replace(path)
+
+
+def collect(spec: MetaWorldSpec, progress=None, workers: int | None = None) -> dict[str, int]:
     """Expert episodes of every task on train seeds 0..train_seeds-1, cached; returns the number of
-    successful episodes per task (a failed one is kept on disk and not trained on)."""
+    successful episodes per task (a failed one is kept on disk and not trained on). Missing ones
+    are rendered by `workers` processes (default: one per core; MuJoCo renders on one core)."""
     require_rendering()
     root = pathlib.Path(spec.episodes_dir)
-    task_bar = progress.add_task("expert episodes", total=len(spec.tasks) * spec.train_seeds) if progress else None
-    solved = {}
-    for task in spec.tasks:
-        solved[task] = 0
-        for seed in range(spec.train_seeds):
-            path = root / task / f"{seed}.npz"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(path, **expert_episode(task, seed, spec))
-            with np.load(path) as episode:
-                solved[task] += bool(episode["success"])
-            if progress:
-                progress.update(task_bar, advance=1, description=f"expert episodes: {task}")
+    wanted = [(task, seed, root / task / f"{seed}.npz") for task in spec.tasks for seed in range(spec.train_seeds)]
+    missing = [item for item in wanted if not item[2].exists()]
+    bar = progress.add_task("expert episodes", total=len(wanted), completed=len(wanted) - len(missing)) if progress else None
+    if missing:
+        workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))
+        # Fresh processes (not forks of one that may hold JAX's threads or a GL context).
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_collect_one, task, seed, spec, path): task for task, seed, path in missing}
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                if progress:
+                    progress.update(bar, advance=1, description=f"expert episodes: {futures[future]}")
+    solved = dict.fromkeys(spec.tasks, 0)
+    for task, _, path in wanted:
+        with np.load(path) as episode:
+            solved[task] += bool(episode["success"])
     return solved
 
 

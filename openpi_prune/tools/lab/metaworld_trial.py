@@ -113,8 +113,11 @@ def run(
         if not base_path.exists():
             openpi_prune.disable()
             model = train.create(plan.spec)
-            history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)")
+            # Hours on a small CPU: saved as it goes, so an interrupted run resumes from its last save.
+            resume = out_dir / "baseline" / "training-state.npz"
+            history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", resume=resume)
             checkpoint.save_trained(model, base_path, checkpoint.frozen(plan.spec))
+            resume.unlink()
             (out_dir / "baseline" / "history.json").write_text(
                 json.dumps(
                     {

@@ -10,7 +10,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import pathlib
+import time
 import warnings
 
 import jax
@@ -91,12 +93,25 @@ def without_augmentation():
 _TRAINABLE = nnx.All(nnx.Param, nnx.Not(lambda path, _: "input_embedding" in path))
 
 
-def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, description: str = "training", check=None):
+SAVE_SECONDS = 300  # how often a resumable run saves where it is
+
+
+def train(
+    model,
+    spec: scenes.SceneSpec,
+    schedule: Schedule,
+    progress=None,
+    description: str = "training",
+    check=None,
+    resume: pathlib.Path | None = None,
+):
     """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
     loss, and with pruning on the pruner's kept count and query spread in the training forward pass
     (and, for a method with its own loss, `distill_loss` and the flow-matching `action_loss`).
     `check(model) -> dict` of figures, if given, runs every tenth of the steps; they join that step's
-    metrics and the progress line."""
+    metrics and the progress line. With `resume`, the run saves its whole state there every few
+    minutes and at the end, and a later call goes on from the last save: a run longer than a session
+    is done in pieces, with the same batches and updates as one run."""
     graphdef, params, counter, rest = nnx.split(model, _TRAINABLE, training.TrainingStep, ...)
     lr = optax.warmup_cosine_decay_schedule(
         0.0, schedule.lr, min(schedule.warmup, schedule.steps // 2), max(schedule.steps, 2), schedule.lr * 0.1
@@ -130,8 +145,11 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), counter, opt_state, {"loss": loss, **info}
 
-    history = []
-    task = progress.add_task(description, total=schedule.steps) if progress is not None else None
+    history, start = [], 0
+    if resume is not None and resume.exists():
+        start, history, (params, counter, opt_state) = _restore(resume, schedule, (params, counter, opt_state))
+    task = progress.add_task(description, total=schedule.steps, completed=start) if progress is not None else None
+    saved = time.monotonic()
 
     def batch_of(step):
         batch = family(spec).render(*_batch_arguments(schedule, spec, step))
@@ -141,8 +159,10 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
     # The next batches are rendered while the device trains on this one (on a GPU, rendering on
     # the host would otherwise take most of a step).
     with _schedules(schedule), concurrent.futures.ThreadPoolExecutor(_RENDER_THREADS) as pool:
-        ahead = collections.deque(pool.submit(batch_of, s) for s in range(min(_RENDER_THREADS, schedule.steps)))
-        for step in range(schedule.steps):
+        ahead = collections.deque(
+            pool.submit(batch_of, s) for s in range(start, min(start + _RENDER_THREADS, schedule.steps))
+        )
+        for step in range(start, schedule.steps):
             observation, actions = ahead.popleft().result()
             if step + _RENDER_THREADS < schedule.steps:
                 ahead.append(pool.submit(batch_of, step + _RENDER_THREADS))
@@ -155,8 +175,39 @@ def train(model, spec: scenes.SceneSpec, schedule: Schedule, progress=None, desc
                 note = " ".join(f"{k} {v:.4f}" for k, v in figures.items())
             if progress is not None:
                 progress.update(task, advance=1, description=f"{description}: loss {history[-1]['loss']:.3f} {note}")
+            if resume is not None and (step + 1 == schedule.steps or time.monotonic() - saved > SAVE_SECONDS):
+                _save(resume, schedule, step + 1, history, (params, counter, opt_state))
+                saved = time.monotonic()
     nnx.update(model, params, counter)
     return history
+
+
+def _save(path: pathlib.Path, schedule: Schedule, steps_done: int, history: list, state) -> None:
+    """The training state's leaves, the steps done and their metrics; written whole or not at all."""
+    leaves = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(jax.device_get(state)))}
+    record = {"schedule": dataclasses.asdict(schedule), "steps_done": steps_done, "history": history}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        np.savez(file, record=np.asarray(json.dumps(record)), **leaves)
+    partial.replace(path)
+
+
+def _restore(path: pathlib.Path, schedule: Schedule, state) -> tuple[int, list, tuple]:
+    """Where a saved run stopped, into the structure of a fresh `state` (params, step, optimiser)."""
+    with np.load(path) as saved:
+        record = json.loads(str(saved["record"]))
+        leaves = [saved[f"leaf_{i}"] for i in range(len(saved.files) - 1)]
+    if record["schedule"] != json.loads(json.dumps(dataclasses.asdict(schedule))):
+        raise ValueError(
+            f"{path} is a run of another schedule ({record['schedule']}, this one is "
+            f"{dataclasses.asdict(schedule)}): delete it to start this run afresh"
+        )
+    fresh, treedef = jax.tree.flatten(state)
+    if [np.shape(x) for x in fresh] != [x.shape for x in leaves]:
+        raise ValueError(f"{path} holds another model's training state: delete it to start this run afresh")
+    restored = jax.tree.unflatten(treedef, [jnp.asarray(x, dtype=f.dtype) for x, f in zip(leaves, fresh)])
+    return record["steps_done"], record["history"], restored
 
 
 @contextlib.contextmanager
