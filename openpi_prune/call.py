@@ -41,6 +41,7 @@ class CallState:
     step: Any = None  # the model's training step (may be traced), for the schedules and the log
     tag: Any = None  # (key bits, observation checksum) of this `sample_actions` call, traced
     served: Served | None = None
+    siglip: Any = None  # inside a split `embed_prefix` (`siglip_layer`): its `adapter.siglip.Split`
     # For the tools' patches (`adapter.table.TOOLS`): small models and the lab's training.
     siglip_variant: str | None = None  # the SigLIP `Pi0.__init__` builds, instead of So400m/14
     unaugmented: bool = False  # training preprocesses images as at inference

@@ -44,6 +44,10 @@ class PruneSettings:
     # Give PaliGemma every kept token at the position it had unpruned (OpenPI numbers tokens by
     # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
     keep_positions: bool = True
+    # Pruning inside SigLIP: score the patches after this many of its layers (So400m has 27) and run
+    # the rest on the kept ones only, each camera keeping its own share; None: prune after SigLIP.
+    # For methods that score each patch (relevance, random, distinct, keep_all).
+    siglip_layer: int | None = None
     # Share of each sample's live patches the `relevance` method keeps (with keep_mass: at most).
     keep_fraction: float = 0.2
     # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
@@ -128,6 +132,12 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise SettingsError(f"{name} must be an integer >= {lowest} (training steps); got {value!r}")
+        if self.siglip_layer is not None and (
+            isinstance(self.siglip_layer, bool) or not isinstance(self.siglip_layer, int) or self.siglip_layer < 1
+        ):
+            raise SettingsError(
+                f"siglip_layer must be an integer >= 1 (SigLIP layers before the pruning) or None; got {self.siglip_layer!r}"
+            )
         if not isinstance(self.compact_training, bool):
             raise SettingsError(f"compact_training must be True or False; got {self.compact_training!r}")
 
@@ -176,7 +186,7 @@ def _convert(name: str, text: str):
             return tuple(int(part) for part in parts)
         except ValueError:
             raise SettingsError(f"{name} must be integers joined by '+', e.g. 32+64+128; got {text!r}") from None
-    if name == "capacity":
+    if name in ("capacity", "siglip_layer"):
         if text.lower() in ("", "auto", "none"):
             return None
         kind = "int"

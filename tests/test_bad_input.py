@@ -614,3 +614,28 @@ def test_schedule_on_a_model_without_its_step():
     with openpi_prune.enabled(method="keep_all", keep_ramp_steps=10, telemetry=False):
         with pytest.raises(openpi_prune.PruneInputError, match="created before openpi-prune was enabled"):
             model.compute_loss(jax.random.key(0), observation, actions, train=True)
+
+
+def test_setting_bad_siglip_layer():
+    for value in (0, -1, True, 2.5, "4"):
+        with pytest.raises(SettingsError, match=r"siglip_layer must be an integer >= 1 .*or None"):
+            PruneSettings(siglip_layer=value)
+    with pytest.raises(SettingsError, match="siglip_layer must be an integer; got 'early'"):
+        parse("siglip_layer=early")
+    assert parse("siglip_layer=none").siglip_layer is None and parse("siglip_layer=4").siglip_layer == 4
+
+
+def test_siglip_layer_beyond_the_encoder(pi05):
+    cfg, model = pi05  # SigLIP mu/14: one layer
+    with openpi_prune.enabled(siglip_layer=2, telemetry=False):
+        with pytest.raises(openpi_prune.PruneInputError, match="has 1 layers: choose 1..1"):
+            _sample(model, small.observation(cfg))
+
+
+def test_siglip_layer_with_a_mixing_method_in_training(pi05):
+    cfg, model = pi05
+    observation, actions = small.observation(cfg, batch_size=1), small.actions(cfg, batch_size=1)
+    with openpi_prune.enabled(method="language_only", siglip_layer=1, telemetry=False):
+        assert np.isfinite(_sample(model, observation)).all()  # at inference each camera votes on its own
+        with pytest.raises(openpi_prune.PruneInputError, match="siglip_layer in training needs a method that keeps"):
+            model.compute_loss(jax.random.key(0), observation, actions, train=True)

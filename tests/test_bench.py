@@ -2,6 +2,7 @@
 
 import pytest
 
+from openpi_prune.tools import flops
 from openpi_prune.tools.bench import at_size, small_model
 
 pytestmark = pytest.mark.slow  # compiles sample_actions for each variant: about two minutes
@@ -53,9 +54,10 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
         num_steps=2,
         repeats=1,
         prompt_tokens=24,
+        siglip_layers=(1,),
     )
     by_name = {r.name: r for r in rows}
-    assert list(by_name) == [name for name, _ in at_size.SIZE_VARIANTS]
+    assert list(by_name) == [name for name, _ in at_size.size_variants((1,))]
     upstream = by_name["upstream OpenPI"]
     assert (upstream.prefix, upstream.live) == (3 * 256 + 200, 2 * 256 + 24)
     default = by_name["relevance (defaults)"]
@@ -65,6 +67,11 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
     assert (dropped.prefix, dropped.kept) == (103 + 32, 103)
     assert dropped.flops.siglip == pytest.approx(upstream.flops.siglip * 2 / 3)
     assert dropped.flops.prefix_llm < 0.2 * upstream.flops.prefix_llm
+    # Inside SigLIP (mu/14 has one layer): each live camera keeps its own 52 of 256.
+    inside = by_name["same, pruned inside SigLIP after layer 1"]
+    assert (inside.prefix, inside.kept) == (2 * 52 + 32, 104)
+    # batch 2, two cameras each
+    assert inside.flops.siglip == pytest.approx(2 * flops.siglip("mu/14", images=2, out_width=64, layer=1, kept=52))
     assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
     assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")
     at_size.show_at_size(rows, "title", str(tmp_path))

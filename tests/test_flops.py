@@ -55,3 +55,12 @@ def test_the_full_pi05_prefix_dominates_and_shrinks_with_it(full_size_parameters
     assert flops.sample_actions(config, batch=8, cameras=3, prefix=968, num_steps=10).total == pytest.approx(
         8 * upstream.total
     )
+
+
+def test_pruned_inside_siglip_the_later_layers_count_only_the_kept_tokens():
+    full = flops.siglip("So400m/14", images=1, out_width=2048)
+    head = 256 * 2 * 1152 * 2048  # run twice: on the early tokens, and on the late ones
+    assert flops.siglip("So400m/14", images=1, out_width=2048, layer=27, kept=52) == pytest.approx(full + head)
+    assert flops.siglip("So400m/14", images=1, out_width=2048, layer=9, kept=256) == pytest.approx(full + head)
+    early = flops.siglip("So400m/14", images=1, out_width=2048, layer=9, kept=52)
+    assert 9 / 27 * full < early < (9 / 27 + 18 / 27 * 52 / 256) * full + 2 * head

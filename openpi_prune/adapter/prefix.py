@@ -15,12 +15,20 @@ from openpi_prune.pruner import pipeline, plugins
 
 def prune(model, observation, tokens, input_mask, ar_mask):
     """The pruned version of `embed_prefix`'s `(tokens, input_mask, ar_mask)` for `observation`."""
+    state = call.current()
+    if state is not None and state.probe is not None:
+        per_camera, cameras = split_prefix(observation, tokens)
+        return state.probe.apply(tokens, per_camera * cameras), input_mask, ar_mask
+    pruned = pruned_prefix(model, observation, tokens, input_mask, ar_mask)
+    return pruned.tokens, pruned.input_mask, pruned.ar_mask
+
+
+def pruned_prefix(model, observation, tokens, input_mask, ar_mask) -> pipeline.Pruned:
+    """The pipeline on a prefix; leaves the call its position shift."""
     active = settings.active()
     per_camera, cameras = split_prefix(observation, tokens)
     image_len = per_camera * cameras
     state = call.current()
-    if state is not None and state.probe is not None:
-        return state.probe.apply(tokens, image_len), input_mask, ar_mask
     split = pipeline.Prefix(
         image_tokens=tokens[:, :image_len],
         text_tokens=tokens[:, image_len:],
@@ -32,7 +40,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     pruned = pipeline.prune(model, split, state, active)
     if state is not None and active.keep_positions:
         state.position_shift = _position_shift(input_mask, pruned.slot_source, pruned.input_mask)
-    return pruned.tokens, pruned.input_mask, pruned.ar_mask
+    return pruned
 
 
 def prefix_pass(model, observation):

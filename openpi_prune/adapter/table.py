@@ -67,6 +67,21 @@ PATCHES = (
         ("self.layers(embedded, kv_cache, positions, mask, adarms_cond, deterministic)",),
         module="openpi.models.gemma",
     ),
+    # Pruning inside SigLIP (`siglip_layer`): the encoder's blocks in two parts, the patches pruned
+    # between them (see `adapter.siglip`).
+    Patch(
+        "Encoder",
+        "__call__",
+        ("self", "x", "deterministic"),
+        wrappers.wrap_siglip_encoder,
+        (
+            "x, scan_out = nn.scan(",
+            'variable_axes={"params": 0},',
+            'name="encoderblock",',
+            'return nn.LayerNorm(name="encoder_norm", dtype=self.dtype_mm)(x), out',
+        ),
+        module="openpi.models.siglip",
+    ),
     # Parameters a method adds (named `prune_*`) are absent from checkpoints made without it.
     Patch(
         "BaseModelConfig",

@@ -5,7 +5,7 @@ the install guard turns into an error (strict) or OpenPI's own result."""
 import inspect
 
 from openpi_prune import call, settings
-from openpi_prune.adapter import checkpoints, prefix, training
+from openpi_prune.adapter import checkpoints, prefix, siglip, training
 from openpi_prune.adapter.patches import Drifted
 
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
@@ -32,6 +32,11 @@ def wrap_init(wrapped, instance, args, kwargs):
 
 def wrap_embed_prefix(wrapped, instance, args, kwargs):
     observation = prefix.observation_for_prefix(_bind(wrapped, args, kwargs)["obs"])
+    state = call.current()
+    if settings.active().siglip_layer is not None and (state is None or state.probe is None):
+        return siglip.embed_prefix(
+            wrapped, observation, lambda *result: prefix.pruned_prefix(instance, observation, *result)
+        )
     result = wrapped(observation)
     if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
         raise Drifted(f"returned {_describe(result)} (expected tokens [b,s,d], input_mask, ar_mask)", result)
@@ -142,6 +147,16 @@ class _ServedSampler:
         if settings.is_active() and this_call is not None and this_call.served is not None:
             prefix.expect_figures(this_call.served, rng, observation)
         return self.sample(rng, observation, **kwargs)
+
+
+def wrap_siglip_encoder(wrapped, instance, args, kwargs):
+    """SigLIP's `Encoder.__call__`: OpenPI's own, or a part of it inside a split `embed_prefix`."""
+    state = call.current()
+    if state is None or state.siglip is None:
+        return wrapped(*args, **kwargs)
+    if not instance.scan:
+        raise Drifted("SigLIP's encoder is not scanned (its blocks are not stacked)", wrapped(*args, **kwargs))
+    return siglip.encoder_part(instance, state.siglip, *args, **kwargs)
 
 
 def wrap_siglip_variant(wrapped, instance, args, kwargs):

@@ -1,6 +1,8 @@
 """The prune pipeline on arrays, as named steps: clean the image tokens, build the task context and
 score the patches (the hooks), select (training: same length; masked: same length, pruned tokens
 out of the mask; compact: `capacity` slots), append a method's hidden extension, and measure.
+With `siglip_layer` (pruning inside SigLIP) each camera keeps its own share and has its own slots,
+so that SigLIP's later layers run on a fixed number of patches per camera.
 
 It knows nothing of OpenPI: the adapter hands it the image and prompt tokens of a prefix and
 turns what it returns back into OpenPI's prefix (and its positions).
@@ -8,6 +10,7 @@ turns what it returns back into OpenPI's prefix (and its positions).
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +59,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     manager = plugins.get_manager()
     plugins.check_method(settings.method, manager)
     n = prefix.image_tokens.shape[1]
-    capacity = _capacity(settings, n, n // prefix.per_camera, manager)
+    cameras = n // prefix.per_camera
+    capacity = _capacity(settings, n, cameras, manager)
     image_tokens, candidate_mask, nonfinite = _finite_only(prefix.image_tokens, prefix.candidate_mask)
     prefix = dataclasses.replace(prefix, image_tokens=image_tokens, candidate_mask=candidate_mask)
     scored = _score(model, prefix, state, settings, manager)
@@ -71,8 +75,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
         else:
-            pruned, kept_mask, overflow = _compact(prefix, kept_mask, scored.counts, capacity)
-            mode, slots = "compact", capacity
+            pruned, kept_mask, overflow = _compact(prefix, kept_mask, scored.counts, capacity, settings)
+            mode, slots = "compact", pruned.slot_source.shape[1] - prefix.text_tokens.shape[1]
     if scored.extension is not None:
         pruned = _extend(pruned, scored.extension)
     if settings.telemetry or telemetry.collecting():
@@ -156,24 +160,32 @@ def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settin
     b, n = prefix.candidate_mask.shape
     scale = settings.noise_scale if state.noise_scale is None else state.noise_scale
     noise = jax.random.uniform(state.rng, scored.scores.shape, dtype=scored.scores.dtype) * scale
-    selected = hook.openpi_prune_select_train(
+    selected = _each_camera(
+        hook.openpi_prune_select_train,
+        prefix,
+        settings,
         scores=scored.scores,
         candidate_mask=prefix.candidate_mask,
         image_tokens=prefix.image_tokens,
         noise=noise,
         saliency=state.saliency,
         keep_fraction=settings.keep_fraction if state.keep_fraction is None else state.keep_fraction,
-        settings=settings,
     )
     if not isinstance(selected, tuple | list) or len(selected) not in (2, 3):
         _check_output("openpi_prune_select_train", selected, (), settings, manager)
     picked, kept_mask, *visible = selected
+    if settings.siglip_layer is not None and picked is not prefix.image_tokens:
+        raise PruneInputError(
+            f"siglip_layer in training needs a method that keeps the patches as they are (relevance, random, "
+            f"distinct, keep_all); {settings.method!r} trains on a mix of them, which SigLIP's later layers "
+            "cannot take. Unset siglip_layer, or pick such a method."
+        )
     _check_output("openpi_prune_select_train", picked, (prefix.image_tokens.shape,), settings, manager)
     _check_output("openpi_prune_select_train", kept_mask, ((b, n),), settings, manager)
     image_mask = prefix.candidate_mask & visible[0] if visible else prefix.candidate_mask
     if visible and state.train_capacity is not None:
         picked_prefix = dataclasses.replace(prefix, image_tokens=picked)
-        pruned, kept_mask, _ = _compact(picked_prefix, image_mask, scored.counts, state.train_capacity)
+        pruned, kept_mask, _ = _compact(picked_prefix, image_mask, scored.counts, state.train_capacity, settings)
     else:
         pruned = _joined(prefix, picked, image_mask, prefix.ar_mask, jnp.arange(n))
     extra = {} if state.step is None else {"training_step": jnp.full((b,), state.step, jnp.int32)}
@@ -191,12 +203,40 @@ def _select(prefix: Prefix, scored: _Scored, settings, manager):
     """The kept set at inference; with no live task token there is nothing to score against, so
     every live patch is kept."""
     b, n = prefix.candidate_mask.shape
-    kept_mask = manager.hook.openpi_prune_select(
-        scores=scored.scores, candidate_mask=prefix.candidate_mask, settings=settings
+    kept_mask = _each_camera(
+        manager.hook.openpi_prune_select, prefix, settings, scores=scored.scores, candidate_mask=prefix.candidate_mask
     )
     _check_output("openpi_prune_select", kept_mask, ((b, n),), settings, manager)
     live_task = jnp.sum(scored.task_mask, axis=-1)
     return jnp.where(live_task[:, None] > 0, kept_mask, True) & prefix.candidate_mask
+
+
+def _each_camera(hook, prefix: Prefix, settings, **arrays):
+    """A selection hook over the whole prefix, or with `siglip_layer` over each camera as if it were
+    a sample of its own (its share of its own live patches; a vote among its own patches); its
+    arrays back in the prefix's shape."""
+    if settings.siglip_layer is None:
+        return hook(settings=settings, **arrays)
+    b, n = prefix.candidate_mask.shape
+    p = prefix.per_camera
+    c = n // p
+
+    def by_camera(x):
+        if getattr(x, "shape", ())[:3] == (b, n, n):  # a vote: each camera's block of it
+            blocks = x.reshape(b, c, p, c, p)[:, jnp.arange(c), :, jnp.arange(c), :]  # [c, b, p, p]
+            return jnp.swapaxes(blocks, 0, 1).reshape(b * c, p, p)
+        return x.reshape(b * c, p, *x.shape[2:]) if getattr(x, "shape", ())[:2] == (b, n) else x
+
+    def back(x):
+        return x.reshape(b, n, *x.shape[2:]) if getattr(x, "shape", ())[:2] == (b * c, p) else x
+
+    rows = {k: by_camera(v) for k, v in arrays.items()}
+    selected = hook(settings=settings, **rows)
+    if not isinstance(selected, tuple | list):
+        return back(selected)
+    # Tokens handed back as they came stay the same array (`_select_train` checks for it).
+    same = "image_tokens" in rows and selected[0] is rows["image_tokens"]
+    return (arrays["image_tokens"] if same else back(selected[0]), *map(back, selected[1:]))
 
 
 def _masked(prefix: Prefix, kept_mask) -> Pruned:
@@ -204,10 +244,21 @@ def _masked(prefix: Prefix, kept_mask) -> Pruned:
     return _joined(prefix, prefix.image_tokens, kept_mask, prefix.ar_mask, jnp.arange(n))
 
 
-def _compact(prefix: Prefix, kept_mask, counts, capacity: int):
-    """The kept tokens gathered into `capacity` slots: the prefix is really shorter."""
-    n = prefix.image_tokens.shape[1]
-    indices, slot_mask, overflow = lightvla.fit_capacity(kept_mask, counts, capacity)
+def _compact(prefix: Prefix, kept_mask, counts, capacity: int, settings: PruneSettings):
+    """The kept tokens gathered into `capacity` slots: the prefix is really shorter. With
+    `siglip_layer`, each camera's into its own equal share of them, in camera order."""
+    b, n = kept_mask.shape
+    if settings.siglip_layer is None:
+        indices, slot_mask, overflow = lightvla.fit_capacity(kept_mask, counts, capacity)
+    else:
+        p = prefix.per_camera
+        cameras = n // p
+        capacity = cameras * math.ceil(capacity / cameras)
+        indices, slot_mask, overflow = lightvla.fit_capacity(
+            kept_mask.reshape(b * cameras, p), counts.reshape(b * cameras, p), capacity // cameras
+        )
+        indices = (indices.reshape(b, cameras, -1) + p * jnp.arange(cameras)[None, :, None]).reshape(b, capacity)
+        slot_mask, overflow = slot_mask.reshape(b, capacity), overflow.reshape(b, cameras).sum(-1)
     kept_image = jnp.take_along_axis(prefix.image_tokens, indices[..., None], axis=1)
     ar_mask = jnp.concatenate([prefix.ar_mask[:capacity], prefix.ar_mask[n:]])
     rows = jnp.arange(kept_mask.shape[0])[:, None]

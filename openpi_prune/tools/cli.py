@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the action expert's Gemma variant (default gemma_300m; --small: dummy, used by --train)",
     )
     bench.add_argument("--siglip", help="SigLIP variant (default OpenPI's own So400m/14; --small: mu/14)")
+    bench.add_argument(
+        "--siglip-layers",
+        type=int,
+        nargs="+",
+        help="also rows pruned inside SigLIP after each of these layers (default 9 4; none: 0)",
+    )
     bench.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default %(default)s)")
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     bench.add_argument("--out", help="also write the full-size table to OUT/bench.md and OUT/bench.json")

@@ -27,18 +27,27 @@ def siglip_tokens(variant: str, image_size: int = 224) -> int:
     return (image_size // _siglip.decode_variant(variant)["patch_size"][0]) ** 2
 
 
-def siglip(variant: str, *, images: int, out_width: int, image_size: int = 224) -> float:
-    """A SigLIP `variant` (e.g. "So400m/14") over `images` images, projected to `out_width`."""
+def siglip(
+    variant: str, *, images: int, out_width: int, image_size: int = 224, layer: int | None = None, kept: int = 0
+) -> float:
+    """A SigLIP `variant` (e.g. "So400m/14") over `images` images, projected to `out_width`; with
+    `layer` (pruning inside SigLIP), the blocks after it over `kept` tokens per image, and the head
+    twice (on the early tokens the pruner scores, and on the late ones)."""
     from openpi.models import siglip as _siglip
 
     v = _siglip.decode_variant(variant)
     width, depth, mlp = v["width"], v["depth"], v["mlp_dim"]
     patch = v["patch_size"][0]
     tokens = siglip_tokens(variant, image_size)
-    per_layer = tokens * (8 * width * width + 4 * width * mlp) + 4 * tokens * tokens * width
+
+    def block(t: int) -> float:
+        return t * (8 * width * width + 4 * width * mlp) + 4 * t * t * width
+
     embed = tokens * 2 * (patch * patch * 3) * width
     head = tokens * 2 * width * out_width
-    return images * (depth * per_layer + embed + head)
+    if layer is None:
+        return images * (depth * block(tokens) + embed + head)
+    return images * (layer * block(tokens) + (depth - layer) * block(kept) + embed + 2 * head)
 
 
 def gemma_layers(config, *, tokens: int, keys: int) -> float:
@@ -52,10 +61,19 @@ def gemma_layers(config, *, tokens: int, keys: int) -> float:
 
 
 def sample_actions(
-    model_config, *, batch: int, cameras: int, prefix: int, num_steps: int, siglip_variant: str = "So400m/14"
+    model_config,
+    *,
+    batch: int,
+    cameras: int,
+    prefix: int,
+    num_steps: int,
+    siglip_variant: str = "So400m/14",
+    siglip_layer: int | None = None,
+    siglip_kept: int = 0,
 ) -> Parts:
-    """`sample_actions` of a `Pi0Config` on `batch` samples: SigLIP over `cameras` cameras, PaliGemma
-    over `prefix` positions, `num_steps` denoising steps."""
+    """`sample_actions` of a `Pi0Config` on `batch` samples: SigLIP over `cameras` cameras (with
+    `siglip_layer`, its later blocks over `siglip_kept` tokens a camera), PaliGemma over `prefix`
+    positions, `num_steps` denoising steps."""
     from openpi.models import gemma
 
     llm, expert = gemma.get_config(model_config.paligemma_variant), gemma.get_config(model_config.action_expert_variant)
@@ -69,7 +87,8 @@ def sample_actions(
     else:
         step += suffix * 2 * (2 * w * w + w * w)  # the action-time MLP
     return Parts(
-        siglip=batch * siglip(siglip_variant, images=cameras, out_width=llm.width),
+        siglip=batch
+        * siglip(siglip_variant, images=cameras, out_width=llm.width, layer=siglip_layer, kept=siglip_kept),
         prefix_llm=batch * gemma_layers(llm, tokens=prefix, keys=prefix),
         denoise=batch * num_steps * step,
     )

@@ -13,6 +13,7 @@ import jax
 from rich.table import Table
 
 from openpi_prune import errors
+from openpi_prune.tools.bench import at_size
 from openpi_prune.tools.bench.at_size import run_at_size, show_at_size
 from openpi_prune.tools.bench.small_model import run, serving_times, show, show_train, train_step_times
 from openpi_prune.tools.bench.timing import console
@@ -27,7 +28,7 @@ def main(args) -> int:
     ignored = (
         [f for f, given in (("--serving", args.serving), ("--train", args.train)) if given]
         if not args.small
-        else [f for f, given in (("--out", args.out),) if given]
+        else [f for f, given in (("--out", args.out), ("--siglip-layers", args.siglip_layers)) if given]
     )
     if ignored:
         names = ", ".join(ignored)
@@ -48,6 +49,7 @@ def main(args) -> int:
             num_steps=args.num_steps,
             repeats=args.repeats or 3,
             prompt_tokens=args.prompt_tokens,
+            siglip_layers=tuple(args.siglip_layers or at_size.SIGLIP_LAYERS),
         )
         show_at_size(
             rows,

@@ -22,15 +22,25 @@ from openpi_prune.tools.bench.timing import console
 # --- At the size users run: OpenPI's pi05_libero model, LIBERO-shaped input --------------------
 
 LIBERO_MASKED_CAMERA = "right_wrist_0_rgb"  # OpenPI's LIBERO inputs mask it for pi0.5
+DROPPED = dict(method="relevance", telemetry=False, drop_cameras=(LIBERO_MASKED_CAMERA,))
 SIZE_VARIANTS = (
     ("upstream OpenPI", None),
     ("relevance (defaults)", dict(method="relevance")),
     ("relevance, telemetry off", dict(method="relevance", telemetry=False)),
-    (
-        "relevance, LIBERO's unused camera dropped, telemetry off",
-        dict(method="relevance", telemetry=False, drop_cameras=(LIBERO_MASKED_CAMERA,)),
-    ),
+    ("relevance, LIBERO's unused camera dropped, telemetry off", DROPPED),
 )
+SIGLIP_LAYERS = (9, 4)  # of So400m's 27: a third, a seventh
+
+
+def size_variants(siglip_layers=SIGLIP_LAYERS) -> tuple:
+    """The rows: upstream, the defaults, and the dropped-camera row pruned inside SigLIP after each
+    of `siglip_layers` (0: none)."""
+    inside = tuple(
+        (f"same, pruned inside SigLIP after layer {layer}", DROPPED | dict(siglip_layer=layer))
+        for layer in siglip_layers
+        if layer
+    )
+    return SIZE_VARIANTS + inside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,7 @@ def run_at_size(
     num_steps: int,
     repeats: int,
     prompt_tokens: int,
+    siglip_layers=SIGLIP_LAYERS,
 ) -> list[SizeRow]:
     from openpi_prune.adapter import prefix
 
@@ -151,10 +162,11 @@ def run_at_size(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("building the model", total=None)
         model = model_at_size(model_config, siglip, dtype)
-        progress.update(task, total=len(batch_sizes) * len(SIZE_VARIANTS), completed=0)
+        variants = size_variants(siglip_layers)
+        progress.update(task, total=len(batch_sizes) * len(variants), completed=0)
         for batch in batch_sizes:
             observation = libero_observation(model_config, batch, prompt_tokens)
-            for name, settings in SIZE_VARIANTS:
+            for name, settings in variants:
                 progress.update(task, description=f"batch {batch}: {name}")
                 telemetry.clear()
                 context = (
@@ -191,6 +203,9 @@ def run_at_size(
                         live, kept = float(np.mean(live_positions)), float(np.mean(values["kept"]))
                         cameras = len(prefix.observation_for_prefix(obs).images)
                         del prefix_pass, pruner
+                    layer = None if settings is None else settings.get("siglip_layer")
+                    # Pruned inside SigLIP: each camera's later blocks run on its share of the slots.
+                    siglip_kept = (prefix_len - obs.tokenized_prompt.shape[1]) // cameras if layer else 0
                     parts = flops.sample_actions(
                         model_config,
                         batch=batch,
@@ -198,6 +213,8 @@ def run_at_size(
                         prefix=prefix_len,
                         num_steps=num_steps,
                         siglip_variant=siglip or "So400m/14",
+                        siglip_layer=layer,
+                        siglip_kept=siglip_kept,
                     )
                     progress.console.print(
                         f"batch {batch}, {name}: prefix {prefix_len}, median {statistics.median(times):.0f} ms"
