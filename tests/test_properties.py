@@ -69,6 +69,18 @@ def test_live_median_is_numpy_s_median_of_the_live_tokens(case):
 
 
 @settings(max_examples=400, deadline=None)
+@given(case=token_sets())
+def test_an_accelerator_s_sort_picks_the_keys_the_cpu_s_bisection_picks(case):
+    x, mask = case
+    key, mask = lightvla._order_key(jnp.asarray(x)), jnp.asarray(mask)
+    count = jnp.sum(mask, axis=1)
+    need = jnp.stack([jnp.maximum((count + 1) // 2, 1), jnp.maximum(count // 2 + 1, 1)])[..., None, None]
+    live = count > 0  # with nothing live either may answer anything: the median is 0 then
+    bisected = np.asarray(lightvla._bisected_keys(key, mask, need))[:, live]
+    np.testing.assert_array_equal(np.asarray(lightvla._sorted_keys(key, mask, need))[:, live], bisected)
+
+
+@settings(max_examples=400, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), live=st.lists(st.booleans(), min_size=N, max_size=N), t=st.integers(1, 6))
 def test_both_rules_keep_only_live_patches_and_are_deterministic(seed, live, t):
     k1, k2 = jax.random.split(jax.random.key(seed))
