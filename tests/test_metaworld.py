@@ -74,8 +74,20 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     kept = report["variants"]["default (relevance)"]["kept_per_camera"]
     assert len(kept) == 2 and 0 < sum(kept) <= 2 * 64
     assert report["variants"]["unpruned checkpoint"]["kept_per_camera"] is None
-    for name in ("results.md", "success.png", "baseline/params.npz"):
+    for name in ("results.md", "success.png", "first-calls.png", "baseline/params.npz"):
         assert (tmp_path / name).stat().st_size > 0
+    # One episode of each variant as an animation, a frame per call, the pruned one with its kept patches.
+    from PIL import Image
+
+    for name in only:
+        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
+        gif = Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}.gif")
+        assert gif.n_frames == len(run["episodes"][0]["call_seconds"]) and gif.size == (2 * 224, 224)
+    with np.load(tmp_path / "animations" / f"{metaworld_trial.slug('default (relevance)')}-first-call.npz") as call:
+        assert call["kept_patches"].shape == (2, 64)  # both live cameras, 8 x 8 patches each
+        assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up
+    # Done variants leave no partial episode file; a resumed run serves from the files alone.
+    assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
     episodes = sorted((tmp_path / "episodes").rglob("*.npz"))
     assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)

@@ -65,6 +65,8 @@ def test_the_client_receives_actions_and_this_call_s_pruning(plain_checkpoint, e
     assert figures["live_image_tokens"] == 512  # two live cameras of 256
     assert figures["kept"] == np.ceil(0.2 * 512) < figures["live_image_tokens"]
     assert figures["kept_per_camera"].tolist()[2] == 0 and sum(figures["kept_per_camera"]) == figures["kept"]
+    assert figures["kept_patches"].shape == (3, 256)
+    assert figures["kept_patches"].sum(axis=1).tolist() == figures["kept_per_camera"].tolist()
     assert figures["prefix_length"] == 154 + cfg.max_token_len  # compact: 20 % of 768 slots, then the prompt
     # The next call reports its own prefix: the masked camera now live.
     example3 = {**example, "image_mask": {**example["image_mask"], "right_wrist_0_rgb": np.True_}}
@@ -106,5 +108,12 @@ print(json.dumps({"enabled": openpi_prune.is_enabled(), "figures": sorted(respon
 def test_a_base_install_serves_pruned_without_the_tools_extra():
     result = run_child(BASE_INSTALL, OPENPI_PRUNE="1")
     assert result["enabled"] and result["kept"] == 154  # 20 % of three cameras' 768 patches
-    assert result["figures"] == ["kept", "kept_per_camera", "live_image_tokens", "method", "prefix_length"]
+    assert result["figures"] == [
+        "kept",
+        "kept_patches",
+        "kept_per_camera",
+        "live_image_tokens",
+        "method",
+        "prefix_length",
+    ]
     assert result["tools"] == ["openpi_prune.tools.small"]  # the test's model; serving needs no tool

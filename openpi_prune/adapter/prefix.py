@@ -253,10 +253,13 @@ def serving_figures(served) -> dict | None:
     report = telemetry.RECORDER.take(served.key, host_checksum)
     if report is None:
         return None
+    kept_per_camera = np.asarray(report.kept_per_camera[0], np.int32)
     return {
         "method": report.method,
         "kept": int(report.kept[0]),
-        "kept_per_camera": np.asarray(report.kept_per_camera[0], np.int32),
+        "kept_per_camera": kept_per_camera,
+        # Which patches: [camera, patch] in the cameras' order, each camera's patches row by row.
+        "kept_patches": np.asarray(report.values["kept_mask"][0], bool).reshape(len(kept_per_camera), -1),
         "live_image_tokens": int(report.candidates[0]),
         "prefix_length": int(report.prefix_length[0]),
     }

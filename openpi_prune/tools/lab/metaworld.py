@@ -363,7 +363,8 @@ def serve(policy):
 
 def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool = False, record: bool = False) -> dict:
     """One episode driven by the served policy: success, steps, each call's wall time (the client
-    waits for the actions), the kept tokens per camera the server reported, and the frames if asked."""
+    waits for the actions), the kept tokens per camera the server reported, and if asked, at every
+    call, the frames the policy saw with the patches it kept (None unpruned)."""
     env = make_env(task, spec)
     try:
         obs, _ = env.reset(seed=seed)
@@ -372,8 +373,6 @@ def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool =
         while steps < spec.max_steps and not success:
             if not chunk:
                 images = frames(env)
-                if record:
-                    shown.append(images)
                 if blank:
                     images = {k: np.zeros_like(v) for k, v in images.items()}
                 message = {
@@ -385,8 +384,12 @@ def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool =
                 started = time.perf_counter()
                 response = client.infer(message)
                 calls.append(time.perf_counter() - started)
-                if "pruning" in response:
-                    kept.append(np.asarray(response["pruning"]["kept_per_camera"]).tolist())
+                pruning = response.get("pruning")
+                if pruning is not None:
+                    kept.append(np.asarray(pruning["kept_per_camera"]).tolist())
+                if record:  # what the policy saw, and the patches it kept of each camera
+                    patches = None if pruning is None else np.asarray(pruning["kept_patches"])[: len(CAMERAS)]
+                    shown.append((images, patches))
                 chunk = list(np.asarray(response["actions"])[: spec.replan])
             obs, _, _, _, info = env.step(chunk.pop(0))
             steps += 1

@@ -71,20 +71,47 @@ def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(model, plan: SuitePlan, name: str, progress, blank: bool = False) -> dict:
-    """Closed-loop episodes of every task on the held-out reset seeds, through OpenPI's server."""
+def evaluate(model, plan: SuitePlan, name: str, progress, out_dir: pathlib.Path, blank: bool = False) -> dict:
+    """Closed-loop episodes of every task on the held-out reset seeds, through OpenPI's server. Each
+    episode is noted as it ends (`closed-loop/<variant>.partial.jsonl`), so an interrupted run goes
+    on from the next one. The first task's first episode is recorded: `animations/<variant>.gif`,
+    and its first call (`animations/<variant>-first-call.npz`) for `first-calls.png`."""
     spec = plan.spec
+    partial = out_dir / "closed-loop" / f"{slug(name)}.partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if partial.exists():
+        done = {(e["task"], e["seed"]): e for e in map(json.loads, partial.read_text().splitlines())}
     bar = progress.add_task(f"{name}: closed loop", total=len(spec.tasks) * plan.episodes)
     episodes = []
     with metaworld.serve(metaworld.make_policy(model, spec)) as client:
         for task in spec.tasks:
             for k in range(plan.episodes):
-                result = metaworld.closed_loop(client, task, metaworld.TEST_SEEDS + k, spec, blank=blank)
-                result.pop("frames")
-                episodes.append({"task": task, "seed": metaworld.TEST_SEEDS + k} | result)
-                done = [e["success"] for e in episodes]
-                progress.update(bar, advance=1, description=f"{name}: {task} success {np.mean(done):.0%}")
+                seed = metaworld.TEST_SEEDS + k
+                if (task, seed) not in done:
+                    record = task == spec.tasks[0] and k == 0
+                    result = metaworld.closed_loop(client, task, seed, spec, blank=blank, record=record)
+                    calls = result.pop("frames")
+                    if record:
+                        _keep_recording(calls, out_dir / "animations", name, spec)
+                    done[task, seed] = {"task": task, "seed": seed} | result
+                    with partial.open("a") as file:
+                        file.write(json.dumps(done[task, seed]) + "\n")
+                episodes.append(done[task, seed])
+                wins = [e["success"] for e in episodes]
+                progress.update(bar, advance=1, description=f"{name}: {task} success {np.mean(wins):.0%}")
     return {"episodes": episodes}
+
+
+def _keep_recording(calls: list, folder: pathlib.Path, name: str, spec) -> None:
+    from openpi_prune.tools.lab import pictures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures.episode_animation(calls, spec.grid, folder / f"{slug(name)}.gif", name)
+    images, kept = calls[0]
+    np.savez_compressed(
+        folder / f"{slug(name)}-first-call.npz", **images, **({} if kept is None else {"kept_patches": kept})
+    )
 
 
 def run(
@@ -140,13 +167,19 @@ def run(
             else:
                 settings = trial_plan.settings_for(changes)
                 openpi_prune.enable(settings)
-                model = train.load(plan.spec, base_params)
-                train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")
+                # Kept until the variant's episodes are done, so that a resumed run need not fine-tune again.
+                finetuned = out_dir / "finetuned" / slug(name)
+                if finetuned.exists():
+                    model = train.load(plan.spec, train.restore_params(finetuned, plan.spec))
+                else:
+                    model = train.load(plan.spec, base_params)
+                    train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")
+                    train.save_params(train.params_of(model), finetuned)
                 # Served with telemetry on, so that each response carries what was kept.
                 settings = settings.replace(telemetry=True)
                 openpi_prune.enable(settings)
             try:
-                row = evaluate(model, plan, name, progress, blank=name == BLANKED)
+                row = evaluate(model, plan, name, progress, out_dir, blank=name == BLANKED)
             finally:
                 openpi_prune.disable()
             row |= {
@@ -156,8 +189,8 @@ def run(
                 "plan": dataclasses.asdict(plan),
                 "minutes": (time.time() - started) / 60,
             }
-            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row))
+            (out_dir / "closed-loop" / f"{slug(name)}.partial.jsonl").unlink()
     report = summarise(out_dir, plan)
     _print(report, plan)
     return report
@@ -196,6 +229,14 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
         from openpi_prune.tools.lab import pictures
 
         pictures.success(rows, out_dir / "success.png")
+        first = {}
+        for name in rows:
+            recorded = out_dir / "animations" / f"{slug(name)}-first-call.npz"
+            if recorded.exists():
+                with np.load(recorded) as call:
+                    images = {camera: call[camera] for camera in metaworld.CAMERAS}
+                    first[name] = [(images, call["kept_patches"] if "kept_patches" in call.files else None)]
+        pictures.first_calls(first, plan.spec.grid, out_dir / "first-calls.png")
     return report
 
 

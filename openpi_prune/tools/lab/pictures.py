@@ -138,3 +138,46 @@ def success(rows: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _frame(images: dict, kept: np.ndarray | None, grid: int) -> np.ndarray:
+    """The cameras side by side, uint8; with `kept` ([camera, patch]), the pruned patches darkened."""
+    shown = []
+    for c, image in enumerate(images.values()):
+        rgb = image.astype(np.float32) / 127.5 - 1.0
+        mask = np.ones(grid * grid, bool) if kept is None else kept[c]
+        shown.append(_overlay(rgb, mask, mask, grid))
+    return (np.concatenate(shown, axis=1) * 255).astype(np.uint8)
+
+
+def episode_animation(calls: list, grid: int, path: pathlib.Path, title: str) -> None:
+    """A GIF of a closed-loop episode, a frame per policy call: what the policy saw, its pruned
+    patches darkened (`calls`: (images by camera, kept [camera, patch] or None) per call)."""
+    from PIL import Image, ImageDraw
+
+    frames = []
+    for k, (images, kept) in enumerate(calls):
+        frame = Image.fromarray(_frame(images, kept, grid))
+        caption = f"{title}: call {k + 1}" + ("" if kept is None else f", kept {int(kept.sum())} patches")
+        ImageDraw.Draw(frame).text((4, 4), caption, fill=(255, 255, 255))
+        frames.append(frame)
+    if frames:
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
+
+
+def first_calls(calls_by_variant: dict, grid: int, path: pathlib.Path) -> None:
+    """One row per variant: the first policy call of its recorded episode, both cameras, the pruned
+    patches darkened."""
+    rows = [(name, calls[0]) for name, calls in calls_by_variant.items() if calls]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 1, figsize=(5, 2.6 * len(rows)), squeeze=False)
+    for ax, (name, (images, kept)) in zip(axes[:, 0], rows, strict=True):
+        ax.imshow(_frame(images, kept, grid))
+        ax.set_title(name + ("" if kept is None else f": {int(kept.sum())} patches kept"), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("what each policy kept at its first call (pruned patches darkened)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
