@@ -74,10 +74,12 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
     assert inside.flops.siglip == pytest.approx(2 * flops.siglip("mu/14", images=2, out_width=64, layer=1, kept=52))
     assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
     assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")
+    assert upstream.prefix_ms > 0 and upstream.pruner_ms is None  # the floor is named for every row
     at_size.show_at_size(rows, "title", str(tmp_path))
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[0] == "title" and len(table) == 2 + 2 + len(rows)
     assert "| 2 | upstream OpenPI | 968 (536) | 512 |" in table[4]
+    assert "ms after the prefix pass (floor)" in table[2]
 
 
 def test_options_of_the_other_bench_are_refused_not_ignored():
