@@ -2,10 +2,10 @@
 the layers after it run on the kept patches only.
 
 `embed_prefix` runs twice, each time as OpenPI wrote it; what differs is SigLIP's encoder
-(`wrap_siglip_encoder`), told by the call's `Split`:
+(`wrappers.wrap_siglip_encoder` hands it to `encoder_part`), told by the call's `Split`:
 1. *early*: each camera's encoder stops after `layer` blocks, and hands on its hidden state through
    the encoder's final norm and SigLIP's head (so the early tokens are as wide as the prompt's); the
-   pruner scores and selects on these, one share per camera (`pipeline`, `per_camera`).
+   pruner scores and selects on these, one share per camera (`pipeline._each_camera`).
 2. *late*: each camera's encoder starts again from its hidden state, gathers the patches its slots
    name and runs the remaining blocks on them only; the kept tokens of the result replace the early
    ones in the pruned prefix. (Its stem and the prompt's embedding are computed again and unused,
@@ -38,10 +38,15 @@ def embed_prefix(wrapped, observation, prune):
     pipeline on the early tokens, returning the pruned prefix with each slot's source."""
     split = Split(settings.active().siglip_layer)
     with call.scope(siglip=split):
-        early = _checked(wrapped(observation))
+        early = wrapped(observation)
     cameras = len(split.hidden)
-    if cameras == 0 or cameras != len(observation.images):
-        raise Drifted(f"SigLIP's encoder ran {cameras} time(s) for {len(observation.images)} camera(s)", early)
+    problem = _problem(early) or (
+        None
+        if 0 < cameras == len(observation.images)
+        else f"ran SigLIP's encoder {cameras} time(s) for {len(observation.images)} camera(s)"
+    )
+    if problem:  # OpenPI's own result goes with it, for the guard to hand back when not strict
+        raise Drifted(problem, wrapped(observation))
     pruned = prune(*early)
     b, per_camera = early[0].shape[0], split.hidden[0].shape[1]
     image_slots = pruned.slot_source.shape[1] - observation.tokenized_prompt.shape[1]
@@ -49,16 +54,16 @@ def embed_prefix(wrapped, observation, prune):
     local = sources - per_camera * jnp.arange(cameras)[None, :, None]
     late_split = dataclasses.replace(split, slots=[local[:, i] for i in range(cameras)])
     with call.scope(siglip=late_split):
-        late = _checked(wrapped(observation))
+        late = wrapped(observation)
     kept = jnp.take_along_axis(late[0], pruned.slot_source[:, :image_slots, None], axis=1)
     tokens = pruned.tokens.at[:, :image_slots].set(kept.astype(pruned.tokens.dtype))
     return tokens, pruned.input_mask, pruned.ar_mask
 
 
-def _checked(result):
-    if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
-        raise Drifted("returned something other than (tokens [b,s,d], input_mask, ar_mask)", result)
-    return result
+def _problem(result) -> str | None:
+    if isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3:
+        return None
+    return "returned something other than (tokens [b,s,d], input_mask, ar_mask)"
 
 
 def encoder_part(instance, split: Split, x, deterministic=True):
