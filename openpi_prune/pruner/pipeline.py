@@ -221,8 +221,8 @@ def _each_camera(hook, prefix: Prefix, settings, **arrays):
     p = prefix.per_camera
     c = n // p
 
-    def by_camera(x):
-        if getattr(x, "shape", ())[:3] == (b, n, n):  # a vote: each camera's block of it
+    def by_camera(name, x):
+        if name in ("scores", "noise") and x.ndim == 3:  # a vote [b, n, n]: each camera's block of it
             blocks = x.reshape(b, c, p, c, p)[:, jnp.arange(c), :, jnp.arange(c), :]  # [c, b, p, p]
             return jnp.swapaxes(blocks, 0, 1).reshape(b * c, p, p)
         return x.reshape(b * c, p, *x.shape[2:]) if getattr(x, "shape", ())[:2] == (b, n) else x
@@ -230,7 +230,7 @@ def _each_camera(hook, prefix: Prefix, settings, **arrays):
     def back(x):
         return x.reshape(b, n, *x.shape[2:]) if getattr(x, "shape", ())[:2] == (b * c, p) else x
 
-    rows = {k: by_camera(v) for k, v in arrays.items()}
+    rows = {k: by_camera(k, v) for k, v in arrays.items()}
     selected = hook(settings=settings, **rows)
     if not isinstance(selected, tuple | list):
         return back(selected)
