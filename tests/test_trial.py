@@ -36,11 +36,6 @@ def test_no_training_step_draws_a_test_or_validation_layout(spec):
     assert anywhere & {layout for layout in anywhere if scenes.split_of(layout) == "test"}
 
 
-def _patch_colours(batch: scenes.Batch, i: int, camera: str, grid: int) -> np.ndarray:
-    patch = batch.images[camera][i].shape[0] // grid
-    return batch.images[camera][i].reshape(grid, patch, grid, patch, 3).mean(axis=(1, 3)).reshape(-1, 3)
-
-
 def test_named_scenes_hold_more_objects_than_the_budget_and_name_two_of_them():
     batch = named.render(4, 24, NAMED, split=None)
     per, colours = NAMED.grid**2, list(named.COLOURS)
@@ -55,12 +50,16 @@ def test_named_scenes_hold_more_objects_than_the_budget_and_name_two_of_them():
         # A distractor shares the first named object's colour, in another shape.
         assert any(k == k1 and s != s1 for k, s, *_ in layout)
         for c, camera in enumerate(scenes.TABLES):
-            means = _patch_colours(batch, i, camera, NAMED.grid)
             named_patches = batch.target_mask[i, c * per : (c + 1) * per]
             assert named_patches.sum() == np.prod(named.SHAPES[s1]) + np.prod(named.SHAPES[s2])
-            wanted = np.asarray([named.COLOURS[colours[k1]], named.COLOURS[colours[k2]]])
-            distance = np.abs(means[named_patches][:, None] - wanted[None]).max(-1).min(-1)
-            assert distance.max() < 1e-4, "every named patch shows a named colour"
+            # Every named patch shows its object's colour where its shape's mark is painted.
+            size = batch.images[camera][i].shape[0] // NAMED.grid
+            patches = batch.images[camera][i].reshape(NAMED.grid, size, NAMED.grid, size, 3).transpose(0, 2, 1, 3, 4)
+            patches = patches.reshape(per, size, size, 3)
+            for k, s in ((k1, s1), (k2, s2)):
+                painted = named.mark(s, size) if c == 0 else named.mark(s, size).T
+                shows = np.abs(patches[:, painted] - np.asarray(named.COLOURS[colours[k]])).max(axis=(1, 2)) < 1e-6
+                assert shows[named_patches].sum() >= np.prod(named.SHAPES[s]), "a named object's patches show it"
         # The chunk reaches the first object halfway, and ends on the second.
         for step, (_, shape, r, col) in ((NAMED.horizon // 2 - 1, layout[first]), (-1, layout[second])):
             rows, cols = named.SHAPES[shape]

@@ -1,11 +1,11 @@
 """The second scene family: scenes where only the prompt says which patches matter.
 
 Each scene holds more coloured objects than a 20 % budget can keep, of three shapes (a 2x2 block,
-a 1x3 bar, a 1x1 dot, in patches) on a textured table. The prompt names two of them, "put the red
-block on the blue bar", and the action chunk goes from the origin to the first, then on to the
-second: the actions depend on the named objects only. Distractors share a named object's colour
-(another shape) or its shape (another colour), so neither colour nor contrast alone finds them.
-`rename` names two other objects of the same images: the kept set must follow the prompt.
+a 1x3 bar, a 1x1 dot, in patches; each patch shows its shape's mark) on a textured table. The prompt
+names two of them, "put the red block on the blue bar", and the action chunk goes from the origin to
+the first, then on to the second: the actions depend on the named objects only. Distractors share a
+named object's colour (another shape) or its shape (another colour), so neither colour nor contrast
+alone finds them. `rename` names two other objects of the same images: the kept set must follow it.
 
 Same format, splits (by a hash of the layout) and cameras as `scenes`.
 """
@@ -18,6 +18,10 @@ from openpi_prune.tools.lab import scenes
 
 COLOURS = {**scenes.COLOURS, "purple": (0.5, -0.8, 0.9)}
 SHAPES = {"block": (2, 2), "bar": (1, 3), "dot": (1, 1)}  # rows x cols of patches (the base camera's)
+# What each patch of a shape shows, as real objects show their edges and texture: a block fills it,
+# a bar is split by a groove along its length, a dot is a small square in the middle. The shape can be
+# told from one patch: SigLIP's single layer need not gather it from the patch's neighbours.
+GROOVE, DOT = (3 / 8, 5 / 8), (1 / 4, 3 / 4)  # rows painted over, as fractions of a patch
 WORDS = {
     **scenes.WORDS,
     "put": 2404,
@@ -45,6 +49,18 @@ class NamedSpec:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch
+
+
+def mark(shape: str, patch: int) -> np.ndarray:
+    """(patch, patch) bool: the pixels of one of `shape`'s patches that show its colour (base camera)."""
+    painted = np.ones((patch, patch), bool)
+    if shape == "bar":
+        painted[int(GROOVE[0] * patch) : int(GROOVE[1] * patch)] = False
+    elif shape == "dot":
+        painted[:] = False
+        lo, hi = int(DOT[0] * patch), int(DOT[1] * patch)
+        painted[lo:hi, lo:hi] = True
+    return painted
 
 
 def _cells(shape: str, r: int, c: int) -> list[tuple[int, int]]:
@@ -165,9 +181,12 @@ def render(
             images[camera][i] = np.asarray(table, np.float32) + texture.repeat(patch, 0).repeat(patch, 1)
         for (colour, shape), (r, c) in zip(objects_, places, strict=True):
             rgb = np.asarray(COLOURS[list(COLOURS)[colour]], np.float32)
+            painted = mark(shape, patch)
             for y, x in _cells(shape, r, c):
-                images["base_0_rgb"][i, y * patch : (y + 1) * patch, x * patch : (x + 1) * patch] = rgb
-                images["left_wrist_0_rgb"][i, x * patch : (x + 1) * patch, y * patch : (y + 1) * patch] = rgb
+                base = images["base_0_rgb"][i, y * patch : (y + 1) * patch, x * patch : (x + 1) * patch]
+                base[painted] = rgb
+                wrist = images["left_wrist_0_rgb"][i, x * patch : (x + 1) * patch, y * patch : (y + 1) * patch]
+                wrist[painted.T] = rgb
         drawn.append(layout)
         # The first two objects drawn are the named ones; the layout lists them sorted.
         named.append(tuple(layout.index((*objects_[k], *places[k])) for k in (0, 1)))

@@ -64,8 +64,11 @@ def baseline(plan: TrialPlan, folder: pathlib.Path, progress: Progress, code: st
         console.print(f"baseline: validation MSE / predict-the-mean {ratio:.4f}")  # a log shows the curve
         return {"val_mse_vs_mean": ratio}
 
-    history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check)
+    # Saved as it goes, under its fingerprint: a later run resumes only a state made for this plan.
+    resume = folder / f"training-state-{print_}.npz"
+    history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", check, resume=resume)
     checkpoint.save_trained(model, path, checkpoint.frozen(plan.spec))
+    resume.unlink()
     (folder / "history.json").write_text(
         json.dumps(
             {"commit": code, "fingerprint": print_, "schedule": dataclasses.asdict(plan.baseline), "history": history}
