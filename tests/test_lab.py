@@ -111,7 +111,7 @@ def test_an_interrupted_training_run_resumes_with_the_same_updates(tmp_path, mon
     resumed = train.create(spec)
     history = train.train(resumed, spec, schedule, resume=state)
     assert [h["loss"] for h in history] == [h["loss"] for h in whole_history]
-    for a, b in zip(jax.tree.leaves(train.params_of(whole)), jax.tree.leaves(train.params_of(resumed))):
+    for a, b in zip(jax.tree.leaves(train.params_of(whole)), jax.tree.leaves(train.params_of(resumed)), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="another schedule"):
         train.train(train.create(spec), spec, dataclasses.replace(schedule, steps=5), resume=state)

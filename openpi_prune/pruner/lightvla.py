@@ -73,7 +73,9 @@ def _bisected_keys(key, mask, need):
 def _sorted_keys(key, mask, need):
     """The same keys as `_bisected_keys`, by one sort (the dead ones after every live one)."""
     ordered = jnp.sort(jnp.where(mask[..., None], key, jnp.iinfo(jnp.int32).max), axis=1)
-    return jnp.stack([jnp.take_along_axis(ordered, jnp.broadcast_to(n - 1, n.shape[:1] + (1, key.shape[-1])), axis=1) for n in need])
+    return jnp.stack(
+        [jnp.take_along_axis(ordered, jnp.broadcast_to(n - 1, n.shape[:1] + (1, key.shape[-1])), axis=1) for n in need]
+    )
 
 
 def centre(x: Float[Array, "b k d"], mask: Bool[Array, "b k"]) -> Float[Array, "b k d"]:

@@ -175,7 +175,11 @@ def collect(spec: MetaWorldSpec, progress=None, workers: int | None = None) -> d
     root = pathlib.Path(spec.episodes_dir)
     wanted = [(task, seed, root / task / f"{seed}.npz") for task in spec.tasks for seed in range(spec.train_seeds)]
     missing = [item for item in wanted if not item[2].exists()]
-    bar = progress.add_task("expert episodes", total=len(wanted), completed=len(wanted) - len(missing)) if progress else None
+    bar = (
+        progress.add_task("expert episodes", total=len(wanted), completed=len(wanted) - len(missing))
+        if progress
+        else None
+    )
     if missing:
         workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))
         # Fresh processes (not forks of one that may hold JAX's threads or a GL context).
