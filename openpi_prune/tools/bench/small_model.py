@@ -116,6 +116,8 @@ TRAIN_VARIANTS = (
     ("relevance, compact after the ramp, saliency every step", _CHEAPER),
     ("relevance, compact after the ramp, saliency every 4th step", dict(_CHEAPER, saliency_every=4)),
     ("  the same, during the ramp (full length)", dict(_CHEAPER, saliency_every=4, keep_ramp_steps=10**6)),
+    # No ramp, so no `lax.cond` between the two lengths: what the condition itself costs.
+    ("  the same, compact from the first step (no ramp)", dict(_CHEAPER, saliency_every=4, keep_ramp_steps=0)),
     ("scheme_b", dict(method="scheme_b")),
     ("language_only (verbatim LightVLA)", dict(method="language_only", scoring="lightvla")),
 )
