@@ -148,6 +148,11 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
         assert 0 <= rows[name]["precision"] <= 1 and 0 <= rows[name]["recall"] <= 1
         # Compact (the shipped path) and masked agree on the fine-tuned weights.
         assert rows[name]["masked_vs_compact_max_abs"] < 1e-4
+    # Another variant is also paired with the default, on the seeds both ran.
+    to_default = rows["distinct (prompt-blind)"]["test_ratio_to_default"]
+    assert to_default["seeds"] == [0] and to_default["low"] <= to_default["ratio"] <= to_default["high"]
+    # The baseline's training state, saved as it trained, is gone once its checkpoint is written.
+    assert not list((tmp_path / "baseline").glob("training-state-*"))
     run_file = tmp_path / "runs" / "seed-0" / "default-relevance.json"
     saved = json.loads(run_file.read_text())
     assert saved["commit"] and saved["settings"]["mode"] == "compact"

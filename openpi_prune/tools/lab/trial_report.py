@@ -12,6 +12,8 @@ from openpi_prune.tools.lab import checkpoint, named, train
 from openpi_prune.tools.lab.run import console
 from openpi_prune.tools.lab.trial_plan import BOOTSTRAP, EXAMPLES, REFERENCE, VARIANTS, TrialPlan, check_same
 
+DEFAULT = "default (relevance)"  # other variants are also paired with it: is a change as good?
+
 
 def load_runs(out_dir: pathlib.Path, print_: str) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = {}
@@ -77,6 +79,15 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
             # No reference run for these seeds: said, never replaced by another figure.
             row["test_ratio"] = test_pair or "no reference run for these seeds"
             row["validation_ratio"] = val_pair or "no reference run for these seeds"
+            if name != DEFAULT:
+                row["test_ratio_to_default"] = (
+                    paired_ratio(
+                        {s: np.asarray(r["test_mse"]) for s, r in by_seed.items()},
+                        {s: np.asarray(r["test_mse"]) for s, r in runs.get(DEFAULT, {}).items()},
+                        rng,
+                    )
+                    or "no default run for these seeds"
+                )
             kept = np.concatenate([np.asarray(r["kept_per_camera"]) for r in by_seed.values()])
             row |= {
                 "kept_per_camera": float(kept.mean()),
@@ -118,9 +129,9 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
     return report
 
 
-def _ratio_cell(pair) -> str:
+def _ratio_cell(pair, missing: str = "no reference") -> str:
     if not isinstance(pair, dict):
-        return "no reference"
+        return missing
     return f"{pair['ratio']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}]"
 
 
@@ -133,6 +144,7 @@ def _cells(name: str, row: dict) -> list[str]:
         ", ".join(map(str, row["seeds"])),
         _ratio_cell(row.get("test_ratio")) if name != REFERENCE else "1",
         _ratio_cell(row.get("validation_ratio")) if name != REFERENCE else "1",
+        {DEFAULT: "1", REFERENCE: "-"}.get(name) or _ratio_cell(row.get("test_ratio_to_default"), "no default run"),
         fmt("test_mse_vs_mean", "{:.4f}"),
         fmt("kept_per_camera", "{:.1f}"),
         fmt("kept_share", "{:.0%}"),
@@ -149,6 +161,7 @@ HEADERS = [
     "seeds",
     "test MSE / reference [95 %]",
     "validation MSE / reference [95 %]",
+    "test MSE / default's [95 %]",
     "test MSE / predict-mean",
     "kept per live camera",
     "kept share",
@@ -167,7 +180,8 @@ def markdown(report: dict) -> str:
         f"Test split: {plan['test']} scenes x {plan['noise_draws']} noise draws, {splits['test_layouts']} layouts, "
         f"{splits['test_layouts_in_training']} of them in training ({splits['training_layouts']} layouts drawn "
         f"there); validation: {plan['validation']} scenes, {splits['validation_layouts_in_training']} in training. "
-        f"Intervals: bootstrap over seeds and scenes, {report['bootstrap']} resamples, paired with the reference.",
+        f"Intervals: bootstrap over seeds and scenes, {report['bootstrap']} resamples, paired with the reference "
+        "(and with the default, on the seeds both ran).",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
