@@ -11,10 +11,11 @@ import openpi_prune
 from openpi_prune.tools.lab import named, scenes, train
 
 REFERENCE = "reference (unpruned)"
+DEFAULT = "default (relevance)"  # the shipped rule: other variants are also paired with it
 # name -> settings changes (compact mode, the shipped default, unless a variant says otherwise).
 VARIANTS = {
     REFERENCE: dict(method="keep_all", scoring="lightvla"),
-    "default (relevance)": dict(method="relevance"),
+    DEFAULT: dict(method="relevance"),
     "distinct (prompt-blind)": dict(method="distinct"),
     "random share": dict(method="random"),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),

@@ -10,9 +10,15 @@ from rich.table import Table
 
 from openpi_prune.tools.lab import checkpoint, named, train
 from openpi_prune.tools.lab.run import console
-from openpi_prune.tools.lab.trial_plan import BOOTSTRAP, EXAMPLES, REFERENCE, VARIANTS, TrialPlan, check_same
-
-DEFAULT = "default (relevance)"  # other variants are also paired with it: is a change as good?
+from openpi_prune.tools.lab.trial_plan import (
+    BOOTSTRAP,
+    DEFAULT,
+    EXAMPLES,
+    REFERENCE,
+    VARIANTS,
+    TrialPlan,
+    check_same,
+)
 
 
 def load_runs(out_dir: pathlib.Path, print_: str) -> dict[str, dict[int, dict]]:
