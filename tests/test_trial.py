@@ -36,6 +36,13 @@ def test_no_training_step_draws_a_test_or_validation_layout(spec):
     assert anywhere & {layout for layout in anywhere if scenes.split_of(layout) == "test"}
 
 
+def test_each_shape_shows_its_own_mark_in_one_patch():
+    marks = {shape: named.mark(shape, 28) for shape in named.SHAPES}
+    assert marks["block"].all() and 0 < marks["bar"].sum() < marks["block"].sum()
+    assert 0 < marks["dot"].sum() < marks["bar"].sum()
+    assert not (marks["bar"] == marks["dot"]).all()
+
+
 def test_named_scenes_hold_more_objects_than_the_budget_and_name_two_of_them():
     batch = named.render(4, 24, NAMED, split=None)
     per, colours = NAMED.grid**2, list(named.COLOURS)
@@ -60,6 +67,13 @@ def test_named_scenes_hold_more_objects_than_the_budget_and_name_two_of_them():
                 painted = named.mark(s, size) if c == 0 else named.mark(s, size).T
                 shows = np.abs(patches[:, painted] - np.asarray(named.COLOURS[colours[k]])).max(axis=(1, 2)) < 1e-6
                 assert shows[named_patches].sum() >= np.prod(named.SHAPES[s]), "a named object's patches show it"
+            # Each named object's own patches show its mark: a bar's groove, the table around a dot.
+            for k, s, r, col in (layout[first], layout[second]):
+                painted = named.mark(s, size) if c == 0 else named.mark(s, size).T
+                own = named._mask(NAMED, s, r, col)[c * per : (c + 1) * per]
+                colour = np.asarray(named.COLOURS[colours[k]])
+                bare = np.abs(patches[own][:, ~painted] - colour).max(axis=-1) > 1e-3
+                assert bare.all(), f"a {s}'s patches show its mark, not a filled square"
         # The chunk reaches the first object halfway, and ends on the second.
         for step, (_, shape, r, col) in ((NAMED.horizon // 2 - 1, layout[first]), (-1, layout[second])):
             rows, cols = named.SHAPES[shape]
