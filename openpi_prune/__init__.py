@@ -20,6 +20,7 @@ from openpi_prune.errors import (
     PruneInputError,
     SettingsError,
     TracedBeforeChangeWarning,
+    UncountedStepsWarning,
     UntrainedParametersWarning,
     UnusedParametersWarning,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PruneSettings",
     "SettingsError",
     "TracedBeforeChangeWarning",
+    "UncountedStepsWarning",
     "UnusedParametersWarning",
     "UntrainedParametersWarning",
     "current_settings",

@@ -40,6 +40,10 @@ class UnusedParametersWarning(UserWarning):
     """A checkpoint carries another pruning method's parameters, which this model does not use."""
 
 
+class UncountedStepsWarning(UserWarning):
+    """A model created before pruning was enabled counts no training steps: saliency every step."""
+
+
 class CollapseWarning(UserWarning):
     """The pruner kept fewer image tokens than `PruneSettings.warn_below`."""
 

@@ -22,8 +22,8 @@ from jaxtyping import TypeCheckError
 
 import openpi_prune
 from openpi_prune import PruneInputError, SettingsError, hookspecs, telemetry
-from openpi_prune.adapter import install, table
-from openpi_prune.errors import UntrainedParametersWarning, UnusedParametersWarning
+from openpi_prune.adapter import install, table, training
+from openpi_prune.errors import UncountedStepsWarning, UntrainedParametersWarning, UnusedParametersWarning
 from openpi_prune.settings import PruneSettings, parse
 from openpi_prune.tools import small
 
@@ -614,6 +614,29 @@ def test_schedule_on_a_model_without_its_step():
     with openpi_prune.enabled(method="keep_all", keep_ramp_steps=10, telemetry=False):
         with pytest.raises(openpi_prune.PruneInputError, match="created before openpi-prune was enabled"):
             model.compute_loss(jax.random.key(0), observation, actions, train=True)
+    # saliency_every is a cost, not a schedule: a method without saliency trains as it would anyway.
+    with openpi_prune.enabled(method="keep_all", saliency_every=4, telemetry=False), warnings.catch_warnings():
+        warnings.simplefilter("error", UncountedStepsWarning)
+        assert np.isfinite(model.compute_loss(jax.random.key(0), observation, actions, train=True)).all()
+
+
+def test_saliency_every_on_a_model_without_its_step():
+    """A model that counts no steps (here: its count removed) gets its saliency on every step, with
+    a warning that says how to get the cheaper step."""
+    cfg = small.config(pi05=True, max_token_len=48)
+    with openpi_prune.enabled(method="relevance"):
+        model = small.create(cfg)
+    delattr(model, training.STEP)
+    observation, actions = small.observation(cfg, batch_size=1, prompt_tokens=4), small.actions(cfg, batch_size=1)
+    with (
+        openpi_prune.enabled(method="relevance", saliency_every=4, telemetry=False),
+        telemetry.collect() as reports,
+        pytest.warns(UncountedStepsWarning, match="its saliency runs on every step. Enable openpi-prune first"),
+    ):
+        for _ in range(2):
+            model.compute_loss(jax.random.key(0), observation, actions, train=True)
+    distill = [float(np.mean(report["distill_loss"])) for report in reports]
+    assert len(distill) == 2 and min(distill) > 0  # saliency on both steps, not on every 4th
 
 
 def test_setting_bad_siglip_layer():

@@ -7,13 +7,15 @@ Static shapes: at most two prefix lengths (full during the ramp, `capacity` afte
 `lax.cond` on the step, so one compile holds both and each step runs one.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from openpi_prune import call, settings, telemetry
 from openpi_prune.adapter import prefix
-from openpi_prune.errors import PruneInputError
+from openpi_prune.errors import PruneInputError, UncountedStepsWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.pruner import plugins
 
@@ -35,11 +37,10 @@ def _advance(model, active: settings.PruneSettings, traced: bool):
     of it: its step is read, not advanced."""
     counter = getattr(model, STEP, None)
     if counter is None:
-        if active.keep_ramp_steps or active.noise_steps or active.saliency_every > 1:
+        if active.keep_ramp_steps or active.noise_steps:
             raise PruneInputError(
-                "keep_ramp_steps, noise_steps and saliency_every count the model's training steps, and this "
-                "Pi0 keeps none: it was created before openpi-prune was enabled. Enable it first, then create "
-                "(or load) the model."
+                "keep_ramp_steps and noise_steps count the model's training steps, and this Pi0 keeps none: "
+                "it was created before openpi-prune was enabled. Enable it first, then create (or load) the model."
             )
         return None
     step = counter.value
@@ -121,6 +122,14 @@ def _saliency(wrapped, args, kwargs, active, step):
     def full(_):
         return prefix.saliency(lambda: wrapped(*args, **kwargs))
 
+    if step is None and active.saliency_every > 1:  # a cost setting, not a schedule: carry on at full cost
+        warnings.warn(
+            f"saliency_every={active.saliency_every} counts the model's training steps, and this Pi0 keeps none "
+            "(it was created before openpi-prune was enabled): its saliency runs on every step. Enable "
+            "openpi-prune first, then create (or load) the model, for the cheaper training step.",
+            UncountedStepsWarning,
+            stacklevel=2,
+        )
     if active.saliency_every == 1 or step is None:
         return full(None)
     shape = jax.eval_shape(full, None)
