@@ -66,11 +66,13 @@ class PruneSettings:
     # LightVLA's noise schedule: noise_scale at step 0, falling linearly to 0 at this step (0: constant).
     noise_steps: int = 0
     # The model's saliency (an unpruned forward and backward pass) on every k-th training step only;
-    # the head learns on those steps and keeps what it learnt between them.
-    saliency_every: int = 1
+    # the head learns on those steps and keeps what it learnt between them (1: every step, twice the
+    # cost of upstream's step; a model that counts no steps gets it on every step).
+    saliency_every: int = 4
     # After the ramp, train on the compact prefix (the kept patches gathered, as inference runs it):
-    # a pruned training pass shorter than upstream's. False: full length, the rest masked.
-    compact_training: bool = False
+    # a pruned training pass shorter than upstream's, with the same loss and gradients. False: full
+    # length throughout, the rest masked.
+    compact_training: bool = True
     # Every this many training steps, a line in the training log (Python's logging, which OpenPI's
     # scripts/train.py prints): kept patches per camera and the head's loss; 0: none.
     log_every: int = 100

@@ -2,6 +2,7 @@
 
 import pytest
 
+import openpi_prune
 from openpi_prune.tools import flops
 from openpi_prune.tools.bench import at_size, small_model
 
@@ -37,7 +38,7 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
 
 
 def test_training_steps_are_timed_in_cycles_that_carry_the_model_s_step():
-    cheaper = dict(small_model.TRAIN_VARIANTS)["relevance, compact after the ramp, saliency every 4th step"]
+    cheaper = dict(small_model.TRAIN_VARIANTS)["relevance, compact after the ramp, saliency every 4th step (default)"]
     variants = (small_model.TRAIN_VARIANTS[0], ("cheaper", cheaper))
     rows = small_model.train_step_times(siglip="mu/14", paligemma="dummy", batch_size=2, repeats=4, variants=variants)
     assert [name for name, _ in rows] == ["upstream OpenPI", "cheaper"]
@@ -89,3 +90,20 @@ def test_options_of_the_other_bench_are_refused_not_ignored():
         cli.main(["bench", "--serving"])
     with pytest.raises(SystemExit, match="--out applies to the full-size bench only"):
         cli.main(["bench", "--small", "--out", "somewhere"])
+
+
+def test_the_training_row_marked_default_trains_as_the_defaults_do():
+    marked = [settings for name, settings in small_model.TRAIN_VARIANTS if name.endswith("(default)")]
+    assert len(marked) == 1
+    shipped = openpi_prune.PruneSettings(method="relevance")
+    assert (marked[0]["saliency_every"], marked[0]["compact_training"]) == (
+        shipped.saliency_every,
+        shipped.compact_training,
+    )
+    # --train-short keeps what a whole fine-tune's average needs, beside upstream and the earlier rule.
+    assert [name for name, _ in small_model.TRAIN_SHORT] == [
+        "upstream OpenPI",
+        "relevance, saliency every step, full length",
+        "relevance, compact after the ramp, saliency every 4th step (default)",
+        "  the same, during the ramp (full length)",
+    ]

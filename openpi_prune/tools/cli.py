@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, help="timed calls per variant (default 3; --small: 10)")
     bench.add_argument("--capacity", type=int, nargs="+", default=[192, 96], help="--small: compact capacities")
     bench.add_argument("--train", action="store_true", help="--small: also time a training step of each method")
+    bench.add_argument(
+        "--train-short",
+        action="store_true",
+        help="--small: --train with upstream, the earlier rule and the default only (for --paligemma gemma_300m)",
+    )
     bench.add_argument("--serving", action="store_true", help="--small: also time Policy.infer, telemetry off and on")
     lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
     lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")

@@ -15,7 +15,15 @@ from rich.table import Table
 from openpi_prune import errors
 from openpi_prune.tools.bench import at_size
 from openpi_prune.tools.bench.at_size import run_at_size, show_at_size
-from openpi_prune.tools.bench.small_model import run, serving_times, show, show_train, train_step_times
+from openpi_prune.tools.bench.small_model import (
+    TRAIN_SHORT,
+    TRAIN_VARIANTS,
+    run,
+    serving_times,
+    show,
+    show_train,
+    train_step_times,
+)
 from openpi_prune.tools.bench.timing import console
 
 
@@ -26,7 +34,7 @@ def main(args) -> int:
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
     )
     ignored = (
-        [f for f, given in (("--serving", args.serving), ("--train", args.train)) if given]
+        [f for f, given in (("--serving", args.serving), ("--train", args.train or args.train_short)) if given]
         if not args.small
         else [f for f, given in (("--out", args.out), ("--siglip-layers", args.siglip_layers)) if given]
     )
@@ -102,9 +110,14 @@ def main(args) -> int:
         console.print(table)
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
-    if args.train:
+    if args.train or args.train_short:
         times = train_step_times(
-            siglip=siglip, paligemma=paligemma, action_expert=expert, batch_size=max(batch_size, 4), repeats=repeats
+            siglip=siglip,
+            paligemma=paligemma,
+            action_expert=expert,
+            batch_size=max(batch_size, 4),
+            repeats=repeats,
+            variants=TRAIN_SHORT if args.train_short else TRAIN_VARIANTS,
         )
         show_train(
             times,

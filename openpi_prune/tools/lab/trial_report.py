@@ -70,6 +70,8 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
                 np.mean([np.mean(r["validation_mse"]) for r in by_seed.values()]) / mean_val
             ),
             "commits": sorted({r["commit"] for r in by_seed.values()}),
+            # A run made under another name, before the plan's names changed (its settings are the same).
+            "run_as": sorted({r["variant_when_run"] for r in by_seed.values() if "variant_when_run" in r}),
         }
         if name != REFERENCE:
             test_pair = paired_ratio(
@@ -159,6 +161,7 @@ def _cells(name: str, row: dict) -> list[str]:
         fmt("distractors_kept", "{:.0%}"),
         fmt("swap_coverage", "{:.0%}"),
         fmt("masked_vs_compact_max_abs", "{:.1e}"),
+        ", ".join(c[:7] for c in row["commits"]) + "".join(f' (run as "{n}")' for n in row.get("run_as", ())),
     ]
 
 
@@ -176,6 +179,7 @@ HEADERS = [
     "distractors kept",
     "prompt swap: new object kept",
     "masked vs compact",
+    "runs by",
 ]
 
 
