@@ -29,7 +29,7 @@ VARIANTS = {
     "unpruned checkpoint": None,
     "unpruned checkpoint, images blanked": None,
     trial_plan.REFERENCE: dict(method="keep_all", scoring="lightvla"),
-    "default (relevance)": dict(method="relevance"),
+    trial_plan.DEFAULT: dict(method="relevance"),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }
