@@ -162,6 +162,9 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
         assert 0 <= rows[name]["precision"] <= 1 and 0 <= rows[name]["recall"] <= 1
         # Compact (the shipped path) and masked agree on the fine-tuned weights.
         assert rows[name]["masked_vs_compact_max_abs"] < 1e-4
+    # The head's picks against the saliency it learns from: a share, measured for relevance only.
+    assert 0 <= rows["default (relevance)"]["saliency_agreement"] <= 1
+    assert "saliency_agreement" not in rows["distinct (prompt-blind)"]
     # Another variant is also paired with the default, on the seeds both ran.
     to_default = rows["distinct (prompt-blind)"]["test_ratio_to_default"]
     assert to_default["seeds"] == [0] and to_default["low"] <= to_default["ratio"] <= to_default["high"]

@@ -137,6 +137,34 @@ def masked_against_compact(model, test: scenes.Batch, scenes_to_check: int = 64)
     return float(np.max(np.abs(compact - masked)))
 
 
+def saliency_agreement(model, val: scenes.Batch, chunk: int = 64) -> float:
+    """How far the head reproduces what it learns from: the share of the patches it keeps (the
+    compact path, as served) that are also among the model's own most salient ones, as many per
+    scene (the saliency of the unpruned loss at one noise draw, as a training step takes it)."""
+    import jax
+    from flax import nnx
+
+    from openpi_prune.adapter import prefix
+
+    kept = train.sample(model, val, num_steps=1)[1]["kept_mask"]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def saliency_of(state, observation, actions):
+        m = nnx.merge(graphdef, state)
+        return prefix.saliency(lambda: m.compute_loss(jax.random.key(0), observation, actions, train=False))
+
+    parts = []
+    for start in range(0, len(val.actions), chunk):
+        observation = jax.tree.map(lambda x, s=start: x[s : s + chunk], val.observation())
+        parts.append(np.asarray(saliency_of(state, observation, val.actions[start : start + chunk])))
+    saliency = np.concatenate(parts)
+    counts = kept.sum(axis=1)
+    ranks = np.argsort(np.argsort(-saliency, axis=1), axis=1)  # 0: the most salient patch
+    top = ranks < counts[:, None]
+    return float(np.mean((top & kept).sum(axis=1) / np.maximum(counts, 1)))
+
+
 def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test, progress, code: str) -> dict:
     settings = settings_for(VARIANTS[name])
     openpi_prune.enable(settings)
@@ -160,6 +188,8 @@ def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test,
         result = measure(model, plan, val, test) | calibration
         if settings.method != "keep_all":
             result["masked_vs_compact_max_abs"] = masked_against_compact(model, test)
+        if settings.method == "relevance":
+            result["saliency_agreement"] = saliency_agreement(model, val)
     finally:
         openpi_prune.disable()
     return {

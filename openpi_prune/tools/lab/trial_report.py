@@ -104,7 +104,7 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
                 "precision": float(np.mean([np.mean(r["precision"]) for r in by_seed.values()])),
                 "masked_vs_compact_max_abs": max(r["masked_vs_compact_max_abs"] for r in by_seed.values()),
             }
-            for key in ("distractors_kept", "swap_coverage"):
+            for key in ("distractors_kept", "swap_coverage", "saliency_agreement"):
                 if all(key in r for r in by_seed.values()):
                     row[key] = float(np.mean([np.mean(r[key]) for r in by_seed.values()]))
         rows[name] = row
@@ -160,6 +160,7 @@ def _cells(name: str, row: dict) -> list[str]:
         fmt("precision", "{:.0%}"),
         fmt("distractors_kept", "{:.0%}"),
         fmt("swap_coverage", "{:.0%}"),
+        fmt("saliency_agreement", "{:.0%}"),
         fmt("masked_vs_compact_max_abs", "{:.1e}"),
         ", ".join(c[:7] for c in row["commits"]) + "".join(f' (run as "{n}")' for n in row.get("run_as", ())),
     ]
@@ -178,6 +179,7 @@ HEADERS = [
     "precision",
     "distractors kept",
     "prompt swap: new object kept",
+    "kept among the saliency's top (as many)",
     "masked vs compact",
     "runs by",
 ]
