@@ -38,7 +38,7 @@ def test_serving_times_openpi_s_policy_with_telemetry_off_and_on():
 
 
 def test_training_steps_are_timed_in_cycles_that_carry_the_model_s_step():
-    cheaper = dict(small_model.TRAIN_VARIANTS)["relevance, compact after the ramp, saliency every 4th step (default)"]
+    cheaper = dict(small_model.TRAIN_VARIANTS)[small_model.DEFAULT]
     variants = (small_model.TRAIN_VARIANTS[0], ("cheaper", cheaper))
     rows = small_model.train_step_times(siglip="mu/14", paligemma="dummy", batch_size=2, repeats=4, variants=variants)
     assert [name for name, _ in rows] == ["upstream OpenPI", "cheaper"]

@@ -110,14 +110,17 @@ def run(
 # compact after the ramp with the saliency every 4th step.
 _FULL_LENGTH = dict(method="relevance", compact_training=False)
 _COMPACT = dict(method="relevance", compact_training=True, keep_ramp_steps=1)
+EARLIER = "relevance, saliency every step, full length"
+DEFAULT = "relevance, compact after the ramp, saliency every 4th step (default)"
+IN_RAMP = "  the same, during the ramp (full length)"
 # (name, settings): after the ramp the model's step is past keep_ramp_steps.
 TRAIN_VARIANTS = (
     ("upstream OpenPI", None),
-    ("relevance, saliency every step, full length", dict(_FULL_LENGTH, saliency_every=1)),
+    (EARLIER, dict(_FULL_LENGTH, saliency_every=1)),
     ("relevance, saliency every 4th step, full length", dict(_FULL_LENGTH, saliency_every=4)),
     ("relevance, compact after the ramp, saliency every step", dict(_COMPACT, saliency_every=1)),
-    ("relevance, compact after the ramp, saliency every 4th step (default)", dict(_COMPACT, saliency_every=4)),
-    ("  the same, during the ramp (full length)", dict(_COMPACT, saliency_every=4, keep_ramp_steps=10**6)),
+    (DEFAULT, dict(_COMPACT, saliency_every=4)),
+    (IN_RAMP, dict(_COMPACT, saliency_every=4, keep_ramp_steps=10**6)),
     # No ramp, so no `lax.cond` between the two lengths: what the condition itself costs.
     ("  the same, compact from the first step (no ramp)", dict(_COMPACT, saliency_every=4, keep_ramp_steps=0)),
     ("scheme_b", dict(method="scheme_b")),
@@ -125,17 +128,7 @@ TRAIN_VARIANTS = (
 )
 # The rows a larger model's bench needs (`--train-short`): upstream, the earlier rule, the default
 # after and during the ramp (a whole fine-tune's average comes from the last two).
-TRAIN_SHORT = tuple(
-    row
-    for row in TRAIN_VARIANTS
-    if row[0]
-    in (
-        "upstream OpenPI",
-        "relevance, saliency every step, full length",
-        "relevance, compact after the ramp, saliency every 4th step (default)",
-        "  the same, during the ramp (full length)",
-    )
-)
+TRAIN_SHORT = tuple(row for row in TRAIN_VARIANTS if row[0] in ("upstream OpenPI", EARLIER, DEFAULT, IN_RAMP))
 _CYCLE = 4  # steps timed together, so that "every 4th step" rows pay their share of saliency
 
 
@@ -235,8 +228,7 @@ def show_train(times: list[tuple[str, float]], title: str, ramp_share: float = 0
         table.add_row(name, f"{ms:.1f}", f"{ms / times[0][1]:.2f}")
     console.print(table)
     by_name = dict(times)
-    after = by_name["relevance, compact after the ramp, saliency every 4th step (default)"]
-    during = by_name["  the same, during the ramp (full length)"]
+    after, during = by_name[DEFAULT], by_name[IN_RAMP]
     whole = ramp_share * during + (1 - ramp_share) * after
     console.print(
         f"a whole fine-tune with the default (compact after the ramp, saliency every 4th step), the ramp over its first "

@@ -140,7 +140,8 @@ def masked_against_compact(model, test: scenes.Batch, scenes_to_check: int = 64)
 def saliency_agreement(model, val: scenes.Batch, chunk: int = 64) -> float:
     """How far the head reproduces what it learns from: the share of the patches it keeps (the
     compact path, as served) that are also among the model's own most salient ones, as many per
-    scene (the saliency of the unpruned loss at one noise draw, as a training step takes it)."""
+    scene (the saliency of the unpruned loss, as a training step computes it, at one noise draw and
+    without image augmentation)."""
     import jax
     from flax import nnx
 
