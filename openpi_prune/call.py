@@ -18,12 +18,11 @@ from openpi_prune.errors import PruneInputError
 
 @dataclasses.dataclass
 class Served:
-    """A served call (`Policy.infer`): the key its compiled `sample_actions` drew, which tags the
-    host telemetry of that call so that its figures are its own under any concurrency, and the
-    observation it was handed (to tell apart calls that raced on the policy's key)."""
+    """A served call (`Policy.infer`): its compiled `sample_actions` returns the telemetry of the
+    prefix it pruned with its actions; the telemetry waits here, as device arrays, until the actions
+    have been read."""
 
-    key: bytes | None = None
-    observation: Any = None
+    telemetry: tuple[dict, dict] | None = None  # (description, values)
 
 
 @dataclasses.dataclass
@@ -39,7 +38,6 @@ class CallState:
     probe: Any = None  # inside a saliency pass: the unpruned prefix, perturbed
     train_capacity: int | None = None  # a training pass on the compact prefix: its image slots
     step: Any = None  # the model's training step (may be traced), for the schedules and the log
-    tag: Any = None  # (key bits, observation checksum) of this `sample_actions` call, traced
     served: Served | None = None
     siglip: Any = None  # inside a split `embed_prefix` (`siglip_layer`): its `adapter.siglip.Split`
     # For the tools' patches (`adapter.table.TOOLS`): small models and the lab's training.

@@ -78,7 +78,8 @@ class PruneSettings:
     log_every: int = 100
     # A telemetry report whose mean kept count is below this warns of collapse.
     warn_below: int = 8
-    # Report telemetry to `openpi_prune_report` hooks (a host callback per prefix).
+    # Report telemetry to `openpi_prune_report` hooks (a served call returns it with its actions;
+    # other calls by a host callback per prefix).
     telemetry: bool = True
     # Incompatible OpenPI: raise (True) or log and leave OpenPI untouched (False).
     strict: bool = True

@@ -3,7 +3,8 @@
 Inside a traced function, `collect()` hands training code the numbers as JAX arrays (log them
 from the train step). On the host, every pruned prefix is reported to the `openpi_prune_report`
 hook as a `Telemetry` of numpy arrays; the built-in recorder keeps the latest ones (`recent()`)
-and warns when the kept count collapses.
+and warns when the kept count collapses. A prefix reaches the host by a host callback, or, in a
+served call (`returned()`), as an output of the compiled call, read after its actions.
 """
 
 import atexit
@@ -54,8 +55,6 @@ class Telemetry:
     capacity: int
     warn_below: int
     values: dict[str, np.ndarray]
-    # The `sample_actions` call that made it: its key's bits and its observation's checksum.
-    call: tuple[bytes, int] | None = None
     log_every: int = 0  # the settings' `log_every`, for the training log
 
     def __getattr__(self, name):
@@ -104,6 +103,31 @@ def isolated():
         _collectors.reset(token)
 
 
+_returned: contextvars.ContextVar[list | None] = contextvars.ContextVar("openpi_prune_returned", default=None)
+
+
+@contextlib.contextmanager
+def returned():
+    """Around the trace of a served call (`Pi0.sample_actions` under `Policy.infer`): each pruned
+    prefix's `(description, values)` goes to the list it yields, for the call to return with its
+    actions, instead of by host callback, which would hold up the call until the host has them."""
+    reports: list[tuple[dict, dict]] = []
+    token = _returned.set(reports)
+    try:
+        yield reports
+    finally:
+        _returned.reset(token)
+
+
+def deliver_returned(description: dict, values: dict) -> bool:
+    """Hand a prefix's telemetry to the `returned()` block around this trace; False if none is open."""
+    reports = _returned.get()
+    if reports is None:
+        return False
+    reports.append((description, values))
+    return True
+
+
 def collecting() -> bool:
     """Whether a `collect()` block is open around the current call."""
     return bool(_collectors.get())
@@ -120,16 +144,11 @@ class Recorder:
     def __init__(self, size: int = 64):
         self._lock = threading.Lock()
         self._reports: collections.deque[Telemetry] = collections.deque(maxlen=size)
-        # Served calls waiting for their figures: key -> [calls waiting, reports of that key].
-        self._calls: dict[bytes, list] = {}
 
     @hookimpl(trylast=True)
     def openpi_prune_report(self, telemetry: Telemetry):
         with self._lock:
             self._reports.append(telemetry)
-            waiting = self._calls.get(telemetry.call[0]) if telemetry.call else None
-            if waiting is not None:
-                waiting[1].append(telemetry)
         nonfinite = int(np.sum(telemetry.values.get("nonfinite", 0)))
         if nonfinite:
             warnings.warn(
@@ -152,29 +171,6 @@ class Recorder:
     def recent(self) -> list[Telemetry]:
         with self._lock:
             return list(self._reports)
-
-    def expect(self, key: bytes) -> None:
-        """Keep the reports of a served call with this key until it `take`s them."""
-        with self._lock:
-            self._calls.setdefault(key, [0, []])[0] += 1
-
-    def take(self, key: bytes, checksum) -> Telemetry | None:
-        """The latest report of a served call with this key (None if it made none). Calls that share
-        a key (they raced on their policy's key) are told apart by `checksum()` of their observation."""
-        with self._lock:
-            waiting = self._calls.get(key)
-            if waiting is None:
-                return None
-            reports = waiting[1]
-            if len({r.call[1] for r in reports}) > 1:
-                reports = [r for r in reports if r.call[1] == checksum()] or reports
-            report = reports[-1] if reports else None
-            if report is not None:
-                waiting[1].remove(report)
-            waiting[0] -= 1
-            if waiting[0] == 0:
-                del self._calls[key]
-            return report
 
     def clear(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from conftest import last_report
 from openpi.policies import policy as _policy
 
 import openpi_prune
+from openpi_prune import telemetry
 from openpi_prune.adapter import prefix
 from openpi_prune.tools import small
 
@@ -80,3 +81,31 @@ def test_a_policy_compiles_once_per_bucket_and_serves_upstream_s_actions(pi05):
     assert [r["pruning"]["prefix_length"] for r in responses] == [768 + 16] * 4 + [768 + cfg.max_token_len]
     for got, expected in zip(responses, want, strict=True):
         np.testing.assert_allclose(got["actions"], expected, atol=2e-5, rtol=1e-5)
+
+
+def test_a_served_call_returns_its_telemetry_with_its_actions_not_by_a_host_callback(relevance_model):
+    cfg, model = relevance_model
+    examples = [_example(cfg, live) for live in (5, 9)]
+    with openpi_prune.enabled(method="relevance", telemetry=True, warn_below=0):
+        policy = _policy.Policy(model, sample_kwargs={"num_steps": 1})
+        with mock.patch.object(jax.debug, "callback", wraps=jax.debug.callback) as callbacks:
+            responses = [policy.infer(example) for example in examples]
+            served_callbacks = callbacks.call_count
+            by_hand = jax.jit(lambda o: model.sample_actions(jax.random.key(0), o, num_steps=1))
+            np.asarray(by_hand(small.observation(cfg, batch_size=1)))
+            jax.effects_barrier()
+        recorded = telemetry.recent()
+    assert served_callbacks == 0  # traced once, and it never reports through the host
+    assert callbacks.call_count == 1  # a `sample_actions` jitted by hand still does
+    for response in responses:
+        assert response["pruning"]["live_image_tokens"] == 512  # the masked camera is not live
+        assert response["pruning"]["kept"] == np.ceil(0.2 * 512)
+        assert np.isfinite(response["actions"]).all()
+    # The recorder and the hooks have each served call's report, then the hand-jitted call's.
+    assert len(recorded) == 3
+    served = [int(r.kept[0]) for r in recorded[:2]]
+    assert served == [r["pruning"]["kept"] for r in responses]
+    assert [r.values["kept_mask"][0].reshape(3, -1).tolist() for r in recorded[:2]] == [
+        r["pruning"]["kept_patches"].tolist() for r in responses
+    ]
+    assert recorded[2].prefix_length[0] == 154 + cfg.max_token_len  # three live cameras, 20 % of 768

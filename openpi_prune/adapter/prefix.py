@@ -1,6 +1,6 @@
 """OpenPI's prefix, seen by the pruner: split into image and prompt tokens for the pipeline, and
 joined back with the positions upstream gave them; the observation edits (cameras dropped, prompt
-cut to a bucket), the saliency probe, and the figures a served call returns."""
+cut to a bucket), the saliency probe, and the figures a served call returns with its actions."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi_prune import call, settings, telemetry
+from openpi_prune import call, settings
 from openpi_prune.errors import PruneInputError
 from openpi_prune.pruner import pipeline, plugins
 
@@ -197,62 +197,29 @@ def bucket_prompt(observation, buckets: tuple[int, ...]):
     return dataclasses.replace(observation, **cut)
 
 
-# --- a served call's figures: its host telemetry, found by the key its `sample_actions` drew.
+# --- a served call's figures: the telemetry its compiled `sample_actions` returns with the actions.
 
 
-def _key_bits(rng):
-    return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+@jax.tree_util.register_pytree_node_class
+class Carried:
+    """The actions of a served `sample_actions` and the telemetry of the prefix it pruned, returned
+    together by its compiled function (the description, static, as the pytree's metadata)."""
+
+    def __init__(self, actions, values: dict, description: dict):
+        self.actions, self.values, self.description = actions, values, description
+
+    def tree_flatten(self):
+        return (self.actions, self.values), tuple(sorted(self.description.items()))
+
+    @classmethod
+    def tree_unflatten(cls, description, children):
+        return cls(*children, dict(description))
 
 
-_STRIDE = 97  # a large array (an image) is checksummed on every 97th value: enough to tell frames apart
-
-
-def checksum(observation, xp=jnp):
-    """A uint32 checksum of an observation's state, prompt, image masks and images, the same
-    computed with `xp` = jax.numpy inside a trace as with numpy on the host (wrapping arithmetic)."""
-    total = xp.uint32(0)
-    parts = [observation.state, observation.tokenized_prompt, *observation.image_masks.values()]
-    for part in [*parts, *observation.images.values()]:
-        if part is None:
-            continue
-        flat = xp.reshape(part, (-1,))
-        if flat.shape[0] > 4096:
-            flat = flat[::_STRIDE]
-        if xp.issubdtype(flat.dtype, xp.floating):
-            width = {2: xp.uint16, 4: xp.uint32, 8: xp.uint64}[flat.dtype.itemsize]
-            flat = flat.view(width) if xp is np else jax.lax.bitcast_convert_type(flat, width)
-        weights = xp.arange(flat.shape[0], dtype=xp.uint32) * xp.uint32(2654435761) + xp.uint32(1)
-        total = total * xp.uint32(31) + xp.sum(flat.astype(xp.uint32) * weights, dtype=xp.uint32)
-    return total
-
-
-def call_tag(rng, observation):
-    """What the telemetry of a `sample_actions` call carries to find its served call: the key's
-    bits and the observation's checksum (traced); None without a key."""
-    if rng is None:
-        return None
-    return _key_bits(rng), checksum(observation)
-
-
-def expect_figures(served, rng, observation) -> None:
-    """Before a served call runs: the recorder keeps the reports of its key."""
-    served.key = np.asarray(_key_bits(rng)).tobytes()
-    served.observation = observation
-    telemetry.RECORDER.expect(served.key)
-
-
-def serving_figures(served) -> dict | None:
-    """What a policy server sends with the actions: the pruning of this served call (the last prefix
-    it pruned, the one for the actions), or None without any. Two calls that raced on the
-    policy's key are told apart by their observations (checksummed only then)."""
-
-    def host_checksum() -> int:
-        with np.errstate(over="ignore"):  # the checksum wraps, as it does in the trace
-            return int(checksum(jax.device_get(served.observation), np))
-
-    report = telemetry.RECORDER.take(served.key, host_checksum)
-    if report is None:
-        return None
+def serving_figures(description: dict, values: dict) -> dict:
+    """What a policy server sends with the actions: this call's pruning, read once its actions have
+    been (so that it waits for nothing), and reported to the recorder and the plugins' hooks."""
+    report = pipeline.report(description, jax.device_get(values))
     kept_per_camera = np.asarray(report.kept_per_camera[0], np.int32)
     return {
         "method": report.method,

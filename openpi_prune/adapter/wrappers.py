@@ -4,9 +4,10 @@ the install guard turns into an error (strict) or OpenPI's own result."""
 
 import inspect
 
-from openpi_prune import call, settings
+from openpi_prune import call, settings, telemetry
 from openpi_prune.adapter import checkpoints, prefix, siglip, training
 from openpi_prune.adapter.patches import Drifted
+from openpi_prune.pruner import pipeline
 
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
 # and never folds it, so this draws nothing OpenPI uses.
@@ -91,9 +92,16 @@ def wrap_sample_actions(wrapped, instance, args, kwargs):
         noise = jax.random.normal(bound["rng"], (batch_size, instance.action_horizon, instance.action_dim))
         kwargs = {**kwargs, "noise": noise}
     time = jnp.ones(noise.shape[:1], dtype=jnp.float32)
-    tag = prefix.call_tag(bound["rng"], bound["observation"])
-    with call.scope(noisy_actions=noise, time=time, rng=None, train=False, saliency=None, tag=tag):
-        return wrapped(*args, **kwargs)
+    with call.scope(noisy_actions=noise, time=time, rng=None, train=False, saliency=None) as this_call:
+        if this_call.served is None:
+            return wrapped(*args, **kwargs)
+        # Traced for a served call: its telemetry leaves the compiled call with the actions.
+        with telemetry.returned() as reports:
+            actions = wrapped(*args, **kwargs)
+    if not reports:
+        return actions
+    description, values = reports[-1]  # the prefix the actions were denoised against
+    return prefix.Carried(actions, values, description)
 
 
 def wrap_llm_call(wrapped, instance, args, kwargs):
@@ -108,30 +116,23 @@ def wrap_llm_call(wrapped, instance, args, kwargs):
 def wrap_policy_infer(wrapped, instance, args, kwargs):
     """`Policy.infer`: its compiled `sample_actions` gets the prompt cut to a bucket, and the response
     carries this call's pruning figures under "pruning"."""
-    import jax
-
     sample = vars(instance).get("_sample_actions")
     if sample is not None and not isinstance(sample, _ServedSampler):
         instance._sample_actions = _ServedSampler(sample)
-    figures = None
     with call.scope(served=call.Served()) as this_call:
-        try:
-            outputs = wrapped(*args, **kwargs)
-        finally:  # taken even when the call failed: the recorder keeps nothing for it
-            if this_call.served.key is not None:
-                jax.effects_barrier()  # the telemetry's host callback has run
-                figures = prefix.serving_figures(this_call.served)
+        outputs = wrapped(*args, **kwargs)
     if not isinstance(outputs, dict):
         raise Drifted(f"returned {_describe(outputs)} (expected a dict of outputs)", outputs)
-    if figures is not None:
-        outputs["pruning"] = figures
+    if this_call.served.telemetry is not None:  # read after the actions: nothing waits for it
+        outputs["pruning"] = prefix.serving_figures(*this_call.served.telemetry)
     return outputs
 
 
 class _ServedSampler:
     """A `Policy`'s compiled `sample_actions`, handed the observation with its prompt cut to a
-    bucket (compact mode, while pruning is on: a shorter prefix, one compile per bucket), and
-    noting the key of the call so that `Policy.infer` finds this call's figures."""
+    bucket (compact mode, while pruning is on: a shorter prefix, one compile per bucket). It is
+    traced as a served call, so it returns its telemetry with the actions: the actions go on to
+    OpenPI, the telemetry to `Policy.infer` (or, called outside it, to the recorder at once)."""
 
     def __init__(self, sample):
         self.sample = sample
@@ -143,10 +144,17 @@ class _ServedSampler:
         prompt = getattr(observation, "tokenized_prompt", None)
         if settings.is_active() and active.mode == "compact" and isinstance(prompt, jax.Array):
             observation = prefix.bucket_prompt(observation, active.prompt_buckets)
-        this_call = call.current()
-        if settings.is_active() and this_call is not None and this_call.served is not None:
-            prefix.expect_figures(this_call.served, rng, observation)
-        return self.sample(rng, observation, **kwargs)
+        outer = call.current()
+        served = outer.served if outer is not None and outer.served is not None else None
+        with call.scope(served=served or call.Served()):
+            result = self.sample(rng, observation, **kwargs)
+        if not isinstance(result, prefix.Carried):
+            return result
+        if served is not None:
+            served.telemetry = (result.description, result.values)
+        else:
+            pipeline.report(result.description, jax.device_get(result.values))
+        return result.actions
 
 
 def wrap_siglip_encoder(wrapped, instance, args, kwargs):

@@ -85,15 +85,15 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         values["nonfinite"] = nonfinite
         telemetry.deliver_traced(values)
         if settings.telemetry:
-            meta = dict(
+            description = dict(
                 method=settings.method,
                 mode=mode,
                 capacity=slots,
                 warn_below=settings.warn_below,
                 log_every=settings.log_every,
             )
-            tag = None if state is None else state.tag
-            jax.debug.callback(functools.partial(_report, meta), values, tag)
+            if not telemetry.deliver_returned(description, values):
+                jax.debug.callback(functools.partial(report, description), values)
     return pruned
 
 
@@ -328,16 +328,16 @@ def _measure(prefix: Prefix, scored: _Scored, kept_mask, overflow) -> dict:
     }
 
 
-def _report(meta: dict, values: dict, tag=None) -> None:
-    """A pruned prefix's host callback: its telemetry to the built-in recorder at once (a policy's
-    response carries its figures), and to the plugins' hooks, in pluggy's order, on the delivery
-    thread, so that none can fail or stall this model call."""
-    made_by = None if tag is None else (np.asarray(tag[0]).tobytes(), int(tag[1]))
-    report = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, call=made_by, **meta)
+def report(description: dict, values: dict) -> telemetry.Telemetry:
+    """A pruned prefix's telemetry on the host (from its host callback, or read after a served call's
+    actions): to the built-in recorder at once, and to the plugins' hooks, in pluggy's order, on the
+    delivery thread, so that none can fail or stall a model call."""
+    made = telemetry.Telemetry(values={k: np.asarray(v) for k, v in values.items()}, **description)
     hooks = list(reversed(plugins.get_manager().hook.openpi_prune_report.get_hookimpls()))
     for hook in hooks:
         if hook.plugin is telemetry.RECORDER:
-            hook.function(telemetry=report)
+            hook.function(telemetry=made)
     others = [h for h in hooks if h.plugin is not telemetry.RECORDER]
     if others:
-        telemetry.DELIVERY.put(others, report)
+        telemetry.DELIVERY.put(others, made)
+    return made

@@ -200,7 +200,7 @@ def serving_times(
 ) -> list[tuple[str, float, dict | None]]:
     """Median wall time of OpenPI's `Policy.infer` (one observation, as a robot server calls it) per
     variant, and the pruning figures its last response carried: with telemetry on, each call also
-    waits for the pruner's report on the host."""
+    brings the pruner's report back with its actions and hands it to the recorder and the hooks."""
     from openpi.policies import policy as _policy
 
     cfg = small.config(pi05=True, paligemma_variant=paligemma, action_expert_variant=action_expert, max_token_len=48)

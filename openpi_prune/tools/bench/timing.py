@@ -7,6 +7,8 @@ import jax
 from flax import nnx
 from rich.console import Console
 
+from openpi_prune import call
+
 console = Console(width=max(Console().width, 110))
 
 
@@ -23,13 +25,15 @@ def timed(fn, args, repeats: int) -> list[float]:
 
 def compiled_sample(model, observation, num_steps):
     """`sample_actions` compiled as `nnx_utils.module_jit` (and so `Policy`) compiles it, with the
-    settings in force, and its arguments. The model's state is an argument, not a constant; it is
-    compiled ahead of time so that the executable timed is the one analysed. The observation goes
-    in as leaves: its type check rejects jax's placeholders in lowering."""
+    settings in force, and its arguments. Traced as a served call, so that a pruned one returns its
+    telemetry with its actions, as under `Policy.infer`. The model's state is an argument, not a
+    constant; it is compiled ahead of time so that the executable timed is the one analysed. The
+    observation goes in as leaves: its type check rejects jax's placeholders in lowering."""
     graphdef, state = nnx.split(model)
     leaves, tree = jax.tree.flatten(observation)
 
     def sample(state, leaves):
         return nnx.merge(graphdef, state).sample_actions(jax.random.key(0), tree.unflatten(leaves), num_steps=num_steps)
 
-    return jax.jit(sample).lower(state, leaves).compile(), (state, leaves)
+    with call.scope(served=call.Served()):
+        return jax.jit(sample).lower(state, leaves).compile(), (state, leaves)
