@@ -86,8 +86,27 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     with np.load(tmp_path / "animations" / f"{metaworld_trial.slug('default (relevance)')}-first-call.npz") as call:
         assert call["kept_patches"].shape == (2, 64)  # both live cameras, 8 x 8 patches each
         assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up
+    # Each episode names the weights that ran it: the fine-tuned variant's own, not the checkpoint's.
+    digests = {
+        name: json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())["weights"]
+        for name in only
+    }
+    assert len(set(digests.values())) == 2
+    for name in only:
+        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
+        assert {e["weights"] for e in run["episodes"]} == {digests[name]}
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
     episodes = sorted((tmp_path / "episodes").rglob("*.npz"))
     assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)
+
+
+def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):
+    plan = metaworld_trial.quick_plan(tmp_path)
+    partial = tmp_path / "closed-loop" / "default-relevance.partial.jsonl"
+    partial.parent.mkdir(parents=True)
+    episode = {"task": plan.spec.tasks[0], "seed": 10_000, "success": True, "steps": 3}
+    partial.write_text(json.dumps(episode | {"weights": "0123abcd"}) + "\n")
+    with pytest.raises(SystemExit, match="other weights \\(0123abcd\\) than default \\(relevance\\)'s now"):
+        metaworld_trial.evaluate(None, plan, "default (relevance)", None, tmp_path, weights="feedbeef")

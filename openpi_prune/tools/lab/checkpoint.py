@@ -1,6 +1,7 @@
 """A lab checkpoint small enough to commit: only the parameters training changes, and the commit
 of the code that made it."""
 
+import hashlib
 import pathlib
 import subprocess
 
@@ -22,6 +23,15 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def digest(params: dict) -> str:
+    """A short hash of a model's parameters: what a resumed run checks it still evaluates."""
+    hashed = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+        hashed.update(name.encode())
+        hashed.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+    return hashed.hexdigest()
 
 
 # --- the baseline checkpoint: only what training changes, so that it is small enough to keep -------

@@ -71,17 +71,28 @@ def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate(model, plan: SuitePlan, name: str, progress, out_dir: pathlib.Path, blank: bool = False) -> dict:
+def evaluate(
+    model, plan: SuitePlan, name: str, progress, out_dir: pathlib.Path, weights: str, blank: bool = False
+) -> dict:
     """Closed-loop episodes of every task on the held-out reset seeds, through OpenPI's server. Each
-    episode is noted as it ends (`closed-loop/<variant>.partial.jsonl`), so an interrupted run goes
-    on from the next one. The first task's first episode is recorded: `animations/<variant>.gif`,
-    and its first call (`animations/<variant>-first-call.npz`) for `first-calls.png`."""
+    episode is noted as it ends (`closed-loop/<variant>.partial.jsonl`) with the digest of the
+    `weights` that ran it, so an interrupted run goes on from the next one, on the same weights. The
+    first task's first episode is recorded: `animations/<variant>.gif`, and its first call
+    (`animations/<variant>-first-call.npz`) for `first-calls.png`."""
     spec = plan.spec
     partial = out_dir / "closed-loop" / f"{slug(name)}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if partial.exists():
         done = {(e["task"], e["seed"]): e for e in map(json.loads, partial.read_text().splitlines())}
+    # Episodes noted before the digest was recorded carry none.
+    others = {e["weights"] for e in done.values() if e.get("weights")} - {weights}
+    if others:
+        raise SystemExit(
+            f"{partial} holds episodes run by other weights ({', '.join(sorted(others))}) than {name}'s now "
+            f"({weights}): its checkpoint was made again or changed. Move that file away to run this variant's "
+            "episodes anew."
+        )
     bar = progress.add_task(f"{name}: closed loop", total=len(spec.tasks) * plan.episodes)
     episodes = []
     with metaworld.serve(metaworld.make_policy(model, spec)) as client:
@@ -94,7 +105,7 @@ def evaluate(model, plan: SuitePlan, name: str, progress, out_dir: pathlib.Path,
                     calls = result.pop("frames")
                     if record:
                         _keep_recording(calls, out_dir / "animations", name, spec)
-                    done[task, seed] = {"task": task, "seed": seed} | result
+                    done[task, seed] = {"task": task, "seed": seed, "weights": weights} | result
                     with partial.open("a") as file:
                         file.write(json.dumps(done[task, seed]) + "\n")
                 episodes.append(done[task, seed])
@@ -178,13 +189,15 @@ def run(
                 # Served with telemetry on, so that each response carries what was kept.
                 settings = settings.replace(telemetry=True)
                 openpi_prune.enable(settings)
+            weights = checkpoint.digest(train.params_of(model))
             try:
-                row = evaluate(model, plan, name, progress, out_dir, blank=name == BLANKED)
+                row = evaluate(model, plan, name, progress, out_dir, weights, blank=name == BLANKED)
             finally:
                 openpi_prune.disable()
             row |= {
                 "variant": name,
                 "commit": code,
+                "weights": weights,
                 "settings": None if settings is None else dataclasses.asdict(settings),
                 "plan": dataclasses.asdict(plan),
                 "minutes": (time.time() - started) / 60,
