@@ -110,3 +110,14 @@ def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):
     partial.write_text(json.dumps(episode | {"weights": "0123abcd"}) + "\n")
     with pytest.raises(SystemExit, match="other weights \\(0123abcd\\) than default \\(relevance\\)'s now"):
         metaworld_trial.evaluate(None, plan, "default (relevance)", None, tmp_path, weights="feedbeef")
+
+
+def test_expert_episodes_are_kept_outside_the_checkout_by_what_shapes_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    full = metaworld.episode_cache(SPEC)
+    assert full.is_relative_to(tmp_path / "openpi-prune" / "metaworld-episodes")
+    assert metaworld.episode_cache(SPEC) == full
+    # Episodes of another length or image size are other episodes; other tasks or seeds are other files.
+    assert metaworld.episode_cache(metaworld_trial.quick_plan(tmp_path).spec) != full
+    assert metaworld.episode_cache(metaworld.MetaWorldSpec(image_size=112)) != full
+    assert metaworld.episode_cache(metaworld.MetaWorldSpec(tasks=("drawer-open-v3",), train_seeds=3)) == full

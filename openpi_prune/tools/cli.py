@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "metaworld", help="closed-loop success on Meta-World: pruned against unpruned, through OpenPI's server"
     )
     suite.add_argument(
-        "--out", default="metaworld-results", help="folder for episodes, checkpoint and tables (default: %(default)s)"
+        "--out", default="metaworld-results", help="folder for the checkpoints and tables (default: %(default)s)"
     )
     suite.add_argument(
         "--quick", action="store_true", help="one task, two episodes, a few steps: checks the pipeline only"
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
     suite.add_argument("--episodes", type=int, help="held-out episodes per task (default 50)")
     suite.add_argument("--baseline-steps", type=int, help="training steps of the unpruned policy (default 6000)")
+    suite.add_argument(
+        "--episodes-dir",
+        help="where the expert episodes are rendered and kept (default: in ~/.cache/openpi-prune, outside the checkout)",
+    )
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )

@@ -7,7 +7,8 @@ in LIBERO), a prompt naming the task, and the robot's own state (hand position, 
 as discretised tokens after the prompt, as pi0.5 takes its state. So the images are needed to find
 the objects, which move with the reset seed.
 
-- `collect`: expert episodes on the train reset seeds, cached on disk (`episodes/<task>/<seed>.npz`).
+- `collect`: expert episodes on the train reset seeds, cached on disk (`<task>/<seed>.npz`), by
+  default outside the checkout (`episode_cache`), so that a fresh clone on the same machine reuses them.
 - `render` (the lab's family interface): training batches drawn from those episodes, so that the
   lab's `train.train` trains on them with OpenPI's `compute_loss`.
 - `serve` / `closed_loop`: the model behind OpenPI's `Policy` and `WebsocketPolicyServer`, driven by
@@ -18,6 +19,8 @@ the objects, which move with the reset seed.
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import importlib.metadata
 import multiprocessing
 import os
 import pathlib
@@ -97,6 +100,16 @@ def require_rendering() -> None:
             f"MuJoCo cannot render headless with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}: "
             f"{error}). Install the libraries: {INSTALL}"
         ) from None
+
+
+def episode_cache(spec: MetaWorldSpec) -> pathlib.Path:
+    """Where the expert episodes of `spec` are kept unless told otherwise: in the user's cache, not in a
+    checkout (rendering them takes about an hour on 2 cores, and a fresh clone would start again),
+    under a digest of what shapes an episode (tasks and seeds are its folders and files)."""
+    shaping = (spec.image_size, spec.expert_steps, tuple(CAMERAS.items()), importlib.metadata.version("metaworld"))
+    digest = hashlib.blake2b(repr(shaping).encode(), digest_size=6).hexdigest()
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    return cache / "openpi-prune" / "metaworld-episodes" / digest
 
 
 def make_env(task: str, spec: MetaWorldSpec):

@@ -1,6 +1,6 @@
 """`openpi-prune metaworld`: closed-loop success on Meta-World, pruned against unpruned.
 
-1. Expert episodes on the train reset seeds, cached (`episodes/`).
+1. Expert episodes on the train reset seeds, cached (`metaworld.episode_cache`, or `episodes_dir`).
 2. An unpruned pi0.5 trained on them, multi-task (the prompt picks the task), with OpenPI's
    `compute_loss` (`baseline/params.npz`, what it trains, small enough to commit).
 3. Each variant fine-tuned alike from it (the unpruned reference, the default, verbatim LightVLA,
@@ -131,13 +131,13 @@ def run(
     only: list[str] | None = None,
     episodes: int | None = None,
     baseline_steps: int | None = None,
+    episodes_dir: str | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
-    plan = (
-        quick_plan(out_dir)
-        if quick
-        else SuitePlan(spec=metaworld.MetaWorldSpec(episodes_dir=str(out_dir / "episodes")))
-    )
+    plan = quick_plan(out_dir) if quick else SuitePlan()
+    folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
+    if folder is not None:
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, episodes_dir=str(folder)))
     if episodes is not None:
         plan = dataclasses.replace(plan, episodes=episodes)
     if baseline_steps is not None:
