@@ -192,7 +192,14 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     # A trial that differs only in its fine-tuning shares the baseline: it fine-tunes from it, never
     # trains it again, and one made for other scenes is refused.
     trained = []
-    monkeypatch.setattr(train, "train", lambda *args, **kwargs: trained.append(args[2]) or [{"loss": 1.0}])
+
+    def record(*args, resume=None, **kwargs):  # leaves a training state, as a real run saves one
+        resume.parent.mkdir(parents=True, exist_ok=True)
+        resume.touch()
+        trained.append((args[2], resume))
+        return [{"loss": 1.0}]
+
+    monkeypatch.setattr(train, "train", record)
     other = trial.run(
         out=str(tmp_path / "longer"),
         quick=True,
@@ -201,7 +208,13 @@ def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
         finetune_steps=3,
         baseline_dir=str(tmp_path / "baseline"),
     )
-    assert [schedule.steps for schedule in trained] == [3, 3] and not (tmp_path / "longer" / "baseline").exists()
+    assert [schedule.steps for schedule, _ in trained] == [3, 3] and not (tmp_path / "longer" / "baseline").exists()
+    # Each fine-tune saved its state as it went, under the plan's fingerprint, for a cut-short run to
+    # resume; once its run is written, the state is gone.
+    runs = tmp_path / "longer" / "runs" / "seed-0"
+    for (_, state), name in zip(trained, only[:2], strict=True):
+        fingerprint = json.loads((runs / f"{trial.slug(name)}.json").read_text())["fingerprint"]
+        assert state == runs / f"{trial.slug(name)}.training-state-{fingerprint}.npz" and not state.exists()
     assert other["variants"][only[1]]["test_ratio"]["seeds"] == [0]
     with pytest.raises(SystemExit, match="another plan or other scenes"):
         trial.run(

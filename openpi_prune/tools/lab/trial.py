@@ -166,15 +166,21 @@ def saliency_agreement(model, val: scenes.Batch, chunk: int = 64) -> float:
     return float(np.mean((top & kept).sum(axis=1) / np.maximum(counts, 1)))
 
 
-def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test, progress, code: str) -> dict:
+def run_one(
+    plan: TrialPlan, seed: int, name: str, base_params: dict, val, test, progress, code: str, resume: pathlib.Path
+) -> dict:
+    """Fine-tune one variant from the baseline and measure it. Its training state is saved to `resume`
+    as it goes, so that a run cut short (a session's end) goes on from its last save."""
     settings = settings_for(VARIANTS[name])
     openpi_prune.enable(settings)
     try:
         config = train.model_config(plan.spec)
         fresh = checkpoints.fresh_parameters(config, seed=seed)  # the pruner's own, drawn per seed
         model = train.load(plan.spec, {**base_params, **fresh})
-        started = time.time()
-        history = train.train(model, plan.spec, plan.finetune_for(seed), progress, f"seed {seed}: {name}")
+        started, resumed = time.time(), resume.exists()
+        history = train.train(
+            model, plan.spec, plan.finetune_for(seed), progress, f"seed {seed}: {name}", resume=resume
+        )
         minutes = (time.time() - started) / 60
         calibration = {}
         if settings.keep_mass:
@@ -199,7 +205,8 @@ def run_one(plan: TrialPlan, seed: int, name: str, base_params: dict, val, test,
         "commit": code,
         "settings": dataclasses.asdict(settings),
         "finetune": dataclasses.asdict(plan.finetune_for(seed)),
-        "finetune_minutes": minutes,
+        "finetune_minutes": minutes,  # of the last piece, when it was resumed
+        "finetune_resumed": resumed,
         # Every tenth step's loss: the curve, without thousands of numbers.
         "loss": [h["loss"] for h in history[:: max(len(history) // 10, 1)]],
     } | result
@@ -280,9 +287,12 @@ def run(
                     path = out_dir / "runs" / f"seed-{seed}" / f"{slug(name)}.json"
                     if (only and name not in only) or path.exists():
                         continue
-                    row = run_one(plan, seed, name, base_params, val, test, progress, code) | {"fingerprint": print_}
+                    # The state is named by the plan's fingerprint: a later run resumes only its own.
+                    state = path.with_name(f"{slug(name)}.training-state-{print_}.npz")
+                    row = run_one(plan, seed, name, base_params, val, test, progress, code, state)
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(row))
+                    path.write_text(json.dumps(row | {"fingerprint": print_}))
+                    state.unlink(missing_ok=True)
                     console.print(f"seed {seed}, {name}: test MSE {np.mean(row['test_mse']):.5f} -> {path}")
     report = summarise(out_dir, plan, val, test, splits, print_)
     print_report(report)
