@@ -95,6 +95,14 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     for name in only:
         run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
         assert {e["weights"] for e in run["episodes"]} == {digests[name]}
+    # The fine-tuned variant is kept as what fine-tuning changed, and loads as the weights its episodes name.
+    import openpi_prune
+    from openpi_prune.tools.lab import checkpoint, train, trial_plan
+
+    with openpi_prune.enabled(trial_plan.settings_for(metaworld_trial.VARIANTS["default (relevance)"])):
+        saved = checkpoint.load_trained(tmp_path / "finetuned" / "default-relevance.npz", plan.spec, pruned=True)
+        reloaded = train.params_of(train.load(plan.spec, saved))
+    assert checkpoint.digest(reloaded) == digests["default (relevance)"]
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.

@@ -1,6 +1,7 @@
-"""A lab checkpoint small enough to commit: only the parameters training changes, and the commit
-of the code that made it."""
+"""A lab checkpoint small enough to commit: only the parameters training changes (a baseline's, or
+a fine-tuned variant's with its pruner), and the commit of the code that made it."""
 
+import contextlib
 import hashlib
 import pathlib
 import subprocess
@@ -46,9 +47,10 @@ def save_trained(model, path: pathlib.Path, frozen: dict) -> None:
     np.savez_compressed(path, **kept)
 
 
-def load_trained(path: pathlib.Path, spec: scenes.SceneSpec) -> dict:
-    """Full params: a fresh model's (seeded as the baseline was), the saved ones written over them."""
-    with openpi_prune.disabled():
+def load_trained(path: pathlib.Path, spec: scenes.SceneSpec, pruned: bool = False) -> dict:
+    """Full params: a fresh model's (seeded as the baseline was; unpruned, or with `pruned` the
+    settings in force, for a fine-tuned variant's own parameters), the saved ones written over them."""
+    with contextlib.nullcontext() if pruned else openpi_prune.disabled():
         params = traverse_util.flatten_dict(train.params_of(train.create(spec)), sep="/")
     with np.load(path) as saved:
         unknown = set(saved.files) - set(params)

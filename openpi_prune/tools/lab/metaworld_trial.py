@@ -178,14 +178,15 @@ def run(
             else:
                 settings = trial_plan.settings_for(changes)
                 openpi_prune.enable(settings)
-                # Kept until the variant's episodes are done, so that a resumed run need not fine-tune again.
-                finetuned = out_dir / "finetuned" / slug(name)
+                # What fine-tuning changed (2 MB), kept so that a resumed run, in a later session too,
+                # serves the same weights without fine-tuning again.
+                finetuned = out_dir / "finetuned" / f"{slug(name)}.npz"
                 if finetuned.exists():
-                    model = train.load(plan.spec, train.restore_params(finetuned, plan.spec))
+                    model = train.load(plan.spec, checkpoint.load_trained(finetuned, plan.spec, pruned=True))
                 else:
                     model = train.load(plan.spec, base_params)
                     train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")
-                    train.save_params(train.params_of(model), finetuned)
+                    checkpoint.save_trained(model, finetuned, checkpoint.frozen(plan.spec))
                 # Served with telemetry on, so that each response carries what was kept.
                 settings = settings.replace(telemetry=True)
                 openpi_prune.enable(settings)
