@@ -37,6 +37,10 @@ class PrunedPi0Config(pi0_config.Pi0Config):
         openpi_prune.enable(self.prune)
         return super().load(params, remove_extra_params=remove_extra_params)
 
+    def load_pytorch(self, train_config, weight_path: str):
+        openpi_prune.enable(self.prune)  # before PI0Pytorch.__init__, as for `create`
+        return super().load_pytorch(train_config, weight_path)
+
 
 def _not_pruner(path, value) -> bool:
     return not any(str(part).startswith(PARAMETER_PREFIX) for part in path)

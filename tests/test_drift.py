@@ -18,7 +18,7 @@ from openpi_prune.adapter import install, table
 from openpi_prune.adapter.patches import Patch
 from openpi_prune.tools import small
 
-ALL = (*table.CORE, table.SERVING)
+ALL = (*table.CORE, table.SERVING, *table.PYTORCH)
 
 
 def _attributes() -> dict:
@@ -59,7 +59,7 @@ def _drift(kind: str, target: Patch, monkeypatch, folder) -> re.Pattern:
 
 CASES = [
     pytest.param(kind, target, id=f"{target.key}-{kind}")
-    for target in table.CORE
+    for target in table.CORE + table.PYTORCH
     for kind in ("renamed", "signature", "moved")
     if kind != "moved" or target.source
 ]

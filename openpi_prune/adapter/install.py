@@ -10,13 +10,14 @@ import functools
 import gc
 import importlib
 import logging
+import sys
 import threading
 import warnings
 
 import wrapt
 
 from openpi_prune import call, settings
-from openpi_prune.adapter import inflight, table
+from openpi_prune.adapter import inflight, pytorch, table
 from openpi_prune.adapter.patches import Drifted, Patch, check, import_modules
 from openpi_prune.errors import IncompatibleOpenPIError, TracedBeforeChangeWarning
 
@@ -51,6 +52,8 @@ class _State:
         self.lock = threading.RLock()
         self.handles: dict[Patch, object] = {}
         self.serving = None  # the wrapper on Policy.infer, once that module is imported
+        self.pytorch = None  # the wrappers on PI0Pytorch, once its module is imported
+        self.strict = True
         self.traced = False  # a wrapped entry point ran under a JAX trace since the last change
         # Installed from OpenPI's import (`lazy`): the modules whose patches are made when they are
         # imported, and what failed if one did not match (raised again at each of its imports).
@@ -70,8 +73,10 @@ def import_openpi():
 
 
 def check_openpi() -> list[str]:
-    """What differs between the installed OpenPI and the table (empty: compatible)."""
-    return check(table.CORE)
+    """What differs between the installed OpenPI and the table (empty: compatible); its PyTorch
+    model's rows too once that is imported (OpenPI's `models.model` imports it)."""
+    pytorch_rows = table.PYTORCH if table.PYTORCH_MODULE in sys.modules else ()
+    return check(table.CORE + pytorch_rows)
 
 
 def exclusive():
@@ -177,8 +182,10 @@ def install(*, strict: bool = True, lazy: bool = False) -> bool:
             )
         _state.handles = _wrap(table.CORE)
         _state.traced = False
-    # Fires at once if OpenPI's serving module is imported already.
+        _state.strict = strict
+    # Fire at once if OpenPI's serving or PyTorch module is imported already.
     wrapt.register_post_import_hook(_install_serving, table.SERVING.module)
+    wrapt.register_post_import_hook(_install_pytorch, table.PYTORCH_MODULE)
     return True
 
 
@@ -196,6 +203,7 @@ def _install_lazily(strict: bool) -> bool:
             return True
         _state.generation += 1
         _state.waiting, _state.failure = set(table.MODULES), None
+        _state.strict = strict
         generation = _state.generation
     _registering.now = True
     try:
@@ -204,6 +212,7 @@ def _install_lazily(strict: bool) -> bool:
     finally:
         _registering.now = False
     wrapt.register_post_import_hook(_install_serving, table.SERVING.module)
+    wrapt.register_post_import_hook(_install_pytorch, table.PYTORCH_MODULE)
     return True
 
 
@@ -270,6 +279,39 @@ def _install_serving(module) -> None:
         _state.serving = _wrap((table.SERVING,))
 
 
+def _install_pytorch(module) -> None:
+    """OpenPI's PyTorch model, all its rows or none. Checked with the core rows when OpenPI is
+    imported first (the usual case); imported alone, a mismatch undoes every patch and fails its
+    import (strict), or leaves PyTorch models unpruned, with a warning."""
+    if getattr(module.__spec__, "_initializing", False):
+        # Fired as it was registered, on a module another thread is importing: as `_on_module`.
+        def when_imported():
+            _install_pytorch(importlib.import_module(module.__name__))
+
+        threading.Thread(target=when_imported, name="openpi-prune: PyTorch", daemon=True).start()
+        return
+    with _state.lock:
+        if not is_installed() or _state.pytorch is not None:
+            return
+        problems = check(table.PYTORCH)
+        if problems:
+            if not _state.strict:
+                logger.warning(
+                    "OpenPI's PyTorch model does not match what openpi-prune patches: %s. PyTorch models run unpruned.",
+                    "; ".join(problems),
+                )
+                return
+            _unwrap(_state.handles)
+            _state.handles, _state.waiting = {}, set()
+            message = "the installed OpenPI does not match what openpi-prune patches:\n  " + "\n  ".join(problems)
+            _state.failure = IncompatibleOpenPIError(
+                message + "\nNothing was patched. Set strict=False to carry on unpruned."
+            )
+            raise _state.failure
+        _state.pytorch = _wrap(tuple(p for p in table.PYTORCH if not p.per_instance))
+        pytorch.ACTIVE = True
+
+
 def uninstall() -> bool:
     """Remove exactly our wrappers (others' stay). Returns whether anything was removed."""
     with _state.lock:
@@ -279,9 +321,11 @@ def uninstall() -> bool:
         _unwrap(_state.handles)
         _state.handles, _state.waiting, _state.failure = {}, set(), None
         _state.generation += 1
-        if _state.serving is not None:
-            _unwrap(_state.serving)
-            _state.serving = None
+        pytorch.forget()
+        for group in ("serving", "pytorch"):
+            if getattr(_state, group) is not None:
+                _unwrap(getattr(_state, group))
+                setattr(_state, group, None)
         return True
 
 

@@ -37,6 +37,9 @@ class Patch:
     entry_point: bool = False
     # Patched only once a program imports its module, and a mismatch costs figures, not pruning.
     on_import: bool = False
+    # Not wrapped on the class: its wrapper is set on each new model by another row's (`torch.compile`
+    # traces a class's wrapt wrapper as the function it wraps, and would skip it).
+    per_instance: bool = False
 
     @property
     def qualname(self) -> str:

@@ -1,7 +1,7 @@
 """Every patch openpi-prune makes to OpenPI, one row each: the attribute, the signature and the
 statements its wrapper relies on (checked before anything is patched), and the wrapper."""
 
-from openpi_prune.adapter import wrappers
+from openpi_prune.adapter import pytorch, wrappers
 from openpi_prune.adapter.patches import Patch
 
 PATCHES = (
@@ -107,6 +107,47 @@ PATCHES = (
         module="openpi.policies.policy",
         on_import=True,
     ),
+    # OpenPI's PyTorch model (`PI0Pytorch`): patched once a program imports it (torch is slow to
+    # import), both or neither; a mismatch fails that import (strict) or leaves PyTorch models unpruned.
+    Patch(
+        "PI0Pytorch",
+        "__init__",
+        ("self", "config"),
+        pytorch.wrap_init,
+        # Sets the two rows below on the new model, before `sample_actions` is compiled.
+        (
+            "self.paligemma_with_expert = PaliGemmaWithExpertModel(",
+            "self.sample_actions = torch.compile(self.sample_actions",
+        ),
+        module="openpi.models_pytorch.pi0_pytorch",
+        on_import=True,
+    ),
+    Patch(
+        "PI0Pytorch",
+        "embed_prefix",
+        ("self", "images", "img_masks", "lang_tokens", "lang_masks"),
+        pytorch.wrap_embed_prefix,
+        # Output layout: every camera's tokens in order, then the prompt's.
+        (
+            "for img, img_mask in zip(images, img_masks, strict=True):",
+            "embs.append(img_emb)",
+            "embs.append(lang_emb)",
+            "embs = torch.cat(embs, dim=1)",
+        ),
+        module="openpi.models_pytorch.pi0_pytorch",
+        on_import=True,
+        per_instance=True,
+    ),
+    # PI0Pytorch calls `self.paligemma_with_expert.forward(...)`, past PyTorch's module hooks.
+    Patch(
+        "PaliGemmaWithExpertModel",
+        "forward",
+        ("self", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache", "adarms_cond"),
+        pytorch.wrap_llm_forward,
+        module="openpi.models_pytorch.gemma_pytorch",
+        on_import=True,
+        per_instance=True,
+    ),
 )
 # Made only inside a tool's block (`install.patched`), and seen only by calls inside it.
 SMALL_SIGLIP = Patch(
@@ -119,8 +160,19 @@ UNAUGMENTED = Patch(
     wrappers.wrap_unaugmented,
     module="openpi.models.model",
 )
-TOOLS = (SMALL_SIGLIP, UNAUGMENTED)
+# The same for OpenPI's PyTorch model, whose PaliGemma also hard-codes gemma_2b's width.
+SMALL_SIGLIP_PYTORCH = Patch(
+    "PaliGemmaForConditionalGeneration",
+    "__init__",
+    ("self", "config"),
+    pytorch.wrap_small_siglip,
+    module="openpi.models_pytorch.transformers_replace.models.paligemma.modeling_paligemma",
+)
+TOOLS = (SMALL_SIGLIP, UNAUGMENTED, SMALL_SIGLIP_PYTORCH)
 CORE = tuple(p for p in PATCHES if not p.on_import)
-SERVING = next(p for p in PATCHES if p.on_import)
+SERVING = next(p for p in PATCHES if p.on_import and p.module == "openpi.policies.policy")
+PYTORCH = tuple(p for p in PATCHES if p.on_import and p.module.startswith("openpi.models_pytorch."))
+# The module whose import makes the PyTorch patches (it imports the others first).
+PYTORCH_MODULE = "openpi.models_pytorch.pi0_pytorch"
 # Every module a core patch lives in, in the order they are imported.
 MODULES = tuple(dict.fromkeys(p.module for p in reversed(CORE)))

@@ -5,7 +5,7 @@ the install guard turns into an error (strict) or OpenPI's own result."""
 import inspect
 
 from openpi_prune import call, settings, telemetry
-from openpi_prune.adapter import checkpoints, prefix, siglip, training
+from openpi_prune.adapter import checkpoints, prefix, pytorch, siglip, training
 from openpi_prune.adapter.patches import Drifted
 from openpi_prune.pruner import pipeline
 
@@ -119,12 +119,17 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
     sample = vars(instance).get("_sample_actions")
     if sample is not None and not isinstance(sample, _ServedSampler):
         instance._sample_actions = _ServedSampler(sample)
+    # OpenPI's PyTorch model leaves its figures on the model (`adapter.pytorch`).
+    torch_model = vars(instance).get("_model") if vars(instance).get("_is_pytorch_model") else None
+    if torch_model is not None:
+        pytorch.take_figures(torch_model)  # none of an earlier call's
     with call.scope(served=call.Served()) as this_call:
         outputs = wrapped(*args, **kwargs)
     if not isinstance(outputs, dict):
         raise Drifted(f"returned {_describe(outputs)} (expected a dict of outputs)", outputs)
-    if this_call.served.telemetry is not None:  # read after the actions: nothing waits for it
-        outputs["pruning"] = prefix.serving_figures(*this_call.served.telemetry)
+    figures = this_call.served.telemetry or (torch_model is not None and pytorch.take_figures(torch_model))
+    if figures:  # read after the actions: nothing waits for it
+        outputs["pruning"] = prefix.serving_figures(*figures)
     return outputs
 
 

@@ -116,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         help="--small: --train with upstream, the earlier rule and the default only (for --paligemma gemma_300m)",
     )
     bench.add_argument("--serving", action="store_true", help="--small: also time Policy.infer, telemetry off and on")
+    bench.add_argument(
+        "--pytorch",
+        action="store_true",
+        help="--small: also time OpenPI's PyTorch model (PI0Pytorch), upstream and pruned",
+    )
+    bench.add_argument(
+        "--pytorch-compile",
+        default="default",
+        choices=("default", "max-autotune", "none"),
+        help="--pytorch: torch.compile's mode (OpenPI's own: max-autotune), or none for eager (default %(default)s)",
+    )
     lab = sub.add_parser("lab", help="train a small pi0.5 on rendered scenes and compare pruning methods")
     lab.add_argument("--out", default="lab-results", help="folder for the table, pictures and checkpoint")
     lab.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline only")

@@ -6,6 +6,7 @@ that create in seconds on a CPU. No weights are downloaded.
 """
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,36 @@ def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb
                 params[path] = jax.random.normal(draw, value.shape, value.dtype) / jnp.sqrt(value.shape[-2])
         set_params(model, params)
     return model
+
+
+def create_pytorch(model_config, *, seed: int = 0, siglip: str | None = "mu/14"):
+    """A real `PI0Pytorch` (OpenPI's PyTorch model) of `model_config`, in float32, SigLIP `siglip`
+    projected to the language model's width (None: OpenPI's So400m/14, which needs gemma_2b)."""
+    import torch
+    from openpi.models_pytorch import pi0_pytorch
+
+    from openpi_prune.adapter import install, table
+
+    torch.manual_seed(seed)
+    block = install.patched(table.SMALL_SIGLIP_PYTORCH, siglip_variant=siglip) if siglip else contextlib.nullcontext()
+    with block:
+        model = pi0_pytorch.PI0Pytorch(model_config)
+    # As `create`'s perturb: OpenPI's zero-initialised layers would leave the images unused.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2 and not bool(parameter.any()):
+                parameter.normal_(0.0, parameter.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def torch_observation(observation):
+    """A JAX `Observation` (as `observation` makes) with torch tensors, images channels-first, as
+    OpenPI's `Observation.from_dict` hands them to its PyTorch model."""
+    import torch
+
+    converted = jax.tree.map(lambda x: torch.from_numpy(np.array(x)), observation)
+    images = {name: image.permute(0, 3, 1, 2) for name, image in converted.images.items()}
+    return dataclasses.replace(converted, images=images)
 
 
 def get_params(model) -> dict[tuple, jax.Array]:

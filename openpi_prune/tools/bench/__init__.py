@@ -34,7 +34,15 @@ def main(args) -> int:
         f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
     )
     ignored = (
-        [f for f, given in (("--serving", args.serving), ("--train", args.train or args.train_short)) if given]
+        [
+            f
+            for f, given in (
+                ("--serving", args.serving),
+                ("--train", args.train or args.train_short),
+                ("--pytorch", args.pytorch),
+            )
+            if given
+        ]
         if not args.small
         else [f for f, given in (("--out", args.out), ("--siglip-layers", args.siglip_layers)) if given]
     )
@@ -110,6 +118,24 @@ def main(args) -> int:
         console.print(table)
         off, on = times[1][1], times[2][1]
         console.print(f"telemetry costs {on - off:.1f} ms a call here ({(on - off) / on:.0%} of the pruned call)")
+    if args.pytorch:
+        from openpi_prune.tools.bench import pytorch_model
+
+        rows = pytorch_model.run(
+            paligemma=paligemma,
+            action_expert=expert,
+            siglip=siglip,
+            batch_size=batch_size,
+            num_steps=args.num_steps,
+            repeats=repeats,
+            compile_mode=args.pytorch_compile,
+        )
+        compiled = "eager" if args.pytorch_compile == "none" else f"torch.compile mode {args.pytorch_compile}"
+        pytorch_model.show(
+            rows,
+            f"PyTorch pi0.5 sample_actions, PI0Pytorch ({paligemma} + {expert} Gemma, SigLIP {siglip_name}, "
+            f"float32, batch {batch_size}, {args.num_steps} steps, {compiled}, median of {repeats}) on {machine}",
+        )
     if args.train or args.train_short:
         times = train_step_times(
             siglip=siglip,
