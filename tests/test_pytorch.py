@@ -13,7 +13,7 @@ from conftest import run_child
 from openpi.models_pytorch import pi0_pytorch
 
 import openpi_prune
-from openpi_prune import configs
+from openpi_prune import call, configs
 from openpi_prune.adapter import install, pytorch, table
 from openpi_prune.errors import PruneInputError, UntrainedParametersWarning
 from openpi_prune.pruner import lightvla, methods, pipeline, relevance, torch_pipeline
@@ -128,28 +128,73 @@ def test_a_checkpoint_without_the_head_loads_fresh_and_a_trained_one_round_trips
         assert torch.equal(getattr(again, name), getattr(loaded, name))
 
 
-def test_a_pruned_pytorch_model_trains_on_the_compact_prefix_through_openpi_s_loss(upstream):
-    """A few optimizer steps on `PI0Pytorch.forward` (OpenPI's loss, as its train_pytorch.py calls it)."""
+def _train(model, steps, lr=1e-3):
+    """`steps` optimizer steps on `PI0Pytorch.forward` (OpenPI's loss, as its train_pytorch.py calls
+    it); each step's figures and loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    obs = small.torch_observation(small.observation(CFG, batch_size=2))
+    actions = torch.from_numpy(np.asarray(small.actions(CFG, batch_size=2)))
+    history = []
+    for _ in range(steps):
+        loss = model(obs, actions).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((pytorch.take_figures(model), loss.item()))
+    return history
+
+
+def test_a_pruned_pytorch_model_ramps_learns_the_head_from_saliency_and_goes_compact(upstream):
     default = _twin(upstream).train()
     head = {n: p.detach().clone() for n, p in default.named_parameters() if n.startswith("prune_")}
     others = default.action_out_proj.weight.detach().clone()
-    optimizer = torch.optim.AdamW(default.parameters(), lr=1e-3)
+    with openpi_prune.enabled(keep_ramp_steps=4, saliency_every=2):
+        history = _train(default, 6)
+    assert int(getattr(default, pytorch.STEP)) == 6
+    kept = [figures[1]["kept"].tolist() for figures, _ in history]
+    shares = [float(call.gradual_keep_fraction(step, 4, 0.2)) for step in range(6)]
+    assert kept == [[int(np.ceil(share * 768))] * 2 for share in shares]  # the ramp, step by step
+    lengths = [int(figures[1]["prefix_length"][0]) for figures, _ in history]
+    assert lengths == [800, 800, 800, 800, 186, 186]  # full length during the ramp, compact after
+    distilled = ["distill_loss" in figures[1] for figures, _ in history]
+    assert distilled == [True, False, True, False, True, False]  # the saliency on every 2nd step
+    assert np.isfinite([loss for _, loss in history]).all()
+    assert not torch.equal(default.action_out_proj.weight, others)  # the model learns
+    assert all(not torch.equal(getattr(default, n), v) for n, v in head.items())  # and so does the head
+
+
+def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_draws_alone(upstream):
+    """The probe pass: what `_saliency` returns is the gradient norm of upstream's own loss at each
+    image token, and the pruned pass after it draws the same augmentation as without it."""
+    default = _twin(upstream).train()
     obs = small.torch_observation(small.observation(CFG, batch_size=2))
     actions = torch.from_numpy(np.asarray(small.actions(CFG, batch_size=2)))
-    losses = []
+    noise, time = torch.randn(2, 10, 32), torch.full((2,), 0.5)
     with openpi_prune.enabled():
-        for _ in range(3):
-            loss = default(obs, actions).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        figures = pytorch.take_figures(default)
-    assert np.isfinite(losses).all() and figures[1]["prefix_length"].tolist() == [154 + 32] * 2
-    assert figures[1]["kept"].tolist() == [154, 154] and figures[0]["capacity"] == 154
-    assert not torch.equal(default.action_out_proj.weight, others)  # the model learns
-    for name, value in head.items():  # the head is not trained on PyTorch yet (no saliency there)
-        assert torch.equal(getattr(default, name), value)
+        torch.manual_seed(0)
+        saliency = pytorch._saliency(default.forward.args[1], obs, actions, noise, time)
+        after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))  # the probe gave its random draws back
+    # By hand: upstream's own forward, its image tokens perturbed by a delta, the same draws.
+    upstream.train()
+    embed_prefix, deltas = upstream.embed_prefix, []
+
+    def perturbed(*args):
+        embs, pad_masks, att_masks = embed_prefix(*args)
+        deltas.append(torch.zeros_like(embs[:, :768], requires_grad=True))
+        return torch.cat([embs[:, :768] + deltas[0], embs[:, 768:]], dim=1), pad_masks, att_masks
+
+    upstream.embed_prefix = perturbed
+    try:
+        torch.manual_seed(0)
+        loss = upstream(obs, actions, noise=noise, time=time)
+        (grad,) = torch.autograd.grad(loss.sum(), deltas[0])
+    finally:
+        del upstream.embed_prefix
+        upstream.eval()
+    assert saliency.shape == (2, 768) and (saliency > 0).all()
+    torch.testing.assert_close(saliency, torch.linalg.vector_norm(grad, dim=-1), rtol=1e-5, atol=1e-8)
 
 
 def test_a_method_without_a_pytorch_version_is_refused_with_what_to_use(upstream):

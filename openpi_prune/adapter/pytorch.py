@@ -16,15 +16,17 @@ the model, as PyTorch modules keep buffers: one call at a time per model.
 import functools
 import inspect
 import math
+import types
 import warnings
 import weakref
 
-from openpi_prune import settings
+from openpi_prune import call, settings
 from openpi_prune.adapter.patches import Drifted
 from openpi_prune.errors import UntrainedParametersWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.pruner import methods, torch_pipeline
 
+STEP = PARAMETER_PREFIX + "step"  # the training passes made, a buffer saved with the weights (as JAX's)
 # Attributes on the model (and on its PaliGemmaWithExpertModel) for the rest of one call.
 _SHIFT = "_openpi_prune_position_shift"
 _FIGURES = "_openpi_prune_figures"
@@ -63,6 +65,7 @@ def wrap_init(wrapped, instance, args, kwargs):
             weight = torch.empty(width, methods.RELEVANCE_RANK)
             torch.nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
             instance.register_parameter(name, torch.nn.Parameter(weight))
+    instance.register_buffer(STEP, torch.zeros((), dtype=torch.int64))
     instance.register_load_state_dict_post_hook(_fresh_when_missing)
     setattr(instance.paligemma_with_expert, _SHIFT, None)
     setattr(instance, _FIGURES, None)
@@ -99,10 +102,11 @@ def forget() -> None:
 
 def _fresh_when_missing(module, incompatible_keys) -> None:
     missing = sorted(k for k in incompatible_keys.missing_keys if k.startswith(PARAMETER_PREFIX))
-    if not missing:
-        return
     for key in missing:
         incompatible_keys.missing_keys.remove(key)
+    missing = [k for k in missing if k != STEP]  # a step missing only starts the schedules from 0
+    if not missing:
+        return
     warnings.warn(
         f"the checkpoint has no {', '.join(missing)} (it was trained without {settings.active().method}); "
         "pruning with freshly initialised, untrained parameters. Fine-tune with openpi-prune enabled to train them.",
@@ -126,6 +130,15 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
     n = embs.shape[1] - prompt
     if cameras == 0 or n <= 0 or n % cameras:
         raise Drifted(f"gave {embs.shape[1]} tokens for {cameras} camera(s) and a {prompt}-token prompt", result)
+    # Training only (not compiled): the call state of `wrap_forward`.
+    state = call.current() if instance.training else None
+    if state is not None and state.probe is not None:  # the saliency pass: unpruned, image tokens perturbed
+        state.probe.delta = torch.zeros_like(embs[:, :n], requires_grad=True)
+        setattr(instance.paligemma_with_expert, _SHIFT, None)
+        return torch.cat([embs[:, :n] + state.probe.delta, embs[:, n:]], dim=1), pad_masks, att_masks
+    training = None
+    if state is not None and state.train:
+        training = torch_pipeline.Training(state.keep_fraction, state.saliency, compact=bool(state.train_capacity))
     parameters = {name: p for name, p in instance.named_parameters(recurse=False) if name.startswith(PARAMETER_PREFIX)}
     pruned = torch_pipeline.prune(
         parameters,
@@ -136,7 +149,10 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
         att_mask=att_masks,
         per_camera=n // cameras,
         settings=active,
+        training=training,
     )
+    if pruned.distill_loss is not None:
+        state.extra_loss = pruned.distill_loss
     shift = None
     if active.keep_positions:
         upstream = torch.gather(torch.cumsum(pad_masks, dim=1), 1, pruned.slot_source)
@@ -152,6 +168,54 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
     )
     setattr(instance, _FIGURES, (description, pruned.values))
     return pruned.tokens, pruned.pad_mask, pruned.att_mask
+
+
+def wrap_forward(wrapped, instance, args, kwargs):
+    """`PI0Pytorch.forward` (OpenPI's training loss) in training mode: the settings' ramp counted by
+    the model's own step, the model's saliency on every `saliency_every`-th step for a method that
+    learns from it, the pruned pass (full length during the ramp, compact after it), and the head's
+    distillation loss added to OpenPI's per-sample loss."""
+    import torch
+
+    if not instance.training:
+        return wrapped(*args, **kwargs)
+    active = settings.active()
+    bound = _bind(wrapped, args, kwargs)
+    observation, actions = bound["observation"], bound["actions"]
+    # Drawn as OpenPI's forward draws them, once, so that both passes see the same x_t.
+    noise = bound.get("noise")
+    noise = instance.sample_noise(actions.shape, actions.device) if noise is None else noise
+    time = bound.get("time")
+    time = instance.sample_time(actions.shape[0], actions.device) if time is None else time
+    counter = getattr(instance, STEP)
+    step = int(counter)
+    fraction = active.keep_fraction
+    if active.keep_ramp_steps:
+        fraction = float(call.gradual_keep_fraction(step, active.keep_ramp_steps, active.keep_fraction))
+    saliency = None
+    if active.method == "relevance" and step % active.saliency_every == 0:
+        saliency = _saliency(wrapped, observation, actions, noise, time)
+    compact = bool(active.compact_training) and fraction <= active.keep_fraction
+    with call.scope(train=True, saliency=saliency, keep_fraction=fraction, train_capacity=compact or None) as this:
+        loss = wrapped(observation, actions, noise=noise, time=time)
+    with torch.no_grad():
+        counter.add_(1)
+    if this.extra_loss is None:
+        return loss
+    return loss + this.extra_loss.reshape(-1, *(1,) * (loss.ndim - 1)).to(loss.dtype)
+
+
+def _saliency(wrapped, observation, actions, noise, time):
+    """`[b, image tokens]`: the norm of the gradient of OpenPI's unpruned loss at each image token.
+    Its random draws (the image augmentation) are given back, so that the pruned pass makes the same."""
+    import torch
+
+    probe = types.SimpleNamespace(delta=None)
+    devices = [actions.device] if actions.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), call.scope(probe=probe):
+        loss = wrapped(observation, actions, noise=noise, time=time)
+        (grad,) = torch.autograd.grad(loss.float().sum(), probe.delta)
+    return torch.linalg.vector_norm(grad.float(), dim=-1).detach()
 
 
 def wrap_llm_forward(wrapped, instance, args, kwargs):

@@ -114,7 +114,7 @@ PATCHES = (
         "__init__",
         ("self", "config"),
         pytorch.wrap_init,
-        # Sets the two rows below on the new model, before `sample_actions` is compiled.
+        # Sets the rows below on the new model, before `sample_actions` is compiled.
         (
             "self.paligemma_with_expert = PaliGemmaWithExpertModel(",
             "self.sample_actions = torch.compile(self.sample_actions",
@@ -133,6 +133,24 @@ PATCHES = (
             "embs.append(img_emb)",
             "embs.append(lang_emb)",
             "embs = torch.cat(embs, dim=1)",
+        ),
+        module="openpi.models_pytorch.pi0_pytorch",
+        on_import=True,
+        per_instance=True,
+    ),
+    Patch(
+        "PI0Pytorch",
+        "forward",
+        ("self", "observation", "actions", "noise", "time"),
+        pytorch.wrap_forward,
+        # The wrapper draws noise and time as these lines do and passes them in (both passes alike).
+        (
+            "if noise is None:",
+            "noise = self.sample_noise(actions.shape, actions.device)",
+            "if time is None:",
+            "time = self.sample_time(actions.shape[0], actions.device)",
+            "self.embed_prefix(images, img_masks, lang_tokens, lang_masks)",
+            'return F.mse_loss(u_t, v_t, reduction="none")',
         ),
         module="openpi.models_pytorch.pi0_pytorch",
         on_import=True,
