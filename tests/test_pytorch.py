@@ -343,3 +343,34 @@ def test_a_pytorch_policy_served_by_env_var_alone_returns_its_pruning_to_openpi_
     assert result["live"] == 512 and result["kept"] == 103  # 20 % of the two live cameras' 512
     assert result["per_camera"][2] == 0 and sum(result["per_camera"]) == 103
     assert result["prefix"] == 154 + CFG.max_token_len  # 20 % of 768 slots, then the prompt
+
+
+def test_jax_and_pytorch_keep_the_same_patches_on_shared_weights():
+    """A JAX Pi0 and a PI0Pytorch with the same prefix weights (SigLIP, its projection, the
+    embeddings, the head) give the same prefix tokens and keep the same patches."""
+    import jax
+
+    from openpi_prune import telemetry
+
+    with openpi_prune.enabled():
+        jax_model = small.create(CFG, seed=5)
+        torch_model = small.create_pytorch(CFG, seed=5)
+    small.copy_prefix_weights(jax_model, torch_model)
+    obs = small.observation(CFG, batch_size=2, seed=11, camera_masks={"right_wrist_0_rgb": [True, False]})
+    images, img_masks, lang, lang_masks, _ = torch_model._preprocess_observation(
+        small.torch_observation(obs), train=False
+    )
+    with openpi_prune.disabled():
+        want = np.asarray(jax_model.embed_prefix(obs)[0])
+        got = torch_model.embed_prefix(images, img_masks, lang, lang_masks)[0].detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    for settings in ({}, {"method": "distinct"}, {"method": "language_only", "capacity": 96}):
+        with openpi_prune.enabled(**settings):
+            telemetry.clear()
+            jax_model.embed_prefix(obs)
+            jax.effects_barrier()
+            want = telemetry.recent()[-1].kept_mask
+            torch_model.embed_prefix(images, img_masks, lang, lang_masks)
+            got = pytorch.take_figures(torch_model)[1]["kept_mask"]
+        assert got.sum() > 0 and got[1, 512:].sum() == 0  # the masked camera: nothing kept
+        np.testing.assert_array_equal(got, want, err_msg=str(settings))

@@ -79,6 +79,56 @@ def create_pytorch(model_config, *, seed: int = 0, siglip: str | None = "mu/14")
     return model.eval()
 
 
+def copy_prefix_weights(jax_model, torch_model) -> None:
+    """Give `torch_model` (a `PI0Pytorch`) the weights of `jax_model` (a `Pi0` of the same config) that
+    make the prefix and choose what is kept: SigLIP, its projection, the token embeddings and the
+    pruner's `prune_*` parameters (each layout turned as OpenPI's JAX-to-PyTorch conversion turns it).
+    The rest (PaliGemma's layers, the action expert) is left as it is: it does not touch the kept set."""
+    import torch
+
+    params = {"/".join(map(str, k)): np.asarray(v, np.float32) for k, v in get_params(jax_model).items()}
+    img, vision = "PaliGemma/img/", "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+    block = img + "Transformer/encoderblock/"
+    heads_out = lambda w: w.reshape(w.shape[0], -1).T  # noqa: E731  [d, heads, hd] -> [heads*hd, d]
+    new = {
+        vision + "embeddings.patch_embedding.weight": params[img + "embedding/kernel"].transpose(3, 2, 0, 1),
+        vision + "embeddings.patch_embedding.bias": params[img + "embedding/bias"],
+        vision + "embeddings.position_embedding.weight": params[img + "pos_embedding"][0],
+        vision + "post_layernorm.weight": params[img + "Transformer/encoder_norm/scale"],
+        vision + "post_layernorm.bias": params[img + "Transformer/encoder_norm/bias"],
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight": params[img + "head/kernel"].T,
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias": params[img + "head/bias"],
+        "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight": params[
+            "PaliGemma/llm/embedder/input_embedding"
+        ],
+    }
+    attention = block + "MultiHeadDotProductAttention_0/"
+    for layer in range(params[block + "LayerNorm_0/scale"].shape[0]):
+        at = f"{vision}encoder.layers.{layer}."
+        for jax_name, torch_name in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+            new[at + torch_name + ".weight"] = params[f"{block}{jax_name}/scale"][layer]
+            new[at + torch_name + ".bias"] = params[f"{block}{jax_name}/bias"][layer]
+        for jax_name, torch_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            new[at + f"self_attn.{torch_name}.weight"] = heads_out(params[f"{attention}{jax_name}/kernel"][layer])
+            new[at + f"self_attn.{torch_name}.bias"] = params[f"{attention}{jax_name}/bias"][layer].reshape(-1)
+        out = params[attention + "out/kernel"][layer]  # [heads, hd, d]
+        new[at + "self_attn.out_proj.weight"] = out.reshape(-1, out.shape[-1]).T
+        new[at + "self_attn.out_proj.bias"] = params[attention + "out/bias"][layer]
+        for jax_name, torch_name in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            new[at + f"mlp.{torch_name}.weight"] = params[f"{block}MlpBlock_0/{jax_name}/kernel"][layer].T
+            new[at + f"mlp.{torch_name}.bias"] = params[f"{block}MlpBlock_0/{jax_name}/bias"][layer]
+    new |= {name: value for name, value in params.items() if name.startswith("prune_")}
+    state = torch_model.state_dict()
+    for name, value in new.items():
+        if tuple(state[name].shape) != value.shape:
+            raise ValueError(
+                f"{name}: the JAX weight has shape {value.shape}, the PyTorch one {tuple(state[name].shape)}"
+            )
+    torch_model.load_state_dict(
+        {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in new.items()}, strict=False
+    )
+
+
 def torch_observation(observation):
     """A JAX `Observation` (as `observation` makes) with torch tensors, images channels-first, as
     OpenPI's `Observation.from_dict` hands them to its PyTorch model."""
