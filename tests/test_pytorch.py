@@ -374,3 +374,14 @@ def test_jax_and_pytorch_keep_the_same_patches_on_shared_weights():
             got = pytorch.take_figures(torch_model)[1]["kept_mask"]
         assert got.sum() > 0 and got[1, 512:].sum() == 0  # the masked camera: nothing kept
         np.testing.assert_array_equal(got, want, err_msg=str(settings))
+
+
+def test_the_bench_times_upstream_pytorch_beside_the_pruned_variants():
+    from openpi_prune.tools.bench import pytorch_model
+
+    rows = pytorch_model.run(
+        paligemma="dummy", action_expert="dummy", siglip="mu/14", batch_size=1, num_steps=1, repeats=2, compile_mode="none"
+    )
+    assert [row.name for row in rows] == [name for name, _ in pytorch_model.VARIANTS]
+    assert [(row.prefix, row.kept) for row in rows] == [(816, 768), (816, 768), (154 + 48, 154), (77 + 48, 77)]
+    assert all(len(row.times_ms) == 2 and row.median_ms > 0 for row in rows)
