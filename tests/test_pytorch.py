@@ -3,6 +3,7 @@ default's compact prefix at upstream positions, one `torch.compile` per capacity
 the torch math against the JAX math, and a small PI0Pytorch served by env var alone."""
 
 import dataclasses
+import logging
 import types
 
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from conftest import run_child
 from openpi.models_pytorch import pi0_pytorch
 
 import openpi_prune
-from openpi_prune import call, configs
+from openpi_prune import call, configs, telemetry
 from openpi_prune.adapter import install, pytorch, table
 from openpi_prune.errors import PruneInputError, UntrainedParametersWarning
 from openpi_prune.pruner import lightvla, methods, pipeline, relevance, torch_pipeline
@@ -144,12 +145,22 @@ def _train(model, steps, lr=1e-3):
     return history
 
 
-def test_a_pruned_pytorch_model_ramps_learns_the_head_from_saliency_and_goes_compact(upstream):
+def test_a_pruned_pytorch_model_ramps_learns_the_head_from_saliency_and_goes_compact(upstream, caplog):
     default = _twin(upstream).train()
     head = {n: p.detach().clone() for n, p in default.named_parameters() if n.startswith("prune_")}
     others = default.action_out_proj.weight.detach().clone()
-    with openpi_prune.enabled(keep_ramp_steps=4, saliency_every=2):
-        history = _train(default, 6)
+    telemetry.clear()
+    with openpi_prune.enabled(keep_ramp_steps=4, saliency_every=2, log_every=3):
+        with caplog.at_level(logging.INFO, "openpi_prune"):
+            history = _train(default, 6)
+    # Each pass reported to the hooks; the training log's line every 3rd step.
+    assert [int(r.training_step[0]) for r in telemetry.recent()] == list(range(6))
+    lines = [r.getMessage() for r in caplog.records if "openpi-prune at training step" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [
+        "openpi-prune at training step 2",
+        "openpi-prune at training step 5",
+    ]
+    assert "head's loss" in lines[0]
     assert int(getattr(default, pytorch.STEP)) == 6
     kept = [figures[1]["kept"].tolist() for figures, _ in history]
     shares = [float(call.gradual_keep_fraction(step, 4, 0.2)) for step in range(6)]
@@ -380,7 +391,13 @@ def test_the_bench_times_upstream_pytorch_beside_the_pruned_variants():
     from openpi_prune.tools.bench import pytorch_model
 
     rows = pytorch_model.run(
-        paligemma="dummy", action_expert="dummy", siglip="mu/14", batch_size=1, num_steps=1, repeats=2, compile_mode="none"
+        paligemma="dummy",
+        action_expert="dummy",
+        siglip="mu/14",
+        batch_size=1,
+        num_steps=1,
+        repeats=2,
+        compile_mode="none",
     )
     assert [row.name for row in rows] == [name for name, _ in pytorch_model.VARIANTS]
     assert [(row.prefix, row.kept) for row in rows] == [(816, 768), (816, 768), (154 + 48, 154), (77 + 48, 77)]

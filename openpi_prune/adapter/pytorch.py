@@ -20,11 +20,13 @@ import types
 import warnings
 import weakref
 
+import numpy as np
+
 from openpi_prune import call, settings
 from openpi_prune.adapter.patches import Drifted
 from openpi_prune.errors import UntrainedParametersWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
-from openpi_prune.pruner import methods, torch_pipeline
+from openpi_prune.pruner import methods, pipeline, torch_pipeline
 
 STEP = PARAMETER_PREFIX + "step"  # the training passes made, a buffer saved with the weights (as JAX's)
 # Attributes on the model (and on its PaliGemmaWithExpertModel) for the rest of one call.
@@ -200,6 +202,11 @@ def wrap_forward(wrapped, instance, args, kwargs):
         loss = wrapped(observation, actions, noise=noise, time=time)
     with torch.no_grad():
         counter.add_(1)
+    figures = getattr(instance, _FIGURES, None)
+    if figures is not None and active.telemetry:  # to the hooks, and a line in the training log
+        description, values = _on_host(figures)
+        values["training_step"] = np.full(values["kept"].shape, step)
+        pipeline.report({**description, "mode": "train"}, values)
     if this.extra_loss is None:
         return loss
     return loss + this.extra_loss.reshape(-1, *(1,) * (loss.ndim - 1)).to(loss.dtype)
@@ -247,8 +254,10 @@ def take_figures(model):
     """(description, telemetry values as numpy) of the prefix `model` pruned last, once; or None."""
     figures = getattr(model, _FIGURES, None)
     setattr(model, _FIGURES, None)
-    if figures is None:
-        return None
+    return None if figures is None else _on_host(figures)
+
+
+def _on_host(figures):
     description, values = figures
     return description, {k: v.detach().cpu().numpy() for k, v in values.items()}
 
