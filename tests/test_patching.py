@@ -169,7 +169,8 @@ def test_doctor_reports_targets_plugins_and_patches(capsys):
     out = capsys.readouterr().out
     openpi_dist = importlib.metadata.packages_distributions()["openpi"][0]
     assert f"OpenPI: {openpi_dist} {importlib.metadata.version(openpi_dist)}" in out
-    for target in table.CORE:
+    for target in table.CORE + table.PYTORCH:
         assert target.qualname in out
     assert "scheme_b" in out and "builtin:SchemeB" in out
-    assert out.count("yes") >= 2 * len(table.CORE)  # compatible and patched, each
+    assert out.count("yes") >= 2 * len(table.CORE + table.PYTORCH)  # compatible and patched, each
+    assert out.count("yes, on each model built") == sum(t.per_instance for t in table.PYTORCH)

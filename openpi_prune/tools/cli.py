@@ -29,8 +29,8 @@ def _openpi_location() -> tuple[str, str]:
 def doctor(_args) -> int:
     import openpi_prune
     from openpi_prune import settings
-    from openpi_prune.adapter import install
-    from openpi_prune.adapter.table import CORE
+    from openpi_prune.adapter import install, pytorch
+    from openpi_prune.adapter.table import CORE, PYTORCH
     from openpi_prune.pruner import plugins
 
     dist, where = _openpi_location()
@@ -45,12 +45,14 @@ def doctor(_args) -> int:
     problems = install.check_openpi()
     targets = Table("target", "compatible", "patched")
     patched = install.installed()
-    for target in CORE:
+    for target in CORE + PYTORCH:
         bad = [p for p in problems if p.startswith(target.qualname)]
+        # The PyTorch rows are patched as a group (per-instance ones on each model built after).
+        done = pytorch.ACTIVE if target in PYTORCH else patched.get(target.qualname)
         targets.add_row(
             target.qualname,
             "yes" if not bad else "[red]no[/]: " + "; ".join(bad),
-            "yes" if patched.get(target.qualname) else "no",
+            ("yes, on each model built" if target.per_instance else "yes") if done else "no",
         )
     console.print(targets)
     console.print(f"settings in force: {openpi_prune.current_settings() or 'disabled'}")
