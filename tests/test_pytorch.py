@@ -214,6 +214,22 @@ def test_a_method_without_a_pytorch_version_is_refused_with_what_to_use(upstream
         _sample(twin)
 
 
+def test_a_policy_of_a_model_built_before_pruning_was_enabled_is_refused_with_what_to_do(upstream):
+    from openpi.policies import policy as _policy
+
+    served = _policy.Policy(upstream, is_pytorch=True, sample_kwargs={"num_steps": 1})
+    obs = small.observation(CFG)
+    example = {
+        "image": {k: np.asarray((v[0] + 1) * 127.5, np.uint8) for k, v in obs.images.items()},
+        "image_mask": {k: np.asarray(v[0]) for k, v in obs.image_masks.items()},
+        "state": np.asarray(obs.state[0]),
+        "tokenized_prompt": np.asarray(obs.tokenized_prompt[0]),
+        "tokenized_prompt_mask": np.asarray(obs.tokenized_prompt_mask[0]),
+    }
+    with openpi_prune.enabled(), pytest.raises(PruneInputError, match="built before openpi-prune was enabled"):
+        served.infer(example)
+
+
 # --- the torch math against the JAX math, on the same arrays
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from openpi_prune import call, settings
 from openpi_prune.adapter.patches import Drifted
-from openpi_prune.errors import UntrainedParametersWarning
+from openpi_prune.errors import PruneInputError, UntrainedParametersWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.pruner import methods, pipeline, torch_pipeline
 
@@ -248,6 +248,18 @@ def wrap_llm_forward(wrapped, instance, args, kwargs):
         moved = positions + torch.cat([prefix_shift, after[:, None].expand(-1, rest)], dim=1)
     bound.arguments["position_ids"] = moved
     return wrapped(*bound.args, **bound.kwargs)
+
+
+def check_built_patched(model) -> None:
+    """A `PI0Pytorch` built before openpi-prune was enabled has none of its wrappers: say so, rather
+    than serve it unpruned while pruning is on."""
+    if model not in _MODELS:
+        raise PruneInputError(
+            "this PI0Pytorch was built before openpi-prune was enabled, so it would run unpruned: its "
+            "wrappers and the method's parameters are set when the model is built. Enable openpi-prune "
+            "first (OPENPI_PRUNE at start-up, openpi_prune.enable(), or a `_prune` twin config), then "
+            "build or load the model and its Policy."
+        )
 
 
 def take_figures(model):

@@ -122,6 +122,7 @@ def wrap_policy_infer(wrapped, instance, args, kwargs):
     # OpenPI's PyTorch model leaves its figures on the model (`adapter.pytorch`).
     torch_model = vars(instance).get("_model") if vars(instance).get("_is_pytorch_model") else None
     if torch_model is not None:
+        pytorch.check_built_patched(torch_model)
         pytorch.take_figures(torch_model)  # none of an earlier call's
     with call.scope(served=call.Served()) as this_call:
         outputs = wrapped(*args, **kwargs)
