@@ -37,6 +37,7 @@ class CallState:
     keep_fraction: Any = None  # a schedule's value (may be traced), over `PruneSettings.keep_fraction`
     probe: Any = None  # inside a saliency pass: the unpruned prefix, perturbed
     train_capacity: int | None = None  # a training pass on the compact prefix: its image slots
+    train_compact: bool = False  # the same for a PyTorch model, whose pipeline sizes the slots itself
     step: Any = None  # the model's training step (may be traced), for the schedules and the log
     served: Served | None = None
     siglip: Any = None  # inside a split `embed_prefix` (`siglip_layer`): its `adapter.siglip.Split`

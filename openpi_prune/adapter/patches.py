@@ -67,6 +67,11 @@ class Patch:
         return inspect.getattr_static(self.owner_object(), self.name)
 
 
+def bind(wrapped, args, kwargs) -> dict:
+    """A wrapper's call arguments by the wrapped function's parameter names."""
+    return inspect.signature(wrapped).bind(*args, **kwargs).arguments
+
+
 def import_modules(modules: tuple[str, ...]) -> None:
     """Import OpenPI's `modules`, with an error that says what to install when one cannot be."""
     try:

@@ -23,7 +23,8 @@ import weakref
 import numpy as np
 
 from openpi_prune import call, settings
-from openpi_prune.adapter.patches import Drifted
+from openpi_prune.adapter import prefix
+from openpi_prune.adapter.patches import Drifted, bind
 from openpi_prune.errors import PruneInputError, UntrainedParametersWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
 from openpi_prune.pruner import methods, pipeline, torch_pipeline
@@ -35,10 +36,6 @@ _FIGURES = "_openpi_prune_figures"
 # Every model built while patched: `forget` clears what their last pruned call left.
 _MODELS = weakref.WeakSet()
 ACTIVE = False  # the PyTorch rows are patched (set by `install`)
-
-
-def _bind(wrapped, args, kwargs):
-    return inspect.signature(wrapped).bind(*args, **kwargs).arguments
 
 
 def wrap_init(wrapped, instance, args, kwargs):
@@ -121,7 +118,7 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
     """`PI0Pytorch.embed_prefix`: OpenPI's prefix (every camera's tokens, then the prompt's), pruned."""
     import torch
 
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     result = wrapped(*args, **kwargs)
     if not (isinstance(result, tuple) and len(result) == 3 and getattr(result[0], "ndim", None) == 3):
         raise Drifted("returned another form (expected embs [b,s,d], pad_masks, att_masks)", result)
@@ -140,7 +137,7 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
         return torch.cat([embs[:, :n] + state.probe.delta, embs[:, n:]], dim=1), pad_masks, att_masks
     training = None
     if state is not None and state.train:
-        training = torch_pipeline.Training(state.keep_fraction, state.saliency, compact=bool(state.train_capacity))
+        training = torch_pipeline.Training(state.keep_fraction, state.saliency, compact=state.train_compact)
     parameters = {name: p for name, p in instance.named_parameters(recurse=False) if name.startswith(PARAMETER_PREFIX)}
     pruned = torch_pipeline.prune(
         parameters,
@@ -182,7 +179,7 @@ def wrap_forward(wrapped, instance, args, kwargs):
     if not instance.training:
         return wrapped(*args, **kwargs)
     active = settings.active()
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     observation, actions = bound["observation"], bound["actions"]
     # Drawn as OpenPI's forward draws them, once, so that both passes see the same x_t.
     noise = bound.get("noise")
@@ -195,10 +192,10 @@ def wrap_forward(wrapped, instance, args, kwargs):
     if active.keep_ramp_steps:
         fraction = float(call.gradual_keep_fraction(step, active.keep_ramp_steps, active.keep_fraction))
     saliency = None
-    if active.method == "relevance" and step % active.saliency_every == 0:
+    if prefix.wants_saliency() and step % active.saliency_every == 0:
         saliency = _saliency(wrapped, observation, actions, noise, time)
     compact = bool(active.compact_training) and fraction <= active.keep_fraction
-    with call.scope(train=True, saliency=saliency, keep_fraction=fraction, train_capacity=compact or None) as this:
+    with call.scope(train=True, saliency=saliency, keep_fraction=fraction, train_compact=compact) as this:
         loss = wrapped(observation, actions, noise=noise, time=time)
     with torch.no_grad():
         counter.add_(1)
@@ -282,7 +279,7 @@ def wrap_small_siglip(wrapped, instance, args, kwargs):
     from openpi_prune import call
 
     state = call.current()
-    config = _bind(wrapped, args, kwargs)["config"]
+    config = bind(wrapped, args, kwargs)["config"]
     if state is not None and state.siglip_variant is not None:
         shape = siglip.decode_variant(state.siglip_variant)
         vision = config.vision_config

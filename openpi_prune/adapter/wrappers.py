@@ -6,7 +6,7 @@ import inspect
 
 from openpi_prune import call, settings, telemetry
 from openpi_prune.adapter import checkpoints, prefix, pytorch, siglip, training
-from openpi_prune.adapter.patches import Drifted
+from openpi_prune.adapter.patches import Drifted, bind
 from openpi_prune.pruner import pipeline
 
 # Offset folded into compute_loss's rng for the pruner's own noise: OpenPI splits the rng in three
@@ -21,18 +21,14 @@ def _describe(value) -> str:
     return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
 
 
-def _bind(wrapped, args, kwargs):
-    return inspect.signature(wrapped).bind(*args, **kwargs).arguments
-
-
 def wrap_init(wrapped, instance, args, kwargs):
     wrapped(*args, **kwargs)
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     checkpoints.init_model(instance, bound["config"], bound["rngs"])
 
 
 def wrap_embed_prefix(wrapped, instance, args, kwargs):
-    observation = prefix.observation_for_prefix(_bind(wrapped, args, kwargs)["obs"])
+    observation = prefix.observation_for_prefix(bind(wrapped, args, kwargs)["obs"])
     state = call.current()
     if settings.active().siglip_layer is not None and (state is None or state.probe is None):
         return siglip.embed_prefix(
@@ -48,7 +44,7 @@ def wrap_make_attn_mask(wrapped, instance, args, kwargs):
     attn_mask = wrapped(*args, **kwargs)
     if getattr(attn_mask, "ndim", None) != 3:
         raise Drifted(f"returned {_describe(attn_mask)} (expected a mask [b,q,k])", attn_mask)
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     return prefix.adjust_attn_mask(attn_mask, bound["input_mask"], bound["mask_ar"])
 
 
@@ -58,7 +54,7 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
     state = call.current()
     if state is not None and state.probe is not None:  # a saliency pass wants the unpruned loss
         return wrapped(*args, **kwargs)
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     rng, actions = bound["rng"], bound["actions"]
     # The same x_t and time OpenPI's compute_loss draws (checked against its source at install).
     _, noise_rng, time_rng = jax.random.split(rng, 3)
@@ -85,7 +81,7 @@ def wrap_sample_actions(wrapped, instance, args, kwargs):
     import jax
     import jax.numpy as jnp
 
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     noise = bound.get("noise")
     if noise is None:
         batch_size = bound["observation"].state.shape[0]
@@ -195,7 +191,7 @@ def wrap_config_load(wrapped, instance, args, kwargs):
 
     if not isinstance(instance, pi0_config.Pi0Config):
         return wrapped(*args, **kwargs)
-    bound = _bind(wrapped, args, kwargs)
+    bound = bind(wrapped, args, kwargs)
     params = checkpoints.complete_params(instance, bound["params"])
     return wrapped(params, **{k: v for k, v in bound.items() if k != "params"})
 
@@ -205,4 +201,4 @@ def wrap_checkpoint_load(wrapped, instance, args, kwargs):
     loaded = wrapped(*args, **kwargs)
     if not isinstance(loaded, dict):
         raise Drifted(f"returned {_describe(loaded)} (expected a dict of params)", loaded)
-    return checkpoints.add_missing_from_reference(loaded, _bind(wrapped, args, kwargs)["params"])
+    return checkpoints.add_missing_from_reference(loaded, bind(wrapped, args, kwargs)["params"])

@@ -60,7 +60,7 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     plugins.check_method(settings.method, manager)
     n = prefix.image_tokens.shape[1]
     cameras = n // prefix.per_camera
-    capacity = _capacity(settings, n, cameras, manager)
+    capacity = compact_capacity(settings, n, cameras, manager)
     image_tokens, candidate_mask, nonfinite = _finite_only(prefix.image_tokens, prefix.candidate_mask)
     prefix = dataclasses.replace(prefix, image_tokens=image_tokens, candidate_mask=candidate_mask)
     scored = _score(model, prefix, state, settings, manager)
@@ -97,7 +97,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     return pruned
 
 
-def _capacity(settings: PruneSettings, n: int, cameras: int, manager) -> int:
+def compact_capacity(settings: PruneSettings, n: int, cameras: int, manager) -> int:
+    """The compact prefix's image slots: the setting, else the method's own, else 64 per camera."""
     capacity = settings.capacity
     if capacity is None:
         capacity = manager.hook.openpi_prune_capacity(image_tokens=n, settings=settings)

@@ -8,9 +8,9 @@ import dataclasses
 import torch
 
 from openpi_prune.errors import PruneInputError
-from openpi_prune.pruner import methods, plugins
+from openpi_prune.pruner import methods, pipeline, plugins
 from openpi_prune.pruner import torch_ops as ops
-from openpi_prune.settings import CAPACITY_PER_CAMERA, PruneSettings
+from openpi_prune.settings import PruneSettings
 
 # The methods with a torch version; each scores (or votes) and selects as its JAX twin does.
 METHODS = ("relevance", "distinct", "keep_all", "language_only")
@@ -48,20 +48,6 @@ def check_method(settings: PruneSettings) -> None:
         raise PruneInputError("siglip_layer is not available for OpenPI's PyTorch models yet; unset it.")
 
 
-def capacity(settings: PruneSettings, n: int, cameras: int) -> int:
-    """The compact prefix's image slots: the setting, else the method's own, else 64 per camera."""
-    chosen = settings.capacity
-    if chosen is None:
-        chosen = plugins.get_manager().hook.openpi_prune_capacity(image_tokens=n, settings=settings)
-        chosen = CAPACITY_PER_CAMERA * cameras if chosen is None else chosen
-    if chosen > n:
-        raise PruneInputError(
-            f"capacity {chosen} exceeds the {n} image tokens of this model's {cameras} camera(s); "
-            f"choose 1..{n} (or leave it unset)."
-        )
-    return chosen
-
-
 def prune(
     parameters: dict,
     image_tokens: torch.Tensor,
@@ -95,7 +81,7 @@ def prune(
         source = torch.arange(n, device=image_tokens.device).expand(b, n)
         image, image_mask, overflow = image_tokens, kept_mask, torch.zeros_like(nonfinite)
     else:
-        slots = capacity(settings, n, n // per_camera)
+        slots = pipeline.compact_capacity(settings, n, n // per_camera, plugins.get_manager())
         source, image_mask, overflow = ops.fit_capacity(kept_mask, counts, slots)
         image = torch.gather(image_tokens, 1, source[..., None].expand(-1, -1, image_tokens.shape[-1]))
         kept_mask = torch.zeros_like(kept_mask).scatter(1, source, image_mask)
