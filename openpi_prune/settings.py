@@ -69,6 +69,10 @@ class PruneSettings:
     # the head learns on those steps and keeps what it learnt between them (1: every step, twice the
     # cost of upstream's step; a model that counts no steps gets it on every step).
     saliency_every: int = 4
+    # The saliency of this share of each such step's batch only (its first samples): the head learns
+    # from those. 0.25 on every step costs what the whole batch on every 4th step does, and gives
+    # the head four times as many updates.
+    saliency_share: float = 1.0
     # After the ramp, train on the compact prefix (the kept patches gathered, as inference runs it):
     # a pruned training pass shorter than upstream's, with the same loss and gradients. False: full
     # length throughout, the rest masked.
@@ -140,6 +144,14 @@ class PruneSettings:
         ):
             raise SettingsError(
                 f"siglip_layer must be an integer >= 1 (SigLIP layers before the pruning) or None; got {self.siglip_layer!r}"
+            )
+        if (
+            isinstance(self.saliency_share, bool)
+            or not isinstance(self.saliency_share, int | float)
+            or not (0 < self.saliency_share <= 1)
+        ):
+            raise SettingsError(
+                f"saliency_share must be a share of the batch in (0, 1] (1: every sample); got {self.saliency_share!r}"
             )
         if not isinstance(self.compact_training, bool):
             raise SettingsError(f"compact_training must be True or False; got {self.compact_training!r}")

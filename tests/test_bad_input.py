@@ -162,6 +162,8 @@ def test_setting_negative_numbers():
         ("keep_ramp_steps", -1, "keep_ramp_steps must be an integer >= 0"),
         ("noise_steps", 2.5, "noise_steps must be an integer >= 0"),
         ("saliency_every", 0, "saliency_every must be an integer >= 1"),
+        ("saliency_share", 0, "saliency_share must be a share of the batch"),
+        ("saliency_share", 1.5, "saliency_share must be a share of the batch"),
         ("log_every", True, "log_every must be an integer >= 0"),
         ("compact_training", "yes", "compact_training must be True or False"),
     ],

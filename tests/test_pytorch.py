@@ -183,8 +183,10 @@ def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_d
     noise, time = torch.randn(2, 10, 32), torch.full((2,), 0.5)
     with openpi_prune.enabled():
         torch.manual_seed(0)
-        saliency = pytorch._saliency(default.forward.args[1], obs, actions, noise, time)
+        saliency = pytorch._saliency(default.forward.args[1], obs, actions, noise, time, share=1.0)
         after = torch.rand(3)
+        torch.manual_seed(0)  # saliency_share=0.5: the first sample's, the same as in the whole batch's
+        half = pytorch._saliency(default.forward.args[1], obs, actions, noise, time, share=0.5)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))  # the probe gave its random draws back
     # By hand: upstream's own forward, its image tokens perturbed by a delta, the same draws.
@@ -206,6 +208,8 @@ def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_d
         upstream.eval()
     assert saliency.shape == (2, 768) and (saliency > 0).all()
     torch.testing.assert_close(saliency, torch.linalg.vector_norm(grad, dim=-1), rtol=1e-5, atol=1e-8)
+    assert half.shape == (2, 768) and (half[1] == 0).all()
+    torch.testing.assert_close(half[0], saliency[0], rtol=1e-4, atol=1e-8)
 
 
 def test_a_method_without_a_pytorch_version_is_refused_with_what_to_use(upstream):

@@ -82,12 +82,14 @@ def relevance_model():
         return small.create(small.config(pi05=True, max_token_len=48))
 
 
-def _train_pass(model, steps: int = 1, **changes):
+def _train_pass(model, steps: int = 1, first: int = 2, **changes):
     """Loss, the pruner's figures and the gradients of `steps` training passes (OpenPI's
-    `compute_loss(train=True)`) under the relevance defaults plus `changes`."""
+    `compute_loss(train=True)`) under the relevance defaults plus `changes`, on the `first` samples
+    of a batch of 2."""
     cfg = small.config(pi05=True, max_token_len=48)
-    observation = small.observation(cfg, batch_size=2, prompt_tokens=16)
-    actions = small.actions(cfg, batch_size=2)
+    observation, actions = jax.tree.map(
+        lambda x: x[:first], (small.observation(cfg, batch_size=2, prompt_tokens=16), small.actions(cfg, batch_size=2))
+    )
     graphdef, state = nnx.split(model)
     with openpi_prune.enabled(method="relevance", telemetry=False, warn_below=0, **changes):
 
@@ -141,3 +143,14 @@ def test_saliency_every_kth_step_and_the_compact_pass_after_the_ramp(relevance_m
     # Without saliency the head gets no gradient that step; with it, it does.
     head = [float(jnp.abs(grads["prune_relevance_query"].value).max()) for _, _, grads in passes]
     assert head[0] > 0 and head[1] == 0
+
+
+def test_saliency_of_a_share_of_the_batch(relevance_model):
+    """saliency_share=0.5: every step, the saliency of the batch's first half only; the head learns
+    from those samples exactly as from a batch of them alone, and nothing from the rest."""
+    passes = _train_pass(relevance_model, steps=2, saliency_every=1, saliency_share=0.5)
+    [(_, alone, _)] = _train_pass(relevance_model, first=1, saliency_every=1)
+    for _, report, grads in passes:
+        assert report["distill_loss"][0] > 0 and report["distill_loss"][1] == 0
+        assert float(jnp.abs(grads["prune_relevance_query"].value).max()) > 0
+    np.testing.assert_allclose(passes[0][1]["distill_loss"][0], alone["distill_loss"][0], rtol=1e-5)

@@ -193,7 +193,7 @@ def wrap_forward(wrapped, instance, args, kwargs):
         fraction = float(call.gradual_keep_fraction(step, active.keep_ramp_steps, active.keep_fraction))
     saliency = None
     if prefix.wants_saliency() and step % active.saliency_every == 0:
-        saliency = _saliency(wrapped, observation, actions, noise, time)
+        saliency = _saliency(wrapped, observation, actions, noise, time, active.saliency_share)
     compact = bool(active.compact_training) and fraction <= active.keep_fraction
     with call.scope(train=True, saliency=saliency, keep_fraction=fraction, train_compact=compact) as this:
         loss = wrapped(observation, actions, noise=noise, time=time)
@@ -209,17 +209,24 @@ def wrap_forward(wrapped, instance, args, kwargs):
     return loss + this.extra_loss.reshape(-1, *(1,) * (loss.ndim - 1)).to(loss.dtype)
 
 
-def _saliency(wrapped, observation, actions, noise, time):
-    """`[b, image tokens]`: the norm of the gradient of OpenPI's unpruned loss at each image token.
-    Its random draws (the image augmentation) are given back, so that the pruned pass makes the same."""
+def _saliency(wrapped, observation, actions, noise, time, share: float):
+    """`[b, image tokens]`: the norm of the gradient of OpenPI's unpruned loss at each image token,
+    of the batch's first `share` (zeros elsewhere). Its random draws (the image augmentation) are
+    given back, so that the pruned pass makes the same."""
+    import jax
     import torch
 
+    batch = actions.shape[0]
+    n = math.ceil(share * batch)
+    if n < batch:
+        observation, actions, noise, time = jax.tree.map(lambda x: x[:n], (observation, actions, noise, time))
     probe = types.SimpleNamespace(delta=None)
     devices = [actions.device] if actions.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), call.scope(probe=probe):
         loss = wrapped(observation, actions, noise=noise, time=time)
         (grad,) = torch.autograd.grad(loss.float().sum(), probe.delta)
-    return torch.linalg.vector_norm(grad.float(), dim=-1).detach()
+    saliency = torch.linalg.vector_norm(grad.float(), dim=-1).detach()
+    return torch.cat([saliency, saliency.new_zeros((batch - n, *saliency.shape[1:]))]) if n < batch else saliency
 
 
 def wrap_llm_forward(wrapped, instance, args, kwargs):

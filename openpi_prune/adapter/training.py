@@ -1,12 +1,15 @@
 """A pruned training pass of OpenPI's `compute_loss`: the schedules the settings carry, counted by a
 step the model keeps (so OpenPI's own train step ramps, and resumes from a checkpoint, with no
-openpi-prune call in it), the saliency on every k-th step only, and after the ramp the compact
+openpi-prune call in it), the saliency on every k-th step or of a share of the batch only, and
+after the ramp the compact
 prefix that inference runs, so the pruned pass is shorter than upstream's.
 
 Static shapes: at most two prefix lengths (full during the ramp, `capacity` after it), chosen by
 `lax.cond` on the step, so one compile holds both and each step runs one.
 """
 
+import inspect
+import math
 import warnings
 
 import jax
@@ -114,13 +117,22 @@ def loss(wrapped, model, args, kwargs, x_t, time, rng):
 
 
 def _saliency(wrapped, args, kwargs, active, step):
-    """The model's saliency for a method that learns from it: every `saliency_every`-th step (zeros
-    between, where the pruner's loss is zero and its head keeps what it learnt)."""
+    """The model's saliency for a method that learns from it: every `saliency_every`-th step, of the
+    batch's first `saliency_share` (zeros elsewhere, where the pruner's loss is zero and its head
+    keeps what it learnt)."""
     if not prefix.wants_saliency():
         return None
 
     def full(_):
-        return prefix.saliency(lambda: wrapped(*args, **kwargs))
+        if active.saliency_share == 1:
+            return prefix.saliency(lambda: wrapped(*args, **kwargs))
+        bound = inspect.signature(wrapped).bind(*args, **kwargs)
+        batch = bound.arguments["actions"].shape[0]
+        share = math.ceil(active.saliency_share * batch)
+        for name in ("observation", "actions"):
+            bound.arguments[name] = jax.tree.map(lambda x: x[:share], bound.arguments[name])
+        sliced = prefix.saliency(lambda: wrapped(*bound.args, **bound.kwargs))
+        return jnp.zeros((batch, *sliced.shape[1:]), sliced.dtype).at[:share].set(sliced)
 
     if step is None and active.saliency_every > 1:  # a cost setting, not a schedule: carry on at full cost
         warnings.warn(

@@ -21,6 +21,8 @@ VARIANTS = {
     # The compact prefix after the ramp, the saliency every 4th step.
     DEFAULT: dict(method="relevance"),
     "relevance, saliency every step": dict(method="relevance", **FULL_COST),
+    # The default's cost with the head updated on every step: the saliency of a quarter of each batch.
+    "relevance, saliency of a quarter of each batch": dict(method="relevance", saliency_every=1, saliency_share=0.25),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
