@@ -120,13 +120,13 @@ TRAIN_VARIANTS = (
     ("relevance, saliency every 4th step, full length", dict(_FULL_LENGTH, saliency_every=4)),
     ("relevance, compact after the ramp, saliency every step", dict(_COMPACT, saliency_every=1)),
     (DEFAULT, dict(_COMPACT, saliency_every=4)),
+    (IN_RAMP, dict(_COMPACT, saliency_every=4, keep_ramp_steps=10**6)),
+    # No ramp, so no `lax.cond` between the two lengths: what the condition itself costs.
+    ("  the same, compact from the first step (no ramp)", dict(_COMPACT, saliency_every=4, keep_ramp_steps=0)),
     (
         "relevance, compact after the ramp, saliency of a quarter of each batch",
         dict(_COMPACT, saliency_share=0.25, saliency_every=1),
     ),
-    (IN_RAMP, dict(_COMPACT, saliency_every=4, keep_ramp_steps=10**6)),
-    # No ramp, so no `lax.cond` between the two lengths: what the condition itself costs.
-    ("  the same, compact from the first step (no ramp)", dict(_COMPACT, saliency_every=4, keep_ramp_steps=0)),
     ("scheme_b", dict(method="scheme_b")),
     ("language_only (verbatim LightVLA)", dict(method="language_only", scoring="lightvla")),
 )
