@@ -109,6 +109,23 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     episodes = sorted((tmp_path / "episodes").rglob("*.npz"))
     assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)
 
+    # The action-MSE check: on validation reset seeds no run trained on, every variant's weights as
+    # they run, and the default's at the shares asked for (its own share: its own figure).
+    check = metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1)
+    assert check["validation_seeds"] == [metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + 1]
+    assert (tmp_path / "episodes" / plan.spec.tasks[0] / f"{metaworld.VALIDATION_SEEDS}.npz").exists()
+    rows = check["rows"]
+    assert list(rows) == [
+        "unpruned checkpoint",
+        "default (relevance)",
+        "  its weights, 20% kept",
+        "  its weights, 100% kept",
+    ]
+    assert rows["  its weights, 20% kept"] == rows["default (relevance)"]
+    assert rows["  its weights, 100% kept"] != rows["default (relevance)"]
+    assert all(np.isfinite(list(row.values())).all() and row["all"] > 0 for row in rows.values())
+    assert "| unpruned checkpoint |" in (tmp_path / "action-mse.md").read_text()
+
 
 def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):
     plan = metaworld_trial.quick_plan(tmp_path)

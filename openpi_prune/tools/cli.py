@@ -171,6 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--episodes", type=int, help="held-out episodes per task (default 50)")
     suite.add_argument("--baseline-steps", type=int, help="training steps of the unpruned policy (default 6000)")
     suite.add_argument(
+        "--action-mse",
+        action="store_true",
+        help="instead of the closed loop: each variant's action MSE on validation reset seeds, the default's at --shares",
+    )
+    suite.add_argument(
+        "--shares",
+        nargs="+",
+        type=float,
+        help="--action-mse: kept shares for the default's weights (default 0.1 0.2 0.3 0.5 1)",
+    )
+    suite.add_argument(
+        "--validation-episodes",
+        type=int,
+        default=3,
+        help="--action-mse: expert episodes per task (default %(default)s)",
+    )
+    suite.add_argument(
         "--episodes-dir",
         help="where the expert episodes are rendered and kept (default: in ~/.cache/openpi-prune, outside the checkout)",
     )
@@ -214,7 +231,10 @@ def _metaworld(args) -> int:
     from openpi_prune.tools.lab import metaworld, metaworld_trial
 
     try:
-        metaworld_trial.run(**_options(args, metaworld_trial.run))
+        if args.shares and not args.action_mse:
+            raise metaworld.SuiteError("--shares applies to --action-mse only")
+        command = metaworld_trial.action_mse if args.action_mse else metaworld_trial.run
+        command(**_options(args, command))
     except metaworld.SuiteError as error:
         print(f"openpi-prune metaworld: {error}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ STATE_BINS = 256
 STATE_TOKENS = 250_000  # first id of the state's bins (PaliGemma's vocabulary ends at 257,152)
 WORD_TOKENS = (1_000, 200_000)  # a word's fixed id: a hash of it in this range (no tokenizer download)
 TEST_SEEDS = 10_000  # closed-loop reset seeds start here; training's are 0, 1, ...
+VALIDATION_SEEDS = 20_000  # expert episodes for choices (the action-MSE check), neither trained on nor tested
 INSTALL = (
     "apt-get install -y libegl1 libgl1-mesa-dri (then MUJOCO_GL=egl EGL_PLATFORM=surfaceless), or "
     "apt-get install -y libosmesa6 (then MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa)"
@@ -180,13 +181,17 @@ def _collect_one(task: str, seed: int, spec: MetaWorldSpec, path: pathlib.Path) 
     partial.replace(path)
 
 
-def collect(spec: MetaWorldSpec, progress=None, workers: int | None = None) -> dict[str, int]:
-    """Expert episodes of every task on train seeds 0..train_seeds-1, cached; returns the number of
-    successful episodes per task (a failed one is kept on disk and not trained on). Missing ones
-    are rendered by `workers` processes (default: one per core; MuJoCo renders on one core)."""
+def collect(
+    spec: MetaWorldSpec, progress=None, workers: int | None = None, seeds: range | None = None
+) -> dict[str, int]:
+    """Expert episodes of every task on `seeds` (default: the train seeds 0..train_seeds-1), cached;
+    returns the number of successful episodes per task (a failed one is kept on disk and not trained
+    on). Missing ones are rendered by `workers` processes (default: one per core; MuJoCo renders on
+    one core)."""
     require_rendering()
     root = pathlib.Path(spec.episodes_dir)
-    wanted = [(task, seed, root / task / f"{seed}.npz") for task in spec.tasks for seed in range(spec.train_seeds)]
+    seeds = range(spec.train_seeds) if seeds is None else seeds
+    wanted = [(task, seed, root / task / f"{seed}.npz") for task in spec.tasks for seed in seeds]
     missing = [item for item in wanted if not item[2].exists()]
     bar = (
         progress.add_task("expert episodes", total=len(wanted), completed=len(wanted) - len(missing))
@@ -296,12 +301,29 @@ def layouts(seed: int, batch_size: int, spec: MetaWorldSpec, objects=None, split
 
 
 def render(seed: int, batch_size: int, spec: MetaWorldSpec, objects=None, split: str | None = "train") -> scenes.Batch:
-    """A batch of expert steps: both images, the prompt with the state, and the next `horizon`
-    actions (the last repeated past the episode's end)."""
+    """A batch of `batch_size` steps drawn from the training episodes (`steps_batch`)."""
     if split not in ("train", None):
         raise SuiteError("Meta-World's held-out data are reset seeds, measured in closed loop, not batches")
-    picks = _sample(spec, np.random.default_rng(seed), batch_size)
-    size = spec.image_size
+    return steps_batch(_sample(spec, np.random.default_rng(seed), batch_size), spec)
+
+
+def validation_batch(spec: MetaWorldSpec, seeds: range, every: int = 3) -> scenes.Batch:
+    """Every `every`-th step of the successful expert episodes on validation reset `seeds` (rendered
+    by `collect`), as one batch."""
+    picks = []
+    for task in spec.tasks:
+        for reset in seeds:
+            with np.load(pathlib.Path(spec.episodes_dir) / task / f"{reset}.npz") as file:
+                episode = {k: file[k] for k in file.files}
+            if bool(episode["success"]):
+                picks += [(task, reset, step, episode) for step in range(0, len(episode["actions"]), every)]
+    return steps_batch(picks, spec)
+
+
+def steps_batch(picks: list[tuple[str, int, int, dict]], spec: MetaWorldSpec) -> scenes.Batch:
+    """(task, reset seed, step, episode) picks as a batch: both images, the prompt with the state, and
+    the next `horizon` actions (the last repeated past the episode's end)."""
+    batch_size, size = len(picks), spec.image_size
     images = {camera: np.zeros((batch_size, size, size, 3), np.float32) for camera in [*CAMERAS, scenes.MASKED_CAMERA]}
     tokens = np.zeros((batch_size, spec.max_token_len), np.int32)
     token_mask = np.zeros((batch_size, spec.max_token_len), bool)

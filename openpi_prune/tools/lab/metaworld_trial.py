@@ -210,6 +210,102 @@ def run(
     return report
 
 
+def action_mse(
+    out: str = "metaworld-results",
+    quick: bool = False,
+    shares: list[float] | None = None,
+    validation_episodes: int = 3,
+    episodes_dir: str | None = None,
+    noise_draws: int = 2,
+) -> dict:
+    """Sampled-action MSE against the expert on validation reset seeds (from `VALIDATION_SEEDS`: never
+    trained on, never in the closed loop): the unpruned checkpoint, each fine-tuned variant in `out` as
+    it runs, and the default's fine-tuned weights keeping each of `shares`. A pruned fine-tune that
+    lost skill is as bad at every share, all patches included; one that lacks patches recovers as the
+    share grows. `action-mse.md` and `.json` in `out`."""
+    out_dir = pathlib.Path(out)
+    plan = quick_plan(out_dir) if quick else SuitePlan()
+    folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
+    if folder is not None:
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, episodes_dir=str(folder)))
+    spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
+    shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
+    base_path = out_dir / "baseline" / "params.npz"
+    if not base_path.exists():
+        raise SystemExit(f"no trained policy at {base_path}: run `openpi-prune metaworld --out {out}` first")
+    # (row, settings changes or None for the checkpoint unpruned, weights: None for the checkpoint's)
+    rows = [("unpruned checkpoint", None, None)]
+    for name, changes in VARIANTS.items():
+        finetuned = out_dir / "finetuned" / f"{slug(name)}.npz"
+        if changes is not None and finetuned.exists():
+            rows.append((name, changes, finetuned))
+            if name == trial_plan.DEFAULT:
+                rows += [
+                    (f"  its weights, {share:.0%} kept", dict(changes, keep_fraction=share), finetuned)
+                    for share in shares
+                ]
+    code = checkpoint.commit()
+    with progress_bars() as progress:
+        metaworld.collect(spec, progress, seeds=seeds)
+        batch = metaworld.validation_batch(spec, seeds)
+        tasks = np.asarray([task for task, _ in batch.layouts])
+        bar = progress.add_task("action MSE", total=len(rows))
+        table = {}
+        for row, changes, weights in rows:
+            progress.update(bar, description=f"action MSE: {row.strip()}")
+            with openpi_prune.disabled() if changes is None else openpi_prune.enabled(trial_plan.settings_for(changes)):
+                params = checkpoint.load_trained(weights or base_path, spec, pruned=changes is not None)
+                model = train.load(spec, params)
+                errors = np.mean(
+                    [
+                        np.mean(
+                            (
+                                train.sample(model, batch, noise_seed=1_000 + 7_919 * d)[0][..., : spec.action_dim]
+                                - batch.actions
+                            )
+                            ** 2,
+                            axis=(1, 2),
+                        )
+                        for d in range(noise_draws)
+                    ],
+                    axis=0,
+                )
+            table[row] = {"all": float(errors.mean())} | {
+                task: float(errors[tasks == task].mean()) for task in spec.tasks
+            }
+            progress.advance(bar)
+    report = {
+        "commit": code,
+        "validation_seeds": [seeds.start, seeds.stop],
+        "steps": len(batch.actions),
+        "noise_draws": noise_draws,
+        "rows": table,
+    }
+    (out_dir / "action-mse.json").write_text(json.dumps(report, indent=1))
+    reference = table.get(trial_plan.REFERENCE, {}).get("all")
+    head = (
+        "| weights, as they run | all | "
+        + " | ".join(t.removesuffix("-v3") for t in spec.tasks)
+        + " | all / reference's |"
+    )
+    lines = [
+        f"Sampled-action MSE against the expert, every 3rd step of the successful expert episodes on validation reset "
+        f"seeds {seeds.start}-{seeds.stop - 1} of each task ({len(batch.actions)} steps), {noise_draws} noise draws; "
+        f"by `{code[:7]}`.",
+        "",
+        head,
+        "|---" * (len(spec.tasks) + 3) + "|",
+    ]
+    for row, values in table.items():
+        ratio = "-" if reference is None else f"{values['all'] / reference:.2f}"
+        lines.append(
+            f"| {row} | {values['all']:.4f} | " + " | ".join(f"{values[t]:.4f}" for t in spec.tasks) + f" | {ratio} |"
+        )
+    (out_dir / "action-mse.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines))
+    return report
+
+
 def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     rows = {}
     for name in VARIANTS:
