@@ -103,10 +103,17 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
         saved = checkpoint.load_trained(tmp_path / "finetuned" / "default-relevance.npz", plan.spec, pruned=True)
         reloaded = train.params_of(train.load(plan.spec, saved))
     assert checkpoint.digest(reloaded) == digests["default (relevance)"]
+    # Its learning curve on the validation reset seeds; its training state is gone once it is done.
+    curve = json.loads((tmp_path / "finetuned" / "default-relevance.curve.json").read_text())
+    assert [point["step"] for point in curve] == [1, 2] and all(point["validation_action_mse"] > 0 for point in curve)
+    assert not list((tmp_path / "finetuned").glob("*.training-state.npz"))
+    # Another fine-tuning plan is refused in this folder, before anything runs.
+    with pytest.raises(SystemExit, match="another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_steps=3)
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
-    episodes = sorted((tmp_path / "episodes").rglob("*.npz"))
+    episodes = sorted(p for p in (tmp_path / "episodes").rglob("*.npz") if int(p.stem) < metaworld.VALIDATION_SEEDS)
     assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)
 
     # The action-MSE check: on validation reset seeds no run trained on, every variant's weights as

@@ -132,6 +132,7 @@ def run(
     episodes: int | None = None,
     baseline_steps: int | None = None,
     episodes_dir: str | None = None,
+    finetune_steps: int | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = quick_plan(out_dir) if quick else SuitePlan()
@@ -142,6 +143,9 @@ def run(
         plan = dataclasses.replace(plan, episodes=episodes)
     if baseline_steps is not None:
         plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
+    if finetune_steps is not None:  # another plan: its runs go to another --out
+        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
+    _check_same_plan(out_dir, plan)
     metaworld.require_rendering()
     code = checkpoint.commit()
     with progress_bars() as progress:
@@ -185,8 +189,22 @@ def run(
                     model = train.load(plan.spec, checkpoint.load_trained(finetuned, plan.spec, pruned=True))
                 else:
                     model = train.load(plan.spec, base_params)
-                    train.train(model, plan.spec, plan.finetune, progress, f"fine-tune: {name}")
+                    # Saved as it goes, so that a fine-tune longer than a session resumes; the
+                    # validation action MSE every tenth of the steps is its learning curve.
+                    state = finetuned.with_name(f"{slug(name)}.training-state.npz")
+                    history = train.train(
+                        model,
+                        plan.spec,
+                        plan.finetune,
+                        progress,
+                        f"fine-tune: {name}",
+                        check=validation_check(plan.spec, progress),
+                        resume=state,
+                    )
                     checkpoint.save_trained(model, finetuned, checkpoint.frozen(plan.spec))
+                    curve = [{"step": k + 1, **h} for k, h in enumerate(history) if "validation_action_mse" in h]
+                    finetuned.with_name(f"{slug(name)}.curve.json").write_text(json.dumps(curve))
+                    state.unlink()
                 # Served with telemetry on, so that each response carries what was kept.
                 settings = settings.replace(telemetry=True)
                 openpi_prune.enable(settings)
@@ -208,6 +226,31 @@ def run(
     report = summarise(out_dir, plan)
     _print(report, plan)
     return report
+
+
+def validation_check(spec: metaworld.MetaWorldSpec, progress, episodes: int = 1):
+    """`check(model)` for `train.train`: the sampled-action MSE on the expert's steps of `episodes`
+    validation reset seeds per task (rendered first), one noise draw."""
+    seeds = range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + episodes)
+    metaworld.collect(spec, progress, seeds=seeds)
+    batch = metaworld.validation_batch(spec, seeds)
+
+    def check(model) -> dict:
+        predicted = train.sample(model, batch)[0][..., : spec.action_dim]
+        return {"validation_action_mse": float(np.mean((predicted - batch.actions) ** 2))}
+
+    return check
+
+
+def _check_same_plan(out_dir: pathlib.Path, plan: SuitePlan) -> None:
+    """A folder's closed-loop runs share one plan: another (e.g. other fine-tuning steps) goes to another --out."""
+    for path in sorted((out_dir / "closed-loop").glob("*.json")):
+        earlier = json.loads(path.read_text()).get("plan", {}).get("finetune")
+        if earlier is not None and earlier != dataclasses.asdict(plan.finetune):
+            raise SystemExit(
+                f"{path} was fine-tuned with {earlier}, and this run's plan fine-tunes with "
+                f"{dataclasses.asdict(plan.finetune)}: give this plan another --out."
+            )
 
 
 def action_mse(
