@@ -1,8 +1,7 @@
 """A pruned training pass of OpenPI's `compute_loss`: the schedules the settings carry, counted by a
 step the model keeps (so OpenPI's own train step ramps, and resumes from a checkpoint, with no
 openpi-prune call in it), the saliency on every k-th step or of a share of the batch only, and
-after the ramp the compact
-prefix that inference runs, so the pruned pass is shorter than upstream's.
+after the ramp the compact prefix that inference runs, so the pruned pass is shorter than upstream's.
 
 Static shapes: at most two prefix lengths (full during the ramp, `capacity` after it), chosen by
 `lax.cond` on the step, so one compile holds both and each step runs one.
@@ -126,6 +125,7 @@ def _saliency(wrapped, args, kwargs, active, step):
     def full(_):
         if active.saliency_share == 1:
             return prefix.saliency(lambda: wrapped(*args, **kwargs))
+        # The slice's own compute_loss draws its own noise: the saliency of the same samples at another x_t.
         bound = inspect.signature(wrapped).bind(*args, **kwargs)
         batch = bound.arguments["actions"].shape[0]
         share = math.ceil(active.saliency_share * batch)

@@ -135,10 +135,7 @@ def run(
     finetune_steps: int | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
-    plan = quick_plan(out_dir) if quick else SuitePlan()
-    folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
-    if folder is not None:
-        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, episodes_dir=str(folder)))
+    plan = _plan(out_dir, quick, episodes_dir)
     if episodes is not None:
         plan = dataclasses.replace(plan, episodes=episodes)
     if baseline_steps is not None:
@@ -228,6 +225,21 @@ def run(
     return report
 
 
+def _plan(out_dir: pathlib.Path, quick: bool, episodes_dir: str | None) -> SuitePlan:
+    """The suite's plan, its expert episodes in `episodes_dir` or the user's cache (quick: in `out_dir`)."""
+    plan = quick_plan(out_dir) if quick else SuitePlan()
+    folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
+    if folder is None:
+        return plan
+    return dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, episodes_dir=str(folder)))
+
+
+def _action_errors(model, batch, spec, noise_seed: int) -> np.ndarray:
+    """Each step's sampled-action MSE against the expert's next actions."""
+    predicted = train.sample(model, batch, noise_seed=noise_seed)[0][..., : spec.action_dim]
+    return np.mean((predicted - batch.actions) ** 2, axis=(1, 2))
+
+
 def validation_check(spec: metaworld.MetaWorldSpec, progress, episodes: int = 1):
     """`check(model)` for `train.train`: the sampled-action MSE on the expert's steps of `episodes`
     validation reset seeds per task (rendered first), one noise draw."""
@@ -236,8 +248,7 @@ def validation_check(spec: metaworld.MetaWorldSpec, progress, episodes: int = 1)
     batch = metaworld.validation_batch(spec, seeds)
 
     def check(model) -> dict:
-        predicted = train.sample(model, batch)[0][..., : spec.action_dim]
-        return {"validation_action_mse": float(np.mean((predicted - batch.actions) ** 2))}
+        return {"validation_action_mse": float(np.mean(_action_errors(model, batch, spec, train.VALIDATION_SEED)))}
 
     return check
 
@@ -267,10 +278,7 @@ def action_mse(
     lost skill is as bad at every share, all patches included; one that lacks patches recovers as the
     share grows. `action-mse.md` and `.json` in `out`."""
     out_dir = pathlib.Path(out)
-    plan = quick_plan(out_dir) if quick else SuitePlan()
-    folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
-    if folder is not None:
-        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, episodes_dir=str(folder)))
+    plan = _plan(out_dir, quick, episodes_dir)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
     base_path = out_dir / "baseline" / "params.npz"
@@ -299,20 +307,8 @@ def action_mse(
             with openpi_prune.disabled() if changes is None else openpi_prune.enabled(trial_plan.settings_for(changes)):
                 params = checkpoint.load_trained(weights or base_path, spec, pruned=changes is not None)
                 model = train.load(spec, params)
-                errors = np.mean(
-                    [
-                        np.mean(
-                            (
-                                train.sample(model, batch, noise_seed=1_000 + 7_919 * d)[0][..., : spec.action_dim]
-                                - batch.actions
-                            )
-                            ** 2,
-                            axis=(1, 2),
-                        )
-                        for d in range(noise_draws)
-                    ],
-                    axis=0,
-                )
+                draws = [_action_errors(model, batch, spec, 1_000 + 7_919 * d) for d in range(noise_draws)]
+                errors = np.mean(draws, axis=0)
             table[row] = {"all": float(errors.mean())} | {
                 task: float(errors[tasks == task].mean()) for task in spec.tasks
             }
