@@ -133,6 +133,7 @@ def run(
     baseline_steps: int | None = None,
     episodes_dir: str | None = None,
     finetune_steps: int | None = None,
+    baseline_dir: str | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -148,16 +149,16 @@ def run(
     with progress_bars() as progress:
         solved = metaworld.collect(plan.spec, progress)
         console.print(f"expert episodes solved, per task: {solved}")
-        base_path = out_dir / "baseline" / "params.npz"
+        base_path = _baseline_folder(out_dir, baseline_dir) / "params.npz"
         if not base_path.exists():
             openpi_prune.disable()
             model = train.create(plan.spec)
             # Hours on a small CPU: saved as it goes, so an interrupted run resumes from its last save.
-            resume = out_dir / "baseline" / "training-state.npz"
+            resume = base_path.with_name("training-state.npz")
             history = train.train(model, plan.spec, plan.baseline, progress, "baseline (unpruned)", resume=resume)
             checkpoint.save_trained(model, base_path, checkpoint.frozen(plan.spec))
             resume.unlink()
-            (out_dir / "baseline" / "history.json").write_text(
+            base_path.with_name("history.json").write_text(
                 json.dumps(
                     {
                         "commit": code,
@@ -213,6 +214,7 @@ def run(
             row |= {
                 "variant": name,
                 "commit": code,
+                "baseline": checkpoint.digest(base_params),
                 "weights": weights,
                 "settings": None if settings is None else dataclasses.asdict(settings),
                 "plan": dataclasses.asdict(plan),
@@ -223,6 +225,12 @@ def run(
     report = summarise(out_dir, plan)
     _print(report, plan)
     return report
+
+
+def _baseline_folder(out_dir: pathlib.Path, baseline_dir: str | None) -> pathlib.Path:
+    """Where the unpruned policy is kept: `baseline_dir` (another plan's, to fine-tune from it alike), else
+    `out_dir/baseline`."""
+    return pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
 
 
 def _plan(out_dir: pathlib.Path, quick: bool, episodes_dir: str | None) -> SuitePlan:
@@ -271,6 +279,7 @@ def action_mse(
     validation_episodes: int = 3,
     episodes_dir: str | None = None,
     noise_draws: int = 2,
+    baseline_dir: str | None = None,
 ) -> dict:
     """Sampled-action MSE against the expert on validation reset seeds (from `VALIDATION_SEEDS`: never
     trained on, never in the closed loop): the unpruned checkpoint, each fine-tuned variant in `out` as
@@ -281,7 +290,7 @@ def action_mse(
     plan = _plan(out_dir, quick, episodes_dir)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
-    base_path = out_dir / "baseline" / "params.npz"
+    base_path = _baseline_folder(out_dir, baseline_dir) / "params.npz"
     if not base_path.exists():
         raise SystemExit(f"no trained policy at {base_path}: run `openpi-prune metaworld --out {out}` first")
     # (row, settings changes or None for the checkpoint unpruned, weights: None for the checkpoint's)
