@@ -74,7 +74,7 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     kept = report["variants"]["default (relevance)"]["kept_per_camera"]
     assert len(kept) == 2 and 0 < sum(kept) <= 2 * 64
     assert report["variants"]["unpruned checkpoint"]["kept_per_camera"] is None
-    for name in ("results.md", "success.png", "first-calls.png", "baseline/params.npz"):
+    for name in ("results.md", "success.png", "first-calls.png", "validation-curves.png", "baseline/params.npz"):
         assert (tmp_path / name).stat().st_size > 0
     # One episode of each variant as an animation, a frame per call, the pruned one with its kept patches.
     from PIL import Image
@@ -110,6 +110,26 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     # Another fine-tuning plan is refused in this folder, before anything runs.
     with pytest.raises(SystemExit, match="another --out"):
         metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_steps=3)
+    # That plan goes to another --out, fine-tuned from this folder's policy: no second one trained.
+    other = tmp_path / "three-steps"
+    metaworld_trial.run(
+        out=str(other),
+        quick=True,
+        only=["default (relevance)"],
+        finetune_steps=3,
+        baseline_dir=str(tmp_path / "baseline"),
+        episodes_dir=str(tmp_path / "episodes"),
+    )
+    longer, first = (
+        json.loads((folder / "closed-loop" / "default-relevance.json").read_text()) for folder in (other, tmp_path)
+    )
+    assert longer["baseline"] == first["baseline"] and longer["plan"]["finetune"]["steps"] == 3
+    assert not (other / "baseline").exists()
+    assert [p["step"] for p in json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())] == [
+        1,
+        2,
+        3,
+    ]
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.

@@ -383,9 +383,9 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     report = {"plan": dataclasses.asdict(plan), "variants": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
-    if rows:
-        from openpi_prune.tools.lab import pictures
+    from openpi_prune.tools.lab import pictures
 
+    if rows:
         pictures.success(rows, out_dir / "success.png")
         first = {}
         for name in rows:
@@ -395,6 +395,13 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
                     images = {camera: call[camera] for camera in metaworld.CAMERAS}
                     first[name] = [(images, call["kept_patches"] if "kept_patches" in call.files else None)]
         pictures.first_calls(first, plan.spec.grid, out_dir / "first-calls.png")
+    curves = {
+        name: json.loads(path.read_text())
+        for name in VARIANTS
+        if (path := out_dir / "finetuned" / f"{slug(name)}.curve.json").exists()
+    }
+    if curves:
+        pictures.validation_curves(curves, out_dir / "validation-curves.png")
     return report
 
 

@@ -140,6 +140,22 @@ def success(rows: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def validation_curves(curves: dict, path: pathlib.Path) -> None:
+    """Each fine-tune's validation action MSE against its step (log scale): whether more steps would help."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, points in curves.items():
+        steps = [p["step"] for p in points]
+        mse = [p["validation_action_mse"] for p in points]
+        ax.plot(steps, mse, "o-", label=name, color="tab:blue" if name.startswith("default") else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("validation action MSE")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _frame(images: dict, kept: np.ndarray | None, grid: int) -> np.ndarray:
     """The cameras side by side, uint8; with `kept` ([camera, patch]), the pruned patches darkened."""
     shown = []
