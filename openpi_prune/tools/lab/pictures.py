@@ -146,7 +146,7 @@ def validation_curves(curves: dict, path: pathlib.Path) -> None:
     for name, points in curves.items():
         steps = [p["step"] for p in points]
         mse = [p["validation_action_mse"] for p in points]
-        ax.plot(steps, mse, "o-", label=name, color="tab:blue" if name.startswith("default") else None)
+        ax.plot(steps, mse, "o-", label=name, color="tab:blue" if name.startswith("default") else "tab:gray")
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation action MSE")
