@@ -125,11 +125,8 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     )
     assert longer["baseline"] == first["baseline"] and longer["plan"]["finetune"]["steps"] == 3
     assert not (other / "baseline").exists()
-    assert [p["step"] for p in json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())] == [
-        1,
-        2,
-        3,
-    ]
+    curve = json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())
+    assert [point["step"] for point in curve] == [1, 2, 3]
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
