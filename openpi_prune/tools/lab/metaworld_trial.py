@@ -30,6 +30,8 @@ VARIANTS = {
     "unpruned checkpoint, images blanked": None,
     trial_plan.REFERENCE: dict(method="keep_all", scoring="lightvla"),
     trial_plan.DEFAULT: dict(method="relevance"),
+    # The widest share the goal allows (10-30 %): does more of the scene close the gap at 20 %?
+    "relevance, 30 % kept": dict(method="relevance", keep_fraction=0.3),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }

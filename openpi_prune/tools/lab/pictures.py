@@ -105,7 +105,7 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
             xerr=[[pair["ratio"] - pair["low"]], [pair["high"] - pair["ratio"]]],
             fmt="o",
             capsize=4,
-            color="tab:blue" if name.startswith("default") else "tab:gray",
+            color=_colour(name),
         )
     ax.axvline(1.0, color="black", lw=0.8)
     ax.axvline(1.10, color="tab:red", lw=0.8, ls="--", label="1.10")
@@ -116,6 +116,13 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _colour(variant: str) -> str:
+    """The default in blue, its other settings in a lighter blue, everything else grey."""
+    if variant.startswith("default"):
+        return "tab:blue"
+    return "tab:cyan" if variant.startswith("relevance") else "tab:gray"
 
 
 def success(rows: dict, path: pathlib.Path) -> None:
@@ -130,7 +137,7 @@ def success(rows: dict, path: pathlib.Path) -> None:
             xerr=[[row["success"] - row["low"]], [row["high"] - row["success"]]],
             fmt="o",
             capsize=4,
-            color="tab:blue" if name.startswith("default") else "tab:gray",
+            color=_colour(name),
         )
     ax.set_yticks(range(len(names)), names)
     ax.set_xlim(0, 1)
@@ -146,7 +153,7 @@ def validation_curves(curves: dict, path: pathlib.Path) -> None:
     for name, points in curves.items():
         steps = [p["step"] for p in points]
         mse = [p["validation_action_mse"] for p in points]
-        ax.plot(steps, mse, "o-", label=name, color="tab:blue" if name.startswith("default") else "tab:gray")
+        ax.plot(steps, mse, "o-", label=name, color=_colour(name))
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation action MSE")
