@@ -22,7 +22,7 @@ from rich.table import Table
 
 import openpi_prune
 from openpi_prune.tools.lab import checkpoint, metaworld, train, trial_plan
-from openpi_prune.tools.lab.run import console, prepare, progress_bars, slug
+from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
@@ -151,7 +151,7 @@ def run(
     with progress_bars() as progress:
         solved = metaworld.collect(plan.spec, progress)
         console.print(f"expert episodes solved, per task: {solved}")
-        base_path = _baseline_folder(out_dir, baseline_dir) / "params.npz"
+        base_path = baseline_folder(out_dir, baseline_dir) / "params.npz"
         if not base_path.exists():
             openpi_prune.disable()
             model = train.create(plan.spec)
@@ -229,12 +229,6 @@ def run(
     return report
 
 
-def _baseline_folder(out_dir: pathlib.Path, baseline_dir: str | None) -> pathlib.Path:
-    """Where the unpruned policy is kept: `baseline_dir` (another plan's, to fine-tune from it alike), else
-    `out_dir/baseline`."""
-    return pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
-
-
 def _plan(out_dir: pathlib.Path, quick: bool, episodes_dir: str | None) -> SuitePlan:
     """The suite's plan, its expert episodes in `episodes_dir` or the user's cache (quick: in `out_dir`)."""
     plan = quick_plan(out_dir) if quick else SuitePlan()
@@ -292,7 +286,7 @@ def action_mse(
     plan = _plan(out_dir, quick, episodes_dir)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
-    base_path = _baseline_folder(out_dir, baseline_dir) / "params.npz"
+    base_path = baseline_folder(out_dir, baseline_dir) / "params.npz"
     if not base_path.exists():
         raise SystemExit(f"no trained policy at {base_path}: run `openpi-prune metaworld --out {out}` first")
     # (row, settings changes or None for the checkpoint unpruned, weights: None for the checkpoint's)

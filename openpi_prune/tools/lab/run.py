@@ -138,6 +138,12 @@ def prepare(out: str, only: list[str] | None, variants) -> pathlib.Path:
     return out_dir
 
 
+def baseline_folder(out_dir: pathlib.Path, baseline_dir: str | None) -> pathlib.Path:
+    """Where a run's unpruned policy is kept: `baseline_dir` (another plan's, to fine-tune from it
+    alike), else `out_dir/baseline`."""
+    return pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
+
+
 def run(
     out: str = "lab-results",
     quick: bool = False,
@@ -167,8 +173,7 @@ def run(
     results, histories, kept_masks = {}, {}, {}
     started = time.time()
     with progress_bars() as progress:
-        folder = pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
-        base_model, base_history = baseline(plan, folder, progress, retrain)
+        base_model, base_history = baseline(plan, baseline_folder(out_dir, baseline_dir), progress, retrain)
         base_params = train.params_of(base_model)
         results["unpruned"] = train.evaluate(base_model, spec, val, mean_mse).summary()
         histories["unpruned"] = base_history

@@ -31,7 +31,7 @@ from rich.progress import Progress
 import openpi_prune
 from openpi_prune.adapter import checkpoints
 from openpi_prune.tools.lab import checkpoint, named, scenes, train
-from openpi_prune.tools.lab.run import console, prepare, progress_bars, slug
+from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug
 from openpi_prune.tools.lab.trial_plan import (
     EXAMPLES,
     FAMILIES,
@@ -280,7 +280,7 @@ def run(
     print_ = fingerprint(plan, val, test, baseline_layouts)
     if not report_only:
         with progress_bars() as progress:
-            folder = pathlib.Path(baseline_dir) if baseline_dir else out_dir / "baseline"
+            folder = baseline_folder(out_dir, baseline_dir)
             base_params = baseline(plan, folder, progress, code, fingerprint(plan, val, test, baseline_layouts, True))
             for seed in plan.seeds:
                 for name in VARIANTS:
