@@ -150,6 +150,14 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     assert all(np.isfinite(list(row.values())).all() and row["all"] > 0 for row in rows.values())
     assert "| unpruned checkpoint |" in (tmp_path / "action-mse.md").read_text()
 
+    # A run with only a closed loop left, its weights trained, renders no expert episode.
+    (tmp_path / "closed-loop" / "default-relevance.json").unlink()
+    (tmp_path / "episodes").rename(tmp_path / "episodes-elsewhere")
+    metaworld_trial.run(out=str(tmp_path), quick=True, only=["default (relevance)"])
+    assert not (tmp_path / "episodes").exists()
+    rerun = json.loads((tmp_path / "closed-loop" / "default-relevance.json").read_text())
+    assert rerun["weights"] == digests["default (relevance)"] and len(rerun["episodes"]) == plan.episodes
+
 
 def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):
     plan = metaworld_trial.quick_plan(tmp_path)
