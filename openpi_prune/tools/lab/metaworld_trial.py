@@ -150,7 +150,7 @@ def run(
     code = checkpoint.commit()
     base_path = baseline_folder(out_dir, baseline_dir) / "params.npz"
     with progress_bars() as progress:
-        # Rendering them takes an hour on 2 cores: a run with only closed loops left goes without.
+        # Rendering them takes up to an hour on 2 cores: a run with only closed loops left goes without.
         if _left_to_train(out_dir, base_path, only):
             solved = metaworld.collect(plan.spec, progress)
             console.print(f"expert episodes solved, per task: {solved}")
