@@ -23,6 +23,9 @@ VARIANTS = {
     "relevance, saliency every step": dict(method="relevance", **FULL_COST),
     # The default's cost with the head updated on every step: the saliency of a quarter of each batch.
     "relevance, saliency of a quarter of each batch": dict(method="relevance", saliency_every=1, saliency_share=0.25),
+    # A control: the default's whole training path (head, saliency, compact pass) keeping every patch.
+    # Near 1 if what the pruned variants lose is the pruning itself, not something the path adds.
+    "relevance, every patch kept (control)": dict(method="relevance", keep_fraction=1.0),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
