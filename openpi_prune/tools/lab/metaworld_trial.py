@@ -297,7 +297,7 @@ def action_mse(
     it runs, and the default's fine-tuned weights keeping each of `shares`. A pruned fine-tune that
     lost skill is as bad at every share, all patches included; one that lacks patches recovers as the
     share grows. `action-mse.md` and `.json` in `out`."""
-    out_dir = pathlib.Path(out)
+    out_dir = prepare(out, None, VARIANTS)  # as `run` does: the warnings of tracing each variant anew are expected
     plan = _plan(out_dir, quick, episodes_dir)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
