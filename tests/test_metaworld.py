@@ -48,6 +48,22 @@ def test_wilson_interval():
     assert metaworld_trial.wilson(50, 50)[1] == 1.0 and metaworld_trial.wilson(50, 50)[0] > 0.9
 
 
+def test_a_reset_seed_is_one_scene_on_every_run():
+    """MT1 draws its object positions when it is made: unseeded, seed 10,000 was another scene in each
+    process, so no two runs met the same episodes."""
+    metaworld.require_rendering()
+
+    def start(seed: int) -> np.ndarray:
+        env = metaworld.make_env("drawer-open-v3", SPEC, seed)
+        try:
+            return env.reset(seed=seed)[0]
+        finally:
+            env.close()
+
+    assert np.array_equal(start(10_000), start(10_000))
+    assert not np.array_equal(start(10_000), start(10_001))
+
+
 def test_without_headless_rendering_the_error_names_the_libraries(monkeypatch):
     import mujoco
 

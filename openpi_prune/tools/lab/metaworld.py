@@ -107,13 +107,23 @@ def episode_cache(spec: MetaWorldSpec) -> pathlib.Path:
     """Where the expert episodes of `spec` are kept unless told otherwise: in the user's cache, not in a
     checkout (rendering them takes about an hour on 2 cores, and a fresh clone would start again),
     under a digest of what shapes an episode (tasks and seeds are its folders and files)."""
-    shaping = (spec.image_size, spec.expert_steps, tuple(CAMERAS.items()), importlib.metadata.version("metaworld"))
+    # "seeded": episodes made before each reset seed fixed its scene are other episodes.
+    shaping = (
+        spec.image_size,
+        spec.expert_steps,
+        tuple(CAMERAS.items()),
+        importlib.metadata.version("metaworld"),
+        "seeded",
+    )
     digest = hashlib.blake2b(repr(shaping).encode(), digest_size=6).hexdigest()
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     return cache / "openpi-prune" / "metaworld-episodes" / digest
 
 
-def make_env(task: str, spec: MetaWorldSpec):
+def make_env(task: str, spec: MetaWorldSpec, seed: int):
+    """The task's environment for reset seed `seed`. MT1 draws its object positions when it is made
+    and picks one of them at reset; unseeded, both draws differ from one process to the next, so the
+    seed is given to both: each reset seed is one scene, the same on every run and machine."""
     import gymnasium as gym
 
     if task not in TASKS:
@@ -121,6 +131,7 @@ def make_env(task: str, spec: MetaWorldSpec):
     return gym.make(
         "Meta-World/MT1",
         env_name=task,
+        seed=seed,
         render_mode="rgb_array",
         camera_name=CAMERAS["base_0_rgb"],
         width=spec.image_size,
@@ -150,7 +161,7 @@ def expert(task: str):
 def expert_episode(task: str, seed: int, spec: MetaWorldSpec) -> dict[str, np.ndarray]:
     """The expert from reset seed `seed` until success or `max_steps`: images, state and the action
     taken at every step (clipped to the action space, as the simulator applies it)."""
-    env = make_env(task, spec)
+    env = make_env(task, spec, seed)
     try:
         policy, (obs, _) = expert(task), env.reset(seed=seed)
         record = {camera: [] for camera in CAMERAS} | {"state": [], "actions": []}
@@ -404,7 +415,7 @@ def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool =
     """One episode driven by the served policy: success, steps, each call's wall time (the client
     waits for the actions), the kept tokens per camera the server reported, and if asked, at every
     call, the frames the policy saw with the patches it kept (None unpruned)."""
-    env = make_env(task, spec)
+    env = make_env(task, spec, seed)
     try:
         obs, _ = env.reset(seed=seed)
         calls, kept, shown = [], [], []
