@@ -53,6 +53,9 @@ class PruneSettings:
     # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
     # share of the head's softmax mass, at most keep_fraction of them; 0: always keep_fraction.
     keep_mass: float = 0.0
+    # Each camera's unkept patches averaged into one more token, in the place of the first of them:
+    # the pruned prefix keeps the rest of the scene as a whole (one token per camera more).
+    merge_unkept: bool = False
     # Which patches a `relevance` training pass keeps: those the head picks (what inference keeps),
     # or those the model's saliency picks (what the head learns to reproduce).
     train_picks: Literal["head", "saliency"] = "head"
@@ -153,8 +156,14 @@ class PruneSettings:
             raise SettingsError(
                 f"saliency_share must be a share of the batch in (0, 1] (1: every sample); got {self.saliency_share!r}"
             )
-        if not isinstance(self.compact_training, bool):
-            raise SettingsError(f"compact_training must be True or False; got {self.compact_training!r}")
+        for name in ("compact_training", "merge_unkept"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if self.merge_unkept and self.siglip_layer is not None:
+            raise SettingsError(
+                "merge_unkept and siglip_layer do not go together: SigLIP's later layers start again from each "
+                "kept patch's own hidden state. Unset one of them."
+            )
 
     def replace(self, **changes) -> "PruneSettings":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -18,7 +18,7 @@ def prune(model, observation, tokens, input_mask, ar_mask):
     state = call.current()
     if state is not None and state.probe is not None:
         per_camera, cameras = split_prefix(observation, tokens)
-        return state.probe.apply(tokens, per_camera * cameras), input_mask, ar_mask
+        return state.probe.apply(tokens, per_camera, cameras), input_mask, ar_mask
     pruned = pruned_prefix(model, observation, tokens, input_mask, ar_mask)
     return pruned.tokens, pruned.input_mask, pruned.ar_mask
 
@@ -124,10 +124,13 @@ class Probe:
     def __init__(self):
         self.delta = None
         self.shape = None
+        self.cameras = None
 
-    def apply(self, tokens, image_len):
+    def apply(self, tokens, per_camera, cameras):
+        image_len = per_camera * cameras
         if self.delta is None:
             self.shape = jax.ShapeDtypeStruct(tokens[:, :image_len].shape, tokens.dtype)
+            self.cameras = cameras
             return tokens
         return tokens.at[:, :image_len].add(self.delta.astype(tokens.dtype))
 

@@ -19,7 +19,7 @@ from openpi_prune import call, settings, telemetry
 from openpi_prune.adapter import prefix
 from openpi_prune.errors import PruneInputError, UncountedStepsWarning
 from openpi_prune.hookspecs import PARAMETER_PREFIX
-from openpi_prune.pruner import plugins
+from openpi_prune.pruner import pipeline, plugins
 
 STEP = PARAMETER_PREFIX + "step"
 
@@ -71,8 +71,8 @@ def _training_capacity(active: settings.PruneSettings, state: call.CallState | N
         return None
     if state is not None and state.keep_fraction is not None:  # a hand-written ramp: its end is unknown here
         return None
-    n = image_tokens()
-    capacity = plugins.get_manager().hook.openpi_prune_capacity(image_tokens=n, settings=active)
+    n, cameras = image_tokens()
+    capacity = pipeline.method_capacity(active, n, cameras, plugins.get_manager())
     return capacity if capacity is not None and capacity < n else None
 
 
@@ -148,9 +148,9 @@ def _saliency(wrapped, args, kwargs, active, step):
     return jax.lax.cond(step % active.saliency_every == 0, full, lambda _: jnp.zeros(shape.shape, shape.dtype), None)
 
 
-def _image_tokens(wrapped, args, kwargs) -> int:
-    """Image tokens of the unpruned prefix (all cameras), read from a shape-only trace."""
+def _image_tokens(wrapped, args, kwargs) -> tuple[int, int]:
+    """Image tokens of the unpruned prefix (all cameras) and its cameras, read from a shape-only trace."""
     probe = prefix.Probe()
     with call.scope(probe=probe):
         jax.eval_shape(lambda: wrapped(*args, **kwargs))
-    return probe.shape.shape[1]
+    return probe.shape.shape[1], probe.cameras

@@ -18,7 +18,7 @@ import numpy as np
 
 from openpi_prune import call, telemetry
 from openpi_prune.errors import PruneInputError
-from openpi_prune.pruner import lightvla, plugins, relevance
+from openpi_prune.pruner import lightvla, merge, plugins, relevance
 from openpi_prune.settings import CAPACITY_PER_CAMERA, PruneSettings
 
 
@@ -71,6 +71,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         slots = pruned.input_mask.shape[1] - prefix.text_mask.shape[1]
     else:
         kept_mask = _select(prefix, scored, settings, manager)
+        if settings.merge_unkept:
+            prefix, kept_mask = _merged(prefix, prefix.image_tokens, kept_mask)
         if settings.mode == "masked":
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
@@ -101,7 +103,7 @@ def compact_capacity(settings: PruneSettings, n: int, cameras: int, manager) -> 
     """The compact prefix's image slots: the setting, else the method's own, else 64 per camera."""
     capacity = settings.capacity
     if capacity is None:
-        capacity = manager.hook.openpi_prune_capacity(image_tokens=n, settings=settings)
+        capacity = method_capacity(settings, n, cameras, manager)
         capacity = CAPACITY_PER_CAMERA * cameras if capacity is None else capacity
     if settings.mode == "compact" and capacity > n:
         raise PruneInputError(
@@ -109,6 +111,14 @@ def compact_capacity(settings: PruneSettings, n: int, cameras: int, manager) -> 
             f"camera(s); choose 1..{n} (or leave it unset for the method's own, or {CAPACITY_PER_CAMERA} "
             "per camera)."
         )
+    return capacity
+
+
+def method_capacity(settings: PruneSettings, n: int, cameras: int, manager) -> int | None:
+    """The slots the method asks for (None: it names none), with room for the merged tokens."""
+    capacity = manager.hook.openpi_prune_capacity(image_tokens=n, settings=settings)
+    if capacity is not None and settings.merge_unkept:
+        capacity = min(capacity + cameras, n)
     return capacity
 
 
@@ -184,6 +194,14 @@ def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settin
     _check_output("openpi_prune_select_train", picked, (prefix.image_tokens.shape,), settings, manager)
     _check_output("openpi_prune_select_train", kept_mask, ((b, n),), settings, manager)
     image_mask = prefix.candidate_mask & visible[0] if visible else prefix.candidate_mask
+    if settings.merge_unkept:
+        if not visible:
+            raise PruneInputError(
+                f"merge_unkept needs a method that names the patches it keeps (relevance, random, distinct, "
+                f"keep_all); {settings.method!r} trains on a mix of them. Unset merge_unkept, or pick such a method."
+            )
+        prefix, image_mask = _merged(prefix, picked, image_mask)
+        picked = prefix.image_tokens
     if visible and state.train_capacity is not None:
         picked_prefix = dataclasses.replace(prefix, image_tokens=picked)
         pruned, kept_mask, _ = _compact(picked_prefix, image_mask, scored.counts, state.train_capacity, settings)
@@ -210,6 +228,12 @@ def _select(prefix: Prefix, scored: _Scored, settings, manager):
     _check_output("openpi_prune_select", kept_mask, ((b, n),), settings, manager)
     live_task = jnp.sum(scored.task_mask, axis=-1)
     return jnp.where(live_task[:, None] > 0, kept_mask, True) & prefix.candidate_mask
+
+
+def _merged(prefix: Prefix, image_tokens, kept_mask) -> tuple[Prefix, jax.Array]:
+    """`merge_unkept`: each camera's unkept patches as one more kept token (see `merge`)."""
+    tokens, kept_mask, _ = merge.merge_unkept(image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera)
+    return dataclasses.replace(prefix, image_tokens=tokens), kept_mask
 
 
 def _each_camera(hook, prefix: Prefix, settings, **arrays):
