@@ -7,6 +7,7 @@ This module imports nothing heavy: the start-up hook parses the variable with it
 """
 
 import dataclasses
+import math
 from typing import Literal
 
 from openpi_prune.errors import SettingsError
@@ -53,9 +54,10 @@ class PruneSettings:
     # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
     # share of the head's softmax mass, at most keep_fraction of them; 0: always keep_fraction.
     keep_mass: float = 0.0
-    # Each camera's unkept patches averaged into one more token, in the place of the first of them:
-    # the pruned prefix keeps the rest of the scene as a whole (one token per camera more).
-    merge_unkept: bool = False
+    # The unkept patches of each of this many equal squares of a camera's patch grid (1, 4, 16, ...)
+    # averaged into one more token, in the place of the first of them: the pruned prefix keeps the
+    # rest of the scene in outline (this many tokens per camera more). 0: the unkept are dropped.
+    merge_unkept: int = 0
     # Which patches a `relevance` training pass keeps: those the head picks (what inference keeps),
     # or those the model's saliency picks (what the head learns to reproduce).
     train_picks: Literal["head", "saliency"] = "head"
@@ -156,9 +158,18 @@ class PruneSettings:
             raise SettingsError(
                 f"saliency_share must be a share of the batch in (0, 1] (1: every sample); got {self.saliency_share!r}"
             )
-        for name in ("compact_training", "merge_unkept"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if not isinstance(self.compact_training, bool):
+            raise SettingsError(f"compact_training must be True or False; got {self.compact_training!r}")
+        if (
+            isinstance(self.merge_unkept, bool)
+            or not isinstance(self.merge_unkept, int)
+            or self.merge_unkept < 0
+            or math.isqrt(self.merge_unkept) ** 2 != self.merge_unkept
+        ):
+            raise SettingsError(
+                f"merge_unkept must be 0 (off) or a square number of regions per camera (1, 4, 16, ...); "
+                f"got {self.merge_unkept!r}"
+            )
         if self.merge_unkept and self.siglip_layer is not None:
             raise SettingsError(
                 "merge_unkept and siglip_layer do not go together: SigLIP's later layers start again from each "

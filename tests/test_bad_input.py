@@ -166,6 +166,8 @@ def test_setting_negative_numbers():
         ("saliency_share", 1.5, "saliency_share must be a share of the batch"),
         ("log_every", True, "log_every must be an integer >= 0"),
         ("compact_training", "yes", "compact_training must be True or False"),
+        ("merge_unkept", 3, "merge_unkept must be 0 \\(off\\) or a square number"),
+        ("merge_unkept", True, "merge_unkept must be 0 \\(off\\) or a square number"),
     ],
 )
 def test_setting_bad_training_schedule(name, value, message):

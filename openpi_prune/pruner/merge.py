@@ -1,13 +1,30 @@
-"""What a camera's pruned patches held, kept as one token: their mean, in the place of the first of
-them. The kept patches say where the named things are; the merged token keeps the rest of the scene
-as a whole (its layout, the light), which a model trained on every patch attends to and which no
+"""What a camera's pruned patches held, kept as a few tokens: the camera's patch grid is cut into
+`regions` equal squares, and the unkept patches of each are averaged into the slot of the first of
+them. The kept patches say where the named things are; the merged tokens keep the rest of the scene
+in outline (its layout, the light), which a model trained on every patch attends to and which no
 single patch holds.
 
-Pure `jax.numpy`, nothing of OpenPI. Shapes: `b` batch, `n` patches (cameras in order, `p` each), `d` width.
+Pure `jax.numpy`, nothing of OpenPI. Shapes: `b` batch, `n` patches (cameras in order, `p` each, a
+square grid), `d` width, `r` regions per camera.
 """
 
+import math
+
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
+
+
+def region_of_patch(per_camera: int, regions: int) -> np.ndarray:
+    """Each patch's region (row-major squares of the camera's square grid): an int array [p]."""
+    side, cut = math.isqrt(per_camera), math.isqrt(regions)
+    if side * side != per_camera or cut * cut != regions or side % cut:
+        raise ValueError(
+            f"{regions} regions do not tile a camera of {per_camera} patches: both must be squares, "
+            "and the grid's side a multiple of the regions' (e.g. 1, 4 or 16 regions for 8 x 8 patches)"
+        )
+    row, column = np.divmod(np.arange(per_camera), side)
+    return (row // (side // cut)) * cut + column // (side // cut)
 
 
 def merge_unkept(
@@ -15,18 +32,24 @@ def merge_unkept(
     candidate_mask: Bool[Array, "b n"],
     kept_mask: Bool[Array, "b n"],
     per_camera: int,
+    regions: int = 1,
 ) -> tuple[Float[Array, "b n d"], Bool[Array, "b n"], Bool[Array, "b n"]]:
-    """Each camera's live, unkept patches averaged into the slot of the first of them, which joins
-    the kept set. Returns the tokens, the kept set with the merged slots, and the merged slots (none
-    for a camera that keeps every live patch or has none)."""
+    """The live, unkept patches of each camera's region averaged into the slot of the first of them,
+    which joins the kept set. Returns the tokens, the kept set with the merged slots, and the merged
+    slots (none for a region whose live patches are all kept, or that has none)."""
     b, n, d = image_tokens.shape
     cameras = n // per_camera
+    member = jnp.asarray(region_of_patch(per_camera, regions)[:, None] == np.arange(regions))  # [p, r]
     tokens = image_tokens.reshape(b, cameras, per_camera, d)
     unkept = (candidate_mask & ~kept_mask).reshape(b, cameras, per_camera)
-    count = jnp.sum(unkept, axis=-1)
-    total = jnp.sum(jnp.where(unkept[..., None], tokens.astype(jnp.float32), 0.0), axis=2)
+    in_region = unkept[..., None] & member  # [b, c, p, r]
+    count = jnp.sum(in_region, axis=2)  # [b, c, r]
+    total = jnp.einsum("bcpr,bcpd->bcrd", in_region.astype(jnp.float32), tokens.astype(jnp.float32))
     mean = (total / jnp.maximum(count, 1)[..., None]).astype(tokens.dtype)
-    merged = (jnp.arange(per_camera) == jnp.argmax(unkept, axis=-1)[..., None]) & (count[..., None] > 0)
-    tokens = jnp.where(merged[..., None], mean[:, :, None, :], tokens)
+    # The slot of each region's first unkept patch holds its mean.
+    first = (jnp.arange(per_camera)[:, None] == jnp.argmax(in_region, axis=2)[:, :, None, :]) & (count[:, :, None, :] > 0)
+    merged = jnp.any(first, axis=-1)  # [b, c, p]: a patch is in one region only
+    region_mean = jnp.einsum("bcpr,bcrd->bcpd", first.astype(mean.dtype), mean)
+    tokens = jnp.where(merged[..., None], region_mean, tokens)
     merged = merged.reshape(b, n)
     return tokens.reshape(b, n, d), kept_mask | merged, merged

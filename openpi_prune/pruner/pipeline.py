@@ -72,7 +72,7 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     else:
         kept_mask = _select(prefix, scored, settings, manager)
         if settings.merge_unkept:
-            prefix, kept_mask = _merged(prefix, prefix.image_tokens, kept_mask)
+            prefix, kept_mask = _merged(prefix, prefix.image_tokens, kept_mask, settings.merge_unkept)
         if settings.mode == "masked":
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
@@ -118,7 +118,7 @@ def method_capacity(settings: PruneSettings, n: int, cameras: int, manager) -> i
     """The slots the method asks for (None: it names none), with room for the merged tokens."""
     capacity = manager.hook.openpi_prune_capacity(image_tokens=n, settings=settings)
     if capacity is not None and settings.merge_unkept:
-        capacity = min(capacity + cameras, n)
+        capacity = min(capacity + cameras * settings.merge_unkept, n)
     return capacity
 
 
@@ -200,7 +200,7 @@ def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settin
                 f"merge_unkept needs a method that names the patches it keeps (relevance, random, distinct, "
                 f"keep_all); {settings.method!r} trains on a mix of them. Unset merge_unkept, or pick such a method."
             )
-        prefix, image_mask = _merged(prefix, picked, image_mask)
+        prefix, image_mask = _merged(prefix, picked, image_mask, settings.merge_unkept)
         picked = prefix.image_tokens
     if visible and state.train_capacity is not None:
         picked_prefix = dataclasses.replace(prefix, image_tokens=picked)
@@ -230,9 +230,14 @@ def _select(prefix: Prefix, scored: _Scored, settings, manager):
     return jnp.where(live_task[:, None] > 0, kept_mask, True) & prefix.candidate_mask
 
 
-def _merged(prefix: Prefix, image_tokens, kept_mask) -> tuple[Prefix, jax.Array]:
-    """`merge_unkept`: each camera's unkept patches as one more kept token (see `merge`)."""
-    tokens, kept_mask, _ = merge.merge_unkept(image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera)
+def _merged(prefix: Prefix, image_tokens, kept_mask, regions: int) -> tuple[Prefix, jax.Array]:
+    """`merge_unkept`: the unkept patches of each region of a camera as one more kept token (see `merge`)."""
+    try:
+        tokens, kept_mask, _ = merge.merge_unkept(
+            image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera, regions
+        )
+    except ValueError as error:
+        raise PruneInputError(f"merge_unkept={regions}: {error}. Choose another merge_unkept.") from None
     return dataclasses.replace(prefix, image_tokens=tokens), kept_mask
 
 

@@ -26,8 +26,10 @@ VARIANTS = {
     # A control: the default's whole training path (head, saliency, compact pass) keeping every patch.
     # Near 1 if what the pruned variants lose is the pruning itself, not something the path adds.
     "relevance, every patch kept (control)": dict(method="relevance", keep_fraction=1.0),
-    # The default plus one token per camera: the mean of the patches it does not keep.
-    "relevance, unkept patches merged": dict(method="relevance", merge_unkept=True),
+    # The default plus one token per camera, the mean of the patches it does not keep; or four, the
+    # means of the unkept patches of each quarter of the image.
+    "relevance, unkept patches merged": dict(method="relevance", merge_unkept=1),
+    "relevance, unkept patches merged by quarter": dict(method="relevance", merge_unkept=4),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
