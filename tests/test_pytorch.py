@@ -287,20 +287,23 @@ def test_the_torch_math_gives_the_jax_math_s_numbers_and_kept_sets(seed):
     )
 
 
+@pytest.mark.parametrize("merge_unkept", [0, 4])
 @pytest.mark.parametrize("method", torch_pipeline.METHODS)
-def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method):
-    patches, task, candidate, task_mask = _arrays(7, n=3 * 32)
+def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method, merge_unkept):
+    patches, task, candidate, task_mask = _arrays(7, n=3 * 36)  # three cameras of 6 x 6 patches
     kernels = np.random.default_rng(1).normal(size=(2, 32, 8)).astype(np.float32)
     # The vote's kept set overflows 40 slots: the slots go to the most voted patches.
     capacity = 40 if method == "language_only" else None
-    settings = openpi_prune.PruneSettings(method=method, capacity=capacity, telemetry=False, warn_below=0)
+    settings = openpi_prune.PruneSettings(
+        method=method, capacity=capacity, merge_unkept=merge_unkept, telemetry=False, warn_below=0
+    )
     head = types.SimpleNamespace(
         **{
             name: types.SimpleNamespace(value=jnp.asarray(k))
             for name, k in zip((methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY), kernels, strict=True)
         }
     )
-    ar_mask = np.zeros(96 + 7, bool)
+    ar_mask = np.zeros(108 + 7, bool)
     want = pipeline.prune(
         head,
         pipeline.Prefix(
@@ -309,7 +312,7 @@ def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method):
             jnp.asarray(candidate),
             jnp.asarray(task_mask),
             jnp.asarray(ar_mask),
-            32,
+            36,
         ),
         None,
         settings,
@@ -324,12 +327,12 @@ def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method):
         torch.from_numpy(candidate),
         torch.from_numpy(task_mask),
         torch.from_numpy(ar_mask)[None].expand(2, -1),
-        32,
+        36,
         settings,
     )
     np.testing.assert_array_equal(got.slot_source, want.slot_source)
     np.testing.assert_array_equal(got.pad_mask, want.input_mask)
-    np.testing.assert_allclose(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-6, atol=1e-6)
 
 
 SERVED = """

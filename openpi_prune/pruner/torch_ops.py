@@ -136,3 +136,24 @@ def distillation_loss(scores, saliency, candidate_mask) -> torch.Tensor:
     target = weights / torch.clamp(torch.sum(weights, dim=-1, keepdim=True), min=1e-12)
     log_q = torch.log_softmax(torch.where(candidate_mask, scores, _NEG), dim=-1)
     return -torch.sum(torch.where(candidate_mask, target * log_q, 0.0), dim=-1)
+
+
+def merge_unkept(image_tokens, candidate_mask, kept_mask, per_camera: int, member: torch.Tensor):
+    """`merge.merge_unkept` with the regions as `member [p, r]` (patch in region): the unkept live
+    patches of each region averaged into the slot of the first of them, which joins the kept set."""
+    b, n, d = image_tokens.shape
+    cameras = n // per_camera
+    tokens = image_tokens.reshape(b, cameras, per_camera, d)
+    unkept = (candidate_mask & ~kept_mask).reshape(b, cameras, per_camera)
+    in_region = unkept[..., None] & member  # [b, c, p, r]
+    count = torch.sum(in_region, dim=2)  # [b, c, r]
+    total = torch.einsum("bcpr,bcpd->bcrd", in_region.float(), tokens.float())
+    mean = (total / torch.clamp(count, min=1)[..., None]).to(tokens.dtype)
+    first_index = torch.argmax(in_region.int(), dim=2)  # the first maximal value: the first unkept patch
+    slots = torch.arange(per_camera, device=tokens.device)[:, None]
+    first = (slots == first_index[:, :, None, :]) & (count[:, :, None, :] > 0)
+    merged = torch.any(first, dim=-1)
+    region_mean = torch.einsum("bcpr,bcrd->bcpd", first.to(mean.dtype), mean)
+    tokens = torch.where(merged[..., None], region_mean, tokens)
+    merged = merged.reshape(b, n)
+    return tokens.reshape(b, n, d), kept_mask | merged, merged

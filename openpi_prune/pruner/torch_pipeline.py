@@ -5,10 +5,11 @@ ported to torch. It knows nothing of OpenPI: the adapter hands it a prefix's ima
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from openpi_prune.errors import PruneInputError
-from openpi_prune.pruner import methods, pipeline, plugins
+from openpi_prune.pruner import merge, methods, pipeline, plugins
 from openpi_prune.pruner import torch_ops as ops
 from openpi_prune.settings import PruneSettings
 
@@ -74,6 +75,12 @@ def prune(
     )
     # No live task token: nothing to score against, every live patch is kept.
     kept_mask = torch.where(torch.any(text_mask, dim=-1)[:, None], kept_mask, True) & candidate_mask
+    if settings.merge_unkept:
+        member = torch.as_tensor(
+            merge.region_of_patch(per_camera, settings.merge_unkept)[:, None] == np.arange(settings.merge_unkept),
+            device=image_tokens.device,
+        )
+        image_tokens, kept_mask, _ = ops.merge_unkept(image_tokens, candidate_mask, kept_mask, per_camera, member)
     t = text_tokens.shape[1]
     text_source = n + torch.arange(t, device=image_tokens.device).expand(b, t)
     if (settings.mode == "masked") if training is None else not training.compact:
