@@ -48,6 +48,27 @@ def test_wilson_interval():
     assert metaworld_trial.wilson(50, 50)[1] == 1.0 and metaworld_trial.wilson(50, 50)[0] > 0.9
 
 
+def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
+    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+
+    def run(commit, wins):
+        return {"commit": commit, "episodes": [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]}
+
+    reference = run("seeded", [1] * 8 + [0, 1])
+    variant = run("seeded", [1] * 6 + [0, 0, 1, 1])
+    variant["episodes"].reverse()  # paired by scene, not by order
+    gap = metaworld_trial.paired_gap(reference, variant)
+    assert (gap["reference_only"], gap["variant_only"], gap["episodes"]) == (2, 1, 10)
+    assert gap["points"] == pytest.approx(10.0) and gap["low"] <= 10.0 <= gap["high"] and gap["low"] < gap["high"]
+    assert metaworld_trial.paired_gap(reference, run("unseeded", [1] * 10)) is None
+    assert metaworld_trial._gap_cell({"paired_gap": None}) == "other scenes"
+
+
+def test_git_tells_which_runs_descend_from_a_commit():
+    assert metaworld_trial.checkpoint.descends_from("HEAD", "HEAD")
+    assert not metaworld_trial.checkpoint.descends_from("HEAD", "0" * 40)
+
+
 def test_a_reset_seed_is_one_scene_on_every_run():
     """MT1 draws its object positions when it is made: unseeded, seed 10,000 was another scene in each
     process, so no two runs met the same episodes."""

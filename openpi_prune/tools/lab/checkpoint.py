@@ -26,6 +26,21 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def descends_from(commit: str, ancestor: str) -> bool:
+    """Whether `commit` (a run's recorded commit, `+dirty` or not) has `ancestor` in its history; False
+    where git cannot tell (not a checkout, an unknown commit)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        found = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("+dirty")],
+            cwd=root,
+            capture_output=True,
+        )
+    except OSError:
+        return False
+    return found.returncode == 0
+
+
 def digest(params: dict) -> str:
     """A short hash of a model's parameters: what a resumed run checks it still evaluates."""
     hashed = hashlib.blake2b(digest_size=8)

@@ -36,6 +36,9 @@ VARIANTS = {
     "distinct (prompt-blind)": dict(method="distinct"),
 }
 BLANKED = "unpruned checkpoint, images blanked"
+# From this commit on, a reset seed fixes its scene in every process (MT1 is seeded when made): two runs
+# of it or later meet the same 250 scenes, so that their episodes pair; earlier runs drew their own.
+SEEDED_SINCE = "16152f4"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +394,13 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
             "kept_per_camera": np.asarray(kept)[:, :2].mean(0).tolist() if kept else None,
             "commit": run["commit"],
         }
+    reference = out_dir / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
+    if reference.exists():
+        reference = json.loads(reference.read_text())
+        for name, row in rows.items():
+            run = json.loads((out_dir / "closed-loop" / f"{slug(name)}.json").read_text())
+            if name != trial_plan.REFERENCE:
+                row["paired_gap"] = paired_gap(reference, run)
     report = {"plan": dataclasses.asdict(plan), "variants": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
@@ -416,12 +426,45 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     return report
 
 
+def paired_gap(reference: dict, run: dict) -> dict | None:
+    """The reference's success minus the run's on the scenes both met, in points, with a 95 % bootstrap
+    interval over those episodes, and how many each alone solved; None unless both met seeded scenes."""
+    if not all(checkpoint.descends_from(r["commit"], SEEDED_SINCE) for r in (reference, run)):
+        return None
+    solved = {(e["task"], e["seed"]): e["success"] for e in reference["episodes"]}
+    pairs = np.asarray(
+        [(solved[key], e["success"]) for e in run["episodes"] if (key := (e["task"], e["seed"])) in solved], float
+    )
+    differences = 100 * (pairs[:, 0] - pairs[:, 1])
+    resampled = np.random.default_rng(0).choice(differences, size=(trial_plan.BOOTSTRAP, len(differences)))
+    low, high = np.percentile(resampled.mean(axis=1), [2.5, 97.5])
+    return {
+        "points": float(differences.mean()),
+        "low": float(low),
+        "high": float(high),
+        "episodes": len(differences),
+        "reference_only": int(np.sum(differences > 0)),
+        "variant_only": int(np.sum(differences < 0)),
+    }
+
+
+def _gap_cell(row: dict) -> str:
+    gap = row.get("paired_gap", "-")
+    if not isinstance(gap, dict):
+        return "-" if gap == "-" else "other scenes"
+    return (
+        f"{gap['points']:.1f} [{gap['low']:.1f}, {gap['high']:.1f}] "
+        f"({gap['reference_only']} / {gap['variant_only']} of {gap['episodes']})"
+    )
+
+
 def _cells(name: str, row: dict, plan: SuitePlan) -> list[str]:
     tasks = [row["per_task"][t]["success"] for t in plan.spec.tasks]
     kept = row["kept_per_camera"]
     return [
         name,
         f"{row['success']:.0%} [{row['low']:.0%}, {row['high']:.0%}] of {row['episodes']}",
+        _gap_cell(row),
         *("-" if s is None else f"{s:.0%}" for s in tasks),
         "-" if row["call_ms_median"] is None else f"{row['call_ms_median']:.0f}",
         "-" if kept is None else " / ".join(f"{k:.1f}" for k in kept),
@@ -432,6 +475,7 @@ def _headers(plan: SuitePlan) -> list[str]:
     return [
         "variant",
         "success [Wilson 95 %]",
+        "points below the reference, same scenes [95 %] (solved by it only / by this only)",
         *(t.removesuffix("-v3") for t in plan.spec.tasks),
         "ms / call",
         "kept per camera",
