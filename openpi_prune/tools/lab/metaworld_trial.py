@@ -32,6 +32,9 @@ VARIANTS = {
     trial_plan.DEFAULT: dict(method="relevance"),
     # The widest share the goal allows (10-30 %): does more of the scene close the gap at 20 %?
     "relevance, 30 % kept": dict(method="relevance", keep_fraction=0.3),
+    # The unkept patches of each quarter of an image as one token (chosen on the blocks trial's
+    # validation split): 13 patches and 4 merged tokens a camera.
+    "relevance, unkept patches merged by quarter": dict(method="relevance", merge_unkept=4),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }

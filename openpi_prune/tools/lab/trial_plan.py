@@ -30,6 +30,12 @@ VARIANTS = {
     # means of the unkept patches of each quarter of the image.
     "relevance, unkept patches merged": dict(method="relevance", merge_unkept=1),
     "relevance, unkept patches merged by quarter": dict(method="relevance", merge_unkept=4),
+    # Controls for the count: as many tokens as the quarter merge without merging (17 a camera), and
+    # the quarter merge with as many as the default (9 patches and 4 merged tokens).
+    "relevance, 27 % kept (17 a camera)": dict(method="relevance", keep_fraction=0.265),
+    "relevance, 14 % kept, merged by quarter (13 a camera)": dict(
+        method="relevance", keep_fraction=0.14, merge_unkept=4
+    ),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
