@@ -41,6 +41,8 @@ class Telemetry:
     live_task_tokens  task tokens the patches attended to
     overflow          kept tokens dropped because the capacity was full
     kept_mask         [b, n] which image tokens were kept
+    merged_mask       [b, n] which of them hold the mean of a region's unkept patches (`merge_unkept`
+                      only; the others are patches kept as they are)
     prefix_length     positions of the prefix PaliGemma runs (compact: image slots + prompt)
     distill_loss      the pruner's own loss (training passes of methods that learn from saliency;
                       0 on a step without saliency, see `saliency_every`)
@@ -65,7 +67,8 @@ class Telemetry:
 
     def summary(self) -> dict[str, float]:
         """Batch means of the per-sample numbers."""
-        return {k: float(np.mean(v)) for k, v in self.values.items() if k not in ("kept_mask", "kept_per_camera")}
+        masks = ("kept_mask", "merged_mask", "kept_per_camera")
+        return {k: float(np.mean(v)) for k, v in self.values.items() if k not in masks}
 
     @property
     def collapsed(self) -> bool:

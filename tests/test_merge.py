@@ -66,13 +66,16 @@ def test_a_merged_prefix_holds_a_token_more_per_region_of_a_live_camera_in_both_
     for mode in ("masked", "compact"):
         with openpi_prune.enabled(method="relevance", merge_unkept=regions, mode=mode, warn_below=0):
             out[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
-            kept[mode] = last_report().kept_mask
+            kept[mode], merged = last_report().kept_mask, last_report().merged_mask
+            # The telemetry tells the merged slots from the patches kept as they are.
+            np.testing.assert_array_equal(merged.sum(-1), regions * np.asarray([3, 2]))
+            assert not np.any(merged & ~kept[mode])
     with openpi_prune.enabled(method="relevance", warn_below=0):
         plain = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
         plain_kept = last_report().kept_mask
     live_cameras = np.asarray([3, 2])
     np.testing.assert_array_equal(kept["compact"].sum(-1), plain_kept.sum(-1) + regions * live_cameras)
-    assert np.all(kept["compact"] >= plain_kept)  # the head's picks stay; the merged slots join them
+    np.testing.assert_array_equal(kept["compact"] & ~merged, plain_kept)  # the head's picks stay, the merged join
     np.testing.assert_array_equal(kept["masked"], kept["compact"])
     np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
     assert np.isfinite(out["compact"]).all() and not np.allclose(out["compact"], plain, atol=1e-4)

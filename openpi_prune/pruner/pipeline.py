@@ -64,7 +64,7 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     image_tokens, candidate_mask, nonfinite = _finite_only(prefix.image_tokens, prefix.candidate_mask)
     prefix = dataclasses.replace(prefix, image_tokens=image_tokens, candidate_mask=candidate_mask)
     scored = _score(model, prefix, state, settings, manager)
-    extra = {}
+    extra, merged_mask = {}, None
     if state is not None and state.train:
         pruned, kept_mask, extra = _select_train(prefix, scored, state, settings, manager)
         mode, overflow = "train", jnp.zeros(image_tokens.shape[:1], jnp.int32)
@@ -72,7 +72,7 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
     else:
         kept_mask = _select(prefix, scored, settings, manager)
         if settings.merge_unkept:
-            prefix, kept_mask = _merged(prefix, prefix.image_tokens, kept_mask, settings.merge_unkept)
+            prefix, kept_mask, merged_mask = _merged(prefix, prefix.image_tokens, kept_mask, settings.merge_unkept)
         if settings.mode == "masked":
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
@@ -85,6 +85,8 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         values = _measure(prefix, scored, kept_mask, overflow) | extra
         values["prefix_length"] = jnp.full(pruned.tokens.shape[:1], pruned.tokens.shape[1], jnp.int32)
         values["nonfinite"] = nonfinite
+        if merged_mask is not None:  # a slot compact mode dropped (overflow) holds nothing
+            values["merged_mask"] = merged_mask & kept_mask
         telemetry.deliver_traced(values)
         if settings.telemetry:
             description = dict(
@@ -200,7 +202,7 @@ def _select_train(prefix: Prefix, scored: _Scored, state: call.CallState, settin
                 f"merge_unkept needs a method that names the patches it keeps (relevance, random, distinct, "
                 f"keep_all); {settings.method!r} trains on a mix of them. Unset merge_unkept, or pick such a method."
             )
-        prefix, image_mask = _merged(prefix, picked, image_mask, settings.merge_unkept)
+        prefix, image_mask, _ = _merged(prefix, picked, image_mask, settings.merge_unkept)
         picked = prefix.image_tokens
     if visible and state.train_capacity is not None:
         picked_prefix = dataclasses.replace(prefix, image_tokens=picked)
@@ -230,15 +232,16 @@ def _select(prefix: Prefix, scored: _Scored, settings, manager):
     return jnp.where(live_task[:, None] > 0, kept_mask, True) & prefix.candidate_mask
 
 
-def _merged(prefix: Prefix, image_tokens, kept_mask, regions: int) -> tuple[Prefix, jax.Array]:
-    """`merge_unkept`: the unkept patches of each region of a camera as one more kept token (see `merge`)."""
+def _merged(prefix: Prefix, image_tokens, kept_mask, regions: int) -> tuple[Prefix, jax.Array, jax.Array]:
+    """`merge_unkept`: the unkept patches of each region of a camera as one more kept token (see
+    `merge`); the prefix, the kept set and the merged slots."""
     try:
-        tokens, kept_mask, _ = merge.merge_unkept(
+        tokens, kept_mask, merged_mask = merge.merge_unkept(
             image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera, regions
         )
     except ValueError as error:
         raise PruneInputError(f"merge_unkept={regions}: {error}. Choose another merge_unkept.") from None
-    return dataclasses.replace(prefix, image_tokens=tokens), kept_mask
+    return dataclasses.replace(prefix, image_tokens=tokens), kept_mask, merged_mask
 
 
 def _each_camera(hook, prefix: Prefix, settings, **arrays):

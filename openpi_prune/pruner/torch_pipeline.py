@@ -80,7 +80,9 @@ def prune(
             merge.region_of_patch(per_camera, settings.merge_unkept)[:, None] == np.arange(settings.merge_unkept),
             device=image_tokens.device,
         )
-        image_tokens, kept_mask, _ = ops.merge_unkept(image_tokens, candidate_mask, kept_mask, per_camera, member)
+        image_tokens, kept_mask, merged_mask = ops.merge_unkept(
+            image_tokens, candidate_mask, kept_mask, per_camera, member
+        )
     t = text_tokens.shape[1]
     text_source = n + torch.arange(t, device=image_tokens.device).expand(b, t)
     if (settings.mode == "masked") if training is None else not training.compact:
@@ -106,6 +108,8 @@ def prune(
     }
     if distill_loss is not None:
         values["distill_loss"] = distill_loss.detach()
+    if settings.merge_unkept:  # a slot compact mode dropped (overflow) holds nothing
+        values["merged_mask"] = merged_mask & kept_mask
     return Pruned(
         tokens=torch.cat([image, text_tokens], dim=1),
         pad_mask=torch.cat([image_mask, text_mask], dim=1),

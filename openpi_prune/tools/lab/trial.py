@@ -100,7 +100,9 @@ def measure(model, plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> di
     result["test_mse"] = draws
     if openpi_prune.is_enabled() and report:
         live = [i for i, camera in enumerate(test.images) if camera != scenes.MASKED_CAMERA]
-        kept, target = report["kept_mask"], test.target_mask
+        # Patches kept as they are: a merged slot holds a region's mean, not its patch.
+        kept = report["kept_mask"] & ~report.get("merged_mask", False)
+        target = test.target_mask
         on_target = (kept & target).sum(-1)
         result |= {
             "kept_per_camera": report["kept_per_camera"][:, live].tolist(),
@@ -122,7 +124,9 @@ def prompt_swap(model, plan: TrialPlan, test: scenes.Batch, kept: np.ndarray) ->
     newly = swapped.target_mask & ~test.target_mask
     return {
         "distractors_kept": _round((kept & distractors).sum(-1) / np.maximum(distractors.sum(-1), 1)),
-        "swap_coverage": _round((report["kept_mask"] & newly).sum(-1) / np.maximum(newly.sum(-1), 1)),
+        "swap_coverage": _round(
+            (report["kept_mask"] & ~report.get("merged_mask", False) & newly).sum(-1) / np.maximum(newly.sum(-1), 1)
+        ),
         "swap_mse": _round(_per_scene(actions, swapped.actions)),
     }
 
