@@ -215,3 +215,10 @@ def test_expert_episodes_are_kept_outside_the_checkout_by_what_shapes_them(tmp_p
     assert metaworld.episode_cache(metaworld_trial.quick_plan(tmp_path).spec) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(image_size=112)) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(tasks=("drawer-open-v3",), train_seeds=3)) == full
+
+
+def test_a_run_records_the_commit_its_code_was_loaded_from(monkeypatch):
+    # A commit made while a long run goes on must not be taken for the code it runs.
+    loaded = metaworld_trial.checkpoint.commit()
+    monkeypatch.setattr(metaworld_trial.checkpoint.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    assert metaworld_trial.checkpoint.commit() == loaded

@@ -14,7 +14,13 @@ from openpi_prune.tools.lab import scenes, train
 
 
 def commit() -> str:
-    """The commit of the code that runs (with `+dirty` when it has uncommitted changes)."""
+    """The commit of the code this process runs (with `+dirty` when it had uncommitted changes): read
+    once, when the lab was imported, so that a commit made while a long run goes on is not taken for
+    the code it loaded."""
+    return _LOADED
+
+
+def _read_commit() -> str:
     root = pathlib.Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -24,6 +30,9 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+_LOADED = _read_commit()
 
 
 def descends_from(commit: str, ancestor: str) -> bool:
