@@ -133,6 +133,13 @@ def test_distinct_keeps_what_stands_out_and_random_does_not(lab_model):
     assert recall["random"] < 0.5
 
 
+def test_a_merged_slot_is_not_counted_as_its_patch():
+    kept = np.asarray([[True, True, False, True]])
+    assert trial.as_they_are({"kept_mask": kept}).tolist() == kept.tolist()
+    merged = np.asarray([[False, True, False, False]])
+    assert trial.as_they_are({"kept_mask": kept, "merged_mask": merged}).tolist() == [[True, False, False, True]]
+
+
 def test_paired_ratio_interval_holds_the_ratio_and_needs_the_reference():
     rng = np.random.default_rng(0)
     reference = {s: rng.gamma(2.0, 1.0, (2, 200)) for s in range(3)}

@@ -100,9 +100,7 @@ def measure(model, plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> di
     result["test_mse"] = draws
     if openpi_prune.is_enabled() and report:
         live = [i for i, camera in enumerate(test.images) if camera != scenes.MASKED_CAMERA]
-        # Patches kept as they are: a merged slot holds a region's mean, not its patch.
-        kept = report["kept_mask"] & ~report.get("merged_mask", False)
-        target = test.target_mask
+        kept, target = as_they_are(report), test.target_mask
         on_target = (kept & target).sum(-1)
         result |= {
             "kept_per_camera": report["kept_per_camera"][:, live].tolist(),
@@ -115,6 +113,12 @@ def measure(model, plan: TrialPlan, val: scenes.Batch, test: scenes.Batch) -> di
     return result
 
 
+def as_they_are(report: dict) -> np.ndarray:
+    """The patches a report kept as they are: a merged slot holds a region's mean, not its patch."""
+    kept = report["kept_mask"]
+    return kept & ~report["merged_mask"] if "merged_mask" in report else kept
+
+
 def prompt_swap(model, plan: TrialPlan, test: scenes.Batch, kept: np.ndarray) -> dict:
     """The share of distractor patches kept, and after naming two other objects of the same images,
     the share of the newly named patches kept, and the swapped prompt's MSE."""
@@ -124,9 +128,7 @@ def prompt_swap(model, plan: TrialPlan, test: scenes.Batch, kept: np.ndarray) ->
     newly = swapped.target_mask & ~test.target_mask
     return {
         "distractors_kept": _round((kept & distractors).sum(-1) / np.maximum(distractors.sum(-1), 1)),
-        "swap_coverage": _round(
-            (report["kept_mask"] & ~report.get("merged_mask", False) & newly).sum(-1) / np.maximum(newly.sum(-1), 1)
-        ),
+        "swap_coverage": _round((as_they_are(report) & newly).sum(-1) / np.maximum(newly.sum(-1), 1)),
         "swap_mse": _round(_per_scene(actions, swapped.actions)),
     }
 
