@@ -9,6 +9,7 @@ for _var in [v for v in os.environ if v.startswith("OPENPI_PRUNE")]:
     del os.environ[_var]
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 import openpi_prune  # noqa: E402
 from openpi_prune import telemetry  # noqa: E402
@@ -127,6 +128,25 @@ def last_report():
     reports = telemetry.recent()
     assert reports, "no telemetry was reported"
     return reports[-1]
+
+
+def two_scenes(cfg):
+    """Two observations: three live cameras and a 12-token prompt; two (the right wrist masked) and 7."""
+    return small.observation(
+        cfg, batch_size=2, prompt_tokens=[12, 7], camera_masks={"right_wrist_0_rgb": [True, False]}
+    )
+
+
+def in_both_modes(model, cfg, **settings):
+    """`sample_actions` on `two_scenes` in masked and in compact mode, the same noise: the actions
+    and the last telemetry report of each."""
+    obs, noise = two_scenes(cfg), jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
+    actions, reports = {}, {}
+    for mode in ("masked", "compact"):
+        with openpi_prune.enabled(mode=mode, warn_below=0, **settings):
+            actions[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
+            reports[mode] = last_report()
+    return actions, reports
 
 
 def _no_transforms(model_config):

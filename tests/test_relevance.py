@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import last_report
+from conftest import in_both_modes, last_report, two_scenes
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -77,10 +77,7 @@ def test_distillation_is_best_when_relevance_matches_saliency(seed):
     assert np.all(np.asarray(matched) <= np.asarray(other) + 1e-5)
 
 
-def _observation(cfg):
-    return small.observation(
-        cfg, batch_size=2, prompt_tokens=[12, 7], camera_masks={"right_wrist_0_rgb": [True, False]}
-    )
+_observation = two_scenes
 
 
 def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relevance_model, monkeypatch):
@@ -117,15 +114,9 @@ def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relev
 @pytest.mark.parametrize("fraction", [0.05, 0.2])
 def test_relevance_keeps_its_share_of_live_patches_in_both_modes(relevance_model, fraction):
     cfg, model = relevance_model
-    obs = _observation(cfg)
-    noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
-    out, kept = {}, {}
-    for mode in ("masked", "compact"):
-        with openpi_prune.enabled(method="relevance", keep_fraction=fraction, mode=mode, warn_below=0):
-            out[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
-            report = last_report()
-            kept[mode] = report.kept_mask
-    live = np.asarray([3, 2]) * (report.kept_mask.shape[1] // 3)
+    out, reports = in_both_modes(model, cfg, method="relevance", keep_fraction=fraction)
+    kept = {mode: report.kept_mask for mode, report in reports.items()}
+    live = np.asarray([3, 2]) * (kept["masked"].shape[1] // 3)
     np.testing.assert_array_equal(kept["masked"].sum(-1), np.ceil(fraction * live))
     np.testing.assert_array_equal(kept["masked"], kept["compact"])
     np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
@@ -134,20 +125,16 @@ def test_relevance_keeps_its_share_of_live_patches_in_both_modes(relevance_model
 
 def test_adaptive_budget_keeps_per_scene_counts_within_the_compact_capacity(relevance_model):
     cfg, model = relevance_model
-    obs = _observation(cfg)
-    noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
-    out, kept = {}, {}
-    for mode in ("masked", "compact"):
-        with openpi_prune.enabled(method="relevance", keep_mass=0.5, keep_fraction=0.3, mode=mode, warn_below=0):
-            out[mode] = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise))
-            kept[mode] = last_report().kept_mask
+    out, reports = in_both_modes(model, cfg, method="relevance", keep_mass=0.5, keep_fraction=0.3)
+    kept = {mode: report.kept_mask for mode, report in reports.items()}
     per_camera = kept["masked"].shape[1] // 3
     live = np.asarray([3, 2]) * per_camera
     assert np.all(kept["masked"].sum(-1) >= 1) and np.all(kept["masked"].sum(-1) <= np.ceil(0.3 * live))
     np.testing.assert_array_equal(kept["masked"], kept["compact"])
     np.testing.assert_allclose(out["masked"], out["compact"], atol=2e-5)
     with openpi_prune.enabled(method="relevance", keep_mass=1.0, keep_fraction=0.3, warn_below=0):
-        model.sample_actions(jax.random.key(0), obs, num_steps=2, noise=noise)
+        noise = jax.random.normal(jax.random.key(3), (2, cfg.action_horizon, cfg.action_dim))
+        model.sample_actions(jax.random.key(0), _observation(cfg), num_steps=2, noise=noise)
         np.testing.assert_array_equal(last_report().kept_mask.sum(-1), np.ceil(0.3 * live))  # all the mass: the cap
 
 
