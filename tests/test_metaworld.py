@@ -62,6 +62,10 @@ def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
     assert gap["points"] == pytest.approx(10.0) and gap["low"] <= 10.0 <= gap["high"] and gap["low"] < gap["high"]
     assert metaworld_trial.paired_gap(reference, run("unseeded", [1] * 10)) is None
     assert metaworld_trial._gap_cell({"paired_gap": None}) == "other scenes"
+    # Against the default, a better variant's gap reads as points above it.
+    assert metaworld_trial._gap_cell({"g": gap}, "g").startswith("10.0 [")
+    assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).startswith("-10.0 [")
+    assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).endswith("(1 / 2 of 10)")
 
 
 def test_git_tells_which_runs_descend_from_a_commit():

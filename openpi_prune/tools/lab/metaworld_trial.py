@@ -399,13 +399,16 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
             "kept_per_camera": np.asarray(kept)[:, :2].mean(0).tolist() if kept else None,
             "commit": run["commit"],
         }
-    reference = out_dir / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
-    if reference.exists():
-        reference = json.loads(reference.read_text())
+    # Each variant paired scene by scene with the reference, and with the default.
+    for against, key in ((trial_plan.REFERENCE, "paired_gap"), (trial_plan.DEFAULT, "paired_gap_to_default")):
+        path = out_dir / "closed-loop" / f"{slug(against)}.json"
+        if not path.exists():
+            continue
+        baseline_run = json.loads(path.read_text())
         for name, row in rows.items():
-            run = json.loads((out_dir / "closed-loop" / f"{slug(name)}.json").read_text())
-            if name != trial_plan.REFERENCE:
-                row["paired_gap"] = paired_gap(reference, run)
+            if name not in (against, trial_plan.REFERENCE):
+                run = json.loads((out_dir / "closed-loop" / f"{slug(name)}.json").read_text())
+                row[key] = paired_gap(baseline_run, run)
     report = {"plan": dataclasses.asdict(plan), "variants": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
@@ -453,14 +456,15 @@ def paired_gap(reference: dict, run: dict) -> dict | None:
     }
 
 
-def _gap_cell(row: dict) -> str:
-    gap = row.get("paired_gap", "-")
+def _gap_cell(row: dict, key: str = "paired_gap", above: bool = False) -> str:
+    """A paired gap as points below the run it pairs with (`above`: as points above it)."""
+    gap = row.get(key, "-")
     if not isinstance(gap, dict):
         return "-" if gap == "-" else "other scenes"
-    return (
-        f"{gap['points']:.1f} [{gap['low']:.1f}, {gap['high']:.1f}] "
-        f"({gap['reference_only']} / {gap['variant_only']} of {gap['episodes']})"
-    )
+    solved_alone = (gap["reference_only"], gap["variant_only"])
+    sign, alone = (-1, solved_alone[::-1]) if above else (1, solved_alone)
+    low, high = sorted((sign * gap["low"], sign * gap["high"]))
+    return f"{sign * gap['points']:.1f} [{low:.1f}, {high:.1f}] ({alone[0]} / {alone[1]} of {gap['episodes']})"
 
 
 def _cells(name: str, row: dict, plan: SuitePlan) -> list[str]:
@@ -470,6 +474,7 @@ def _cells(name: str, row: dict, plan: SuitePlan) -> list[str]:
         name,
         f"{row['success']:.0%} [{row['low']:.0%}, {row['high']:.0%}] of {row['episodes']}",
         _gap_cell(row),
+        _gap_cell(row, "paired_gap_to_default", above=True),
         *("-" if s is None else f"{s:.0%}" for s in tasks),
         "-" if row["call_ms_median"] is None else f"{row['call_ms_median']:.0f}",
         "-" if kept is None else " / ".join(f"{k:.1f}" for k in kept),
@@ -481,6 +486,7 @@ def _headers(plan: SuitePlan) -> list[str]:
         "variant",
         "success [Wilson 95 %]",
         "points below the reference, same scenes [95 %] (solved by it only / by this only)",
+        "points above the default, same scenes [95 %] (solved by this only / by it only)",
         *(t.removesuffix("-v3") for t in plan.spec.tasks),
         "ms / call",
         "kept per camera",
