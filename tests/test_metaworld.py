@@ -61,6 +61,9 @@ def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
     assert (gap["reference_only"], gap["variant_only"], gap["episodes"]) == (2, 1, 10)
     assert gap["points"] == pytest.approx(10.0) and gap["low"] <= 10.0 <= gap["high"] and gap["low"] < gap["high"]
     assert metaworld_trial.paired_gap(reference, run("unseeded", [1] * 10)) is None
+    elsewhere = run("seeded", [1])
+    elsewhere["episodes"][0]["task"] = "another task"
+    assert metaworld_trial.paired_gap(reference, elsewhere) is None  # no scene in common
     assert metaworld_trial._gap_cell({"paired_gap": None}) == "other scenes"
     # Against the default, a better variant's gap reads as points above it.
     assert metaworld_trial._gap_cell({"g": gap}, "g").startswith("10.0 [")

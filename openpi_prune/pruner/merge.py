@@ -14,17 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from openpi_prune.errors import PruneInputError
+
 
 def region_of_patch(per_camera: int, regions: int) -> np.ndarray:
     """Each patch's region (row-major squares of the camera's square grid): an int array [p]."""
     side, cut = math.isqrt(per_camera), math.isqrt(regions)
     if side * side != per_camera or cut * cut != regions or side % cut:
-        raise ValueError(
-            f"{regions} regions do not tile a camera of {per_camera} patches: both must be squares, "
-            "and the grid's side a multiple of the regions' (e.g. 1, 4 or 16 regions for 8 x 8 patches)"
+        raise PruneInputError(
+            f"merge_unkept={regions}: {regions} regions do not tile a camera of {per_camera} patches: both must "
+            "be squares, and the grid's side a multiple of the regions' (e.g. 1, 4 or 16 regions for 8 x 8 "
+            "patches). Choose another merge_unkept."
         )
     row, column = np.divmod(np.arange(per_camera), side)
     return (row // (side // cut)) * cut + column // (side // cut)
+
+
+def membership(per_camera: int, regions: int) -> np.ndarray:
+    """`[p, r]`: whether patch p lies in region r."""
+    return region_of_patch(per_camera, regions)[:, None] == np.arange(regions)
 
 
 def merge_unkept(
@@ -39,7 +47,7 @@ def merge_unkept(
     slots (none for a region whose live patches are all kept, or that has none)."""
     b, n, d = image_tokens.shape
     cameras = n // per_camera
-    member = jnp.asarray(region_of_patch(per_camera, regions)[:, None] == np.arange(regions))  # [p, r]
+    member = jnp.asarray(membership(per_camera, regions))
     tokens = image_tokens.reshape(b, cameras, per_camera, d)
     unkept = (candidate_mask & ~kept_mask).reshape(b, cameras, per_camera)
     in_region = unkept[..., None] & member  # [b, c, p, r]
@@ -47,7 +55,8 @@ def merge_unkept(
     total = jnp.einsum("bcpr,bcpd->bcrd", in_region.astype(jnp.float32), tokens.astype(jnp.float32))
     mean = (total / jnp.maximum(count, 1)[..., None]).astype(tokens.dtype)
     # The slot of each region's first unkept patch holds its mean.
-    first = (jnp.arange(per_camera)[:, None] == jnp.argmax(in_region, axis=2)[:, :, None, :]) & (count[:, :, None, :] > 0)
+    first_index = jnp.argmax(in_region, axis=2)  # [b, c, r]: the first unkept patch of each region
+    first = (jnp.arange(per_camera)[:, None] == first_index[:, :, None, :]) & (count[:, :, None, :] > 0)
     merged = jnp.any(first, axis=-1)  # [b, c, p]: a patch is in one region only
     region_mean = jnp.einsum("bcpr,bcrd->bcpd", first.astype(mean.dtype), mean)
     tokens = jnp.where(merged[..., None], region_mean, tokens)

@@ -235,12 +235,9 @@ def _select(prefix: Prefix, scored: _Scored, settings, manager):
 def _merged(prefix: Prefix, image_tokens, kept_mask, regions: int) -> tuple[Prefix, jax.Array, jax.Array]:
     """`merge_unkept`: the unkept patches of each region of a camera as one more kept token (see
     `merge`); the prefix, the kept set and the merged slots."""
-    try:
-        tokens, kept_mask, merged_mask = merge.merge_unkept(
-            image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera, regions
-        )
-    except ValueError as error:
-        raise PruneInputError(f"merge_unkept={regions}: {error}. Choose another merge_unkept.") from None
+    tokens, kept_mask, merged_mask = merge.merge_unkept(
+        image_tokens, prefix.candidate_mask, kept_mask, prefix.per_camera, regions
+    )
     return dataclasses.replace(prefix, image_tokens=tokens), kept_mask, merged_mask
 
 

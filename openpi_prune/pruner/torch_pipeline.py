@@ -5,7 +5,6 @@ ported to torch. It knows nothing of OpenPI: the adapter hands it a prefix's ima
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from openpi_prune.errors import PruneInputError
@@ -76,10 +75,7 @@ def prune(
     # No live task token: nothing to score against, every live patch is kept.
     kept_mask = torch.where(torch.any(text_mask, dim=-1)[:, None], kept_mask, True) & candidate_mask
     if settings.merge_unkept:
-        member = torch.as_tensor(
-            merge.region_of_patch(per_camera, settings.merge_unkept)[:, None] == np.arange(settings.merge_unkept),
-            device=image_tokens.device,
-        )
+        member = torch.as_tensor(merge.membership(per_camera, settings.merge_unkept), device=image_tokens.device)
         image_tokens, kept_mask, merged_mask = ops.merge_unkept(
             image_tokens, candidate_mask, kept_mask, per_camera, member
         )

@@ -374,12 +374,12 @@ def action_mse(
 
 
 def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
-    rows = {}
+    rows, runs = {}, {}
     for name in VARIANTS:
         path = out_dir / "closed-loop" / f"{slug(name)}.json"
         if not path.exists():
             continue
-        run = json.loads(path.read_text())
+        run = runs[name] = json.loads(path.read_text())
         per_task = {}
         for task in plan.spec.tasks:
             wins = [e["success"] for e in run["episodes"] if e["task"] == task]
@@ -401,14 +401,9 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
         }
     # Each variant paired scene by scene with the reference, and with the default.
     for against, key in ((trial_plan.REFERENCE, "paired_gap"), (trial_plan.DEFAULT, "paired_gap_to_default")):
-        path = out_dir / "closed-loop" / f"{slug(against)}.json"
-        if not path.exists():
-            continue
-        baseline_run = json.loads(path.read_text())
         for name, row in rows.items():
-            if name not in (against, trial_plan.REFERENCE):
-                run = json.loads((out_dir / "closed-loop" / f"{slug(name)}.json").read_text())
-                row[key] = paired_gap(baseline_run, run)
+            if against in runs and name not in (against, trial_plan.REFERENCE):
+                row[key] = paired_gap(runs[against], runs[name])
     report = {"plan": dataclasses.asdict(plan), "variants": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
@@ -436,13 +431,16 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
 
 def paired_gap(reference: dict, run: dict) -> dict | None:
     """The reference's success minus the run's on the scenes both met, in points, with a 95 % bootstrap
-    interval over those episodes, and how many each alone solved; None unless both met seeded scenes."""
+    interval over those episodes, and how many each alone solved; None unless both met seeded scenes
+    (and share some)."""
     if not all(checkpoint.descends_from(r["commit"], SEEDED_SINCE) for r in (reference, run)):
         return None
     solved = {(e["task"], e["seed"]): e["success"] for e in reference["episodes"]}
     pairs = np.asarray(
         [(solved[key], e["success"]) for e in run["episodes"] if (key := (e["task"], e["seed"])) in solved], float
     )
+    if not pairs.size:
+        return None
     differences = 100 * (pairs[:, 0] - pairs[:, 1])
     resampled = np.random.default_rng(0).choice(differences, size=(trial_plan.BOOTSTRAP, len(differences)))
     low, high = np.percentile(resampled.mean(axis=1), [2.5, 97.5])
