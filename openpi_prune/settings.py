@@ -46,7 +46,8 @@ class PruneSettings:
     # cumsum(input_mask), which would renumber them); False: OpenPI's numbering of the pruned prefix.
     keep_positions: bool = True
     # Pruning inside SigLIP: score the patches after this many of its layers (So400m has 27) and run
-    # the rest on the kept ones only, each camera keeping its own share; None: prune after SigLIP.
+    # the rest on the kept ones only, each camera keeping its own share; 0: SigLIP runs on the kept
+    # patches alone; None: prune after SigLIP.
     # For methods that score each patch (relevance, random, distinct, keep_all).
     siglip_layer: int | None = None
     # Share of each sample's live patches the `relevance` method keeps (with keep_mass: at most).
@@ -145,10 +146,11 @@ class PruneSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise SettingsError(f"{name} must be an integer >= {lowest} (training steps); got {value!r}")
         if self.siglip_layer is not None and (
-            isinstance(self.siglip_layer, bool) or not isinstance(self.siglip_layer, int) or self.siglip_layer < 1
+            isinstance(self.siglip_layer, bool) or not isinstance(self.siglip_layer, int) or self.siglip_layer < 0
         ):
             raise SettingsError(
-                f"siglip_layer must be an integer >= 1 (SigLIP layers before the pruning) or None; got {self.siglip_layer!r}"
+                f"siglip_layer must be an integer >= 0 (SigLIP layers before the pruning; 0: before the first) or None; "
+                f"got {self.siglip_layer!r}"
             )
         if (
             isinstance(self.saliency_share, bool)

@@ -644,18 +644,19 @@ def test_saliency_every_on_a_model_without_its_step():
 
 
 def test_setting_bad_siglip_layer():
-    for value in (0, -1, True, 2.5, "4"):
-        with pytest.raises(SettingsError, match=r"siglip_layer must be an integer >= 1 .*or None"):
+    for value in (-1, True, 2.5, "4"):
+        with pytest.raises(SettingsError, match=r"siglip_layer must be an integer >= 0 .*or None"):
             PruneSettings(siglip_layer=value)
     with pytest.raises(SettingsError, match="siglip_layer must be an integer; got 'early'"):
         parse("siglip_layer=early")
     assert parse("siglip_layer=none").siglip_layer is None and parse("siglip_layer=4").siglip_layer == 4
+    assert parse("siglip_layer=0").siglip_layer == 0  # before SigLIP's first layer
 
 
 def test_siglip_layer_beyond_the_encoder(pi05):
     cfg, model = pi05  # SigLIP mu/14: one layer
     with openpi_prune.enabled(siglip_layer=2, telemetry=False):
-        with pytest.raises(openpi_prune.PruneInputError, match="has 1 layers: choose 1..1"):
+        with pytest.raises(openpi_prune.PruneInputError, match="has 1 layers: choose 0..1"):
             _sample(model, small.observation(cfg))
 
 

@@ -55,10 +55,10 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
         num_steps=2,
         repeats=1,
         prompt_tokens=24,
-        siglip_layers=(1,),
+        siglip_layers=(1, 0),
     )
     by_name = {r.name: r for r in rows}
-    assert list(by_name) == [name for name, _ in at_size.size_variants((1,))]
+    assert list(by_name) == [name for name, _ in at_size.size_variants((1, 0))]
     upstream = by_name["upstream OpenPI"]
     assert (upstream.prefix, upstream.live) == (3 * 256 + 200, 2 * 256 + 24)
     default = by_name["relevance (defaults)"]
@@ -73,6 +73,11 @@ def test_at_size_rows_compact_the_masked_camera_and_the_prompt_padding(tmp_path)
     assert (inside.prefix, inside.kept) == (2 * 52 + 32, 104)
     # batch 2, two cameras each
     assert inside.flops.siglip == pytest.approx(2 * flops.siglip("mu/14", images=2, out_width=64, layer=1, kept=52))
+    # Before its first layer: SigLIP's one block runs on the kept patches alone.
+    before = by_name["same, pruned before SigLIP"]
+    assert (before.prefix, before.kept) == (2 * 52 + 32, 104)
+    assert before.flops.siglip == pytest.approx(2 * flops.siglip("mu/14", images=2, out_width=64, layer=0, kept=52))
+    assert before.flops.siglip < 0.51 * inside.flops.siglip  # its block now over 52 patches, not 256
     assert all(r.min_ms > 0 and r.median_ms >= r.min_ms for r in rows)
     assert all(0 < r.pruner_ms < r.prefix_ms for r in rows if r.name != "upstream OpenPI")
     assert upstream.prefix_ms > 0 and upstream.pruner_ms is None  # the floor is named for every row

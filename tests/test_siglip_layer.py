@@ -1,5 +1,6 @@
 """Pruning inside SigLIP (`siglip_layer`): on a pi0.5 whose SigLIP has 12 layers (Ti/14, 256 patches a
-camera), the later layers run on the kept patches only, and nothing changes when all are kept."""
+camera), the later layers run on the kept patches only (with 0, all of them), and nothing changes when
+all are kept."""
 
 import jax
 import jax.numpy as jnp
@@ -36,23 +37,25 @@ def _sample(model, observation, **settings):
     return actions, {k: np.asarray(v) for k, v in reports[0].items()}
 
 
-def test_keeping_every_patch_gives_upstream_s_actions_exactly(deep):
+@pytest.mark.parametrize("layer", [LAYER, 0])
+def test_keeping_every_patch_gives_upstream_s_actions_exactly(deep, layer):
     cfg, model, observation, upstream, _ = deep
-    actions, report = _sample(model, observation, method="keep_all", siglip_layer=LAYER)
+    actions, report = _sample(model, observation, method="keep_all", siglip_layer=layer)
     np.testing.assert_array_equal(actions, upstream)
     assert report["prefix_length"].tolist() == [3 * 256 + cfg.max_token_len] * 2
 
 
-def test_each_live_camera_keeps_its_share_and_the_later_layers_see_only_those(deep):
+@pytest.mark.parametrize("layer", [LAYER, 0])
+def test_each_live_camera_keeps_its_share_and_the_later_layers_see_only_those(deep, layer):
     cfg, model, observation, upstream, _ = deep
-    actions, report = _sample(model, observation, siglip_layer=LAYER)
+    actions, report = _sample(model, observation, siglip_layer=layer)
     kept = int(np.ceil(0.2 * 256))
     assert report["kept_per_camera"].tolist() == [[kept, kept, 0]] * 2
     assert report["prefix_length"].tolist() == [3 * kept + cfg.max_token_len] * 2
     assert np.all(np.isfinite(actions)) and not np.allclose(actions, upstream)
-    # SigLIP's blocks run as two scans per camera: LAYER blocks over all 256 patches, the other
-    # 12 - LAYER over the kept ones only.
-    with openpi_prune.enabled(siglip_layer=LAYER):
+    # SigLIP's blocks run as two scans per camera: `layer` blocks over all 256 patches, the other
+    # 12 - layer over the kept ones only.
+    with openpi_prune.enabled(siglip_layer=layer):
         graphdef, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(
             lambda s: nnx.merge(graphdef, s).sample_actions(jax.random.key(0), observation, num_steps=2)
@@ -62,9 +65,9 @@ def test_each_live_camera_keeps_its_share_and_the_later_layers_see_only_those(de
         for e in jaxpr.eqns
         if e.primitive.name == "scan" and e.outvars and e.outvars[0].aval.shape[-1:] == (192,)
     ]
-    assert scans.count((LAYER, (2, 256, 192))) == 3, scans
-    assert scans.count((12 - LAYER, (2, kept, 192))) == 3, scans
-    assert not any(length == 12 for length, _ in scans), "no camera runs all 12 layers over every patch"
+    over_every_patch = [length for length, shape in scans if shape == (2, 256, 192) and length]
+    assert over_every_patch == [layer] * 3 if layer else not over_every_patch, scans
+    assert scans.count((12 - layer, (2, kept, 192))) == 3, scans
 
 
 def test_pruned_after_the_last_layer_the_kept_tokens_are_upstream_s(deep):

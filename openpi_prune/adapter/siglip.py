@@ -72,9 +72,9 @@ def encoder_part(instance, split: Split, x, deterministic=True):
     from flax import linen as nn
     from openpi.models import siglip
 
-    if not 1 <= split.layer <= instance.depth:
+    if not 0 <= split.layer <= instance.depth:
         raise PruneInputError(
-            f"siglip_layer={split.layer}, but this model's SigLIP has {instance.depth} layers: choose 1.."
+            f"siglip_layer={split.layer}, but this model's SigLIP has {instance.depth} layers: choose 0.."
             f"{instance.depth} (the patches are dropped after that many), or unset it to prune after SigLIP."
         )
     params = instance.variables["params"]

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--siglip-layers",
         type=int,
-        nargs="+",
-        help="also rows pruned inside SigLIP after each of these layers (default 9 4; none: 0)",
+        nargs="*",
+        help="also rows pruned inside SigLIP after each of these layers, 0 before its first (default 9 4 0; "
+        "the flag alone: none)",
     )
     bench.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default %(default)s)")
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes (default 1)")

@@ -44,7 +44,7 @@ def main(args) -> int:
             if given
         ]
         if not args.small
-        else [f for f, given in (("--out", args.out), ("--siglip-layers", args.siglip_layers)) if given]
+        else [f for f, given in (("--out", args.out), ("--siglip-layers", args.siglip_layers is not None)) if given]
     )
     if ignored:
         names = ", ".join(ignored)
@@ -65,7 +65,7 @@ def main(args) -> int:
             num_steps=args.num_steps,
             repeats=args.repeats or 3,
             prompt_tokens=args.prompt_tokens,
-            siglip_layers=tuple(args.siglip_layers or at_size.SIGLIP_LAYERS),
+            siglip_layers=at_size.SIGLIP_LAYERS if args.siglip_layers is None else tuple(args.siglip_layers),
         )
         show_at_size(
             rows,

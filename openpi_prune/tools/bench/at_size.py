@@ -29,16 +29,18 @@ SIZE_VARIANTS = (
     ("relevance, telemetry off", dict(method="relevance", telemetry=False)),
     ("relevance, LIBERO's unused camera dropped, telemetry off", DROPPED),
 )
-SIGLIP_LAYERS = (9, 4)  # of So400m's 27: a third, a seventh
+SIGLIP_LAYERS = (9, 4, 0)  # of So400m's 27: a third, a seventh, none (SigLIP on the kept patches alone)
 
 
 def size_variants(siglip_layers=SIGLIP_LAYERS) -> tuple:
     """The rows: upstream, the defaults, and the dropped-camera row pruned inside SigLIP after each
-    of `siglip_layers` (0: none)."""
+    of `siglip_layers`."""
     inside = tuple(
-        (f"same, pruned inside SigLIP after layer {layer}", DROPPED | dict(siglip_layer=layer))
+        (
+            f"same, pruned inside SigLIP after layer {layer}" if layer else "same, pruned before SigLIP",
+            DROPPED | dict(siglip_layer=layer),
+        )
         for layer in siglip_layers
-        if layer
     )
     return SIZE_VARIANTS + inside
 
@@ -217,7 +219,7 @@ def run_at_size(
                         del prefix_pass, pruner
                     layer = None if settings is None else settings.get("siglip_layer")
                     # Pruned inside SigLIP: each camera's later blocks run on its share of the slots.
-                    siglip_kept = (prefix_len - obs.tokenized_prompt.shape[1]) // cameras if layer else 0
+                    siglip_kept = (prefix_len - obs.tokenized_prompt.shape[1]) // cameras if layer is not None else 0
                     parts = flops.sample_actions(
                         model_config,
                         batch=batch,

@@ -36,6 +36,9 @@ VARIANTS = {
     "relevance, 14 % kept, merged by quarter (13 a camera)": dict(
         method="relevance", keep_fraction=0.14, merge_unkept=4
     ),
+    # Pruned before SigLIP's (one) layer: it runs on each camera's kept patches alone, as the
+    # full-size bench's cheapest row does; what does that cost against pruning after it?
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
