@@ -99,3 +99,14 @@ def test_training_teaches_the_head_on_the_early_tokens(deep):
     assert np.isfinite(float(value)) and float(np.mean(distill)) > 0
     head = np.asarray(grads["prune_relevance_key"].value)
     assert np.all(np.isfinite(head)) and np.abs(head).max() > 0
+
+
+@pytest.mark.parametrize("layer", [LAYER, 0])
+def test_masked_mode_gives_compact_mode_s_actions(deep, layer):
+    """Masked mode keeps every slot, but SigLIP's later layers run on the patches the compact prefix
+    holds: the same tokens, so the same actions."""
+    cfg, model, observation, _, _ = deep
+    compact, _ = _sample(model, observation, siglip_layer=layer)
+    masked, report = _sample(model, observation, siglip_layer=layer, mode="masked")
+    assert report["prefix_length"].tolist() == [3 * 256 + cfg.max_token_len] * 2
+    np.testing.assert_allclose(masked, compact, atol=1e-5)

@@ -10,9 +10,12 @@ the layers after it run on the kept patches only.
    name and runs the remaining blocks on them only; the kept tokens of the result replace the early
    ones in the pruned prefix. (Its stem and the prompt's embedding are computed again and unused,
    which the compiler drops.)
-Training runs the late pass on every patch (the pruned ones hidden afterwards, as without
-`siglip_layer`), so the head learns to read the early tokens; the upstream blocks have no attention
-mask, so a padding slot, if any, is seen by the kept patches in the late pass.
+A full-length training pass (during the keep ramp, or with `compact_training` off) runs the late
+pass on every patch (the pruned ones hidden afterwards, as without `siglip_layer`), so the head learns
+to read the early tokens; after the ramp it runs on the kept ones, as at inference. Masked mode runs
+it on the patches the compact prefix would hold (`Pruned.encoder_source`), so that both modes give
+the same tokens. The upstream blocks have no attention mask, so a padding slot, if any, is seen by
+the kept patches in the late pass.
 """
 
 import dataclasses
@@ -50,7 +53,8 @@ def embed_prefix(wrapped, observation, prune):
     pruned = prune(*early)
     b, per_camera = early[0].shape[0], split.hidden[0].shape[1]
     image_slots = pruned.slot_source.shape[1] - observation.tokenized_prompt.shape[1]
-    sources = pruned.slot_source[:, :image_slots].reshape(b, cameras, image_slots // cameras)
+    encoded = pruned.slot_source[:, :image_slots] if pruned.encoder_source is None else pruned.encoder_source
+    sources = encoded.reshape(b, cameras, encoded.shape[1] // cameras)
     local = sources - per_camera * jnp.arange(cameras)[None, :, None]
     late_split = dataclasses.replace(split, slots=[local[:, i] for i in range(cameras)])
     with call.scope(siglip=late_split):

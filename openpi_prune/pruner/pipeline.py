@@ -40,6 +40,9 @@ class Pruned:
     input_mask: jax.Array
     ar_mask: jax.Array
     slot_source: jax.Array  # [b, slots]: the unpruned index of the token each slot holds (before any extension)
+    # Masked mode with `siglip_layer`: the patches the compact prefix would hold, which SigLIP's later
+    # layers run on, so that both modes give the same tokens; None: those of `slot_source`.
+    encoder_source: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,10 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         if settings.mode == "masked":
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
+            if settings.siglip_layer is not None:
+                compact, _, _ = _compact(prefix, kept_mask, scored.counts, capacity, settings)
+                image_slots = compact.slot_source.shape[1] - prefix.text_tokens.shape[1]
+                pruned = dataclasses.replace(pruned, encoder_source=compact.slot_source[:, :image_slots])
         else:
             pruned, kept_mask, overflow = _compact(prefix, kept_mask, scored.counts, capacity, settings)
             mode, slots = "compact", pruned.slot_source.shape[1] - prefix.text_tokens.shape[1]
