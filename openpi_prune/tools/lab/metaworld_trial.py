@@ -41,6 +41,9 @@ VARIANTS = {
     "relevance, 24 % kept, merged by quarter (the 30 % share's count)": dict(
         method="relevance", keep_fraction=0.24, merge_unkept=4
     ),
+    # SigLIP on each camera's kept patches alone (a share per camera): cheaper, and on the blocks trial
+    # more accurate than pruning after it.
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }
