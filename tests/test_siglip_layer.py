@@ -106,7 +106,8 @@ def test_masked_mode_gives_compact_mode_s_actions(deep, layer):
     """Masked mode keeps every slot, but SigLIP's later layers run on the patches the compact prefix
     holds: the same tokens, so the same actions."""
     cfg, model, observation, _, _ = deep
-    compact, _ = _sample(model, observation, siglip_layer=layer)
+    compact, compact_report = _sample(model, observation, siglip_layer=layer)
     masked, report = _sample(model, observation, siglip_layer=layer, mode="masked")
     assert report["prefix_length"].tolist() == [3 * 256 + cfg.max_token_len] * 2
+    np.testing.assert_array_equal(report["kept_mask"], compact_report["kept_mask"])
     np.testing.assert_allclose(masked, compact, atol=1e-5)

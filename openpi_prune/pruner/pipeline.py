@@ -40,8 +40,8 @@ class Pruned:
     input_mask: jax.Array
     ar_mask: jax.Array
     slot_source: jax.Array  # [b, slots]: the unpruned index of the token each slot holds (before any extension)
-    # Masked mode with `siglip_layer`: the patches the compact prefix would hold, which SigLIP's later
-    # layers run on, so that both modes give the same tokens; None: those of `slot_source`.
+    # Masked mode with `siglip_layer`: the patches the compact prefix would hold (the kept ones), which
+    # SigLIP's later layers run on; None: those of `slot_source`.
     encoder_source: jax.Array | None = None
 
 
@@ -76,13 +76,17 @@ def prune(model, prefix: Prefix, state: call.CallState | None, settings: PruneSe
         kept_mask = _select(prefix, scored, settings, manager)
         if settings.merge_unkept:
             prefix, kept_mask, merged_mask = _merged(prefix, prefix.image_tokens, kept_mask, settings.merge_unkept)
-        if settings.mode == "masked":
+        if settings.mode == "masked" and settings.siglip_layer is not None:
+            # SigLIP's later layers run on the patches the compact prefix holds, and those are kept:
+            # masked and compact mode give the same tokens.
+            compact, kept_mask, overflow = _compact(prefix, kept_mask, scored.counts, min(capacity, n), settings)
+            image_slots = compact.slot_source.shape[1] - prefix.text_tokens.shape[1]
+            encoder_source = compact.slot_source[:, :image_slots]
+            pruned = dataclasses.replace(_masked(prefix, kept_mask), encoder_source=encoder_source)
+            mode, slots = "masked", n
+        elif settings.mode == "masked":
             pruned = _masked(prefix, kept_mask)
             mode, slots, overflow = "masked", n, jnp.zeros(image_tokens.shape[:1], jnp.int32)
-            if settings.siglip_layer is not None:
-                compact, _, _ = _compact(prefix, kept_mask, scored.counts, capacity, settings)
-                image_slots = compact.slot_source.shape[1] - prefix.text_tokens.shape[1]
-                pruned = dataclasses.replace(pruned, encoder_source=compact.slot_source[:, :image_slots])
         else:
             pruned, kept_mask, overflow = _compact(prefix, kept_mask, scored.counts, capacity, settings)
             mode, slots = "compact", pruned.slot_source.shape[1] - prefix.text_tokens.shape[1]
