@@ -298,7 +298,10 @@ _samplers: dict = {}
 def _sampler(graphdef, state, num_steps: int):
     """One compiled sampler per model structure and pruning settings (a stressed copy of a model
     reuses its model's): the settings in force when it was traced stay compiled in."""
-    structure = str(jax.tree_util.tree_structure(jax.tree_util.tree_map(jnp.shape, state.to_pure_dict())))
+    # Each parameter's path, shape and dtype: two models that differ only in a size (an action
+    # dimension) must not share a sampler traced for the other's.
+    leaves = jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]
+    structure = tuple((jax.tree_util.keystr(path), jnp.shape(x), str(jnp.result_type(x))) for path, x in leaves)
     key = (structure, openpi_prune.current_settings(), num_steps)
     if key not in _samplers:
 
