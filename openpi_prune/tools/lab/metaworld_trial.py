@@ -41,6 +41,11 @@ VARIANTS = {
     "relevance, 24 % kept, merged by quarter (the 30 % share's count)": dict(
         method="relevance", keep_fraction=0.24, merge_unkept=4
     ),
+    # The same count spent mostly on a coarse view: 7 patches, and the means of the unkept ones of each
+    # 2 x 2 block of patches (16 a camera). Is it the outline of the whole scene that the merge adds?
+    "relevance, 5 % kept, merged by 2 x 2 patches (the 30 % share's count)": dict(
+        method="relevance", keep_fraction=0.05, merge_unkept=16
+    ),
     # SigLIP on each camera's kept patches alone (a share per camera): cheaper, and on the blocks trial
     # more accurate than pruning after it.
     "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
