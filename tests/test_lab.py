@@ -115,3 +115,15 @@ def test_an_interrupted_training_run_resumes_with_the_same_updates(tmp_path, mon
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="another schedule"):
         train.train(train.create(spec), spec, dataclasses.replace(schedule, steps=5), resume=state)
+
+
+def test_a_sampler_is_compiled_per_parameter_shape_not_per_tree_layout():
+    """Two models whose parameters differ only in a size (an action dimension) get samplers of their
+    own; a copy of the same shapes reuses its model's."""
+    from flax import nnx
+
+    from openpi_prune.tools.lab import train
+
+    narrow, wide, copy = (nnx.split(nnx.Linear(2, k, rngs=nnx.Rngs(seed))) for k, seed in ((2, 0), (4, 0), (2, 1)))
+    assert train._sampler(*narrow, 10) is not train._sampler(*wide, 10)
+    assert train._sampler(*narrow, 10) is train._sampler(*copy, 10)
