@@ -130,6 +130,7 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     with np.load(tmp_path / "animations" / f"{metaworld_trial.slug('default (relevance)')}-first-call.npz") as call:
         assert call["kept_patches"].shape == (2, 64)  # both live cameras, 8 x 8 patches each
         assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up
+        assert call["merged_patches"].shape == (2, 64) and not call["merged_patches"].any()  # the default merges none
     # Each episode names the weights that ran it: the fine-tuned variant's own, not the checkpoint's.
     digests = {
         name: json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())["weights"]

@@ -67,10 +67,26 @@ def test_the_client_receives_actions_and_this_call_s_pruning(plain_checkpoint, e
     assert figures["kept_per_camera"].tolist()[2] == 0 and sum(figures["kept_per_camera"]) == figures["kept"]
     assert figures["kept_patches"].shape == (3, 256)
     assert figures["kept_patches"].sum(axis=1).tolist() == figures["kept_per_camera"].tolist()
+    assert figures["merged_patches"].shape == (3, 256) and not figures["merged_patches"].any()  # none merge
     assert figures["prefix_length"] == 154 + cfg.max_token_len  # compact: 20 % of 768 slots, then the prompt
     # The next call reports its own prefix: the masked camera now live.
     example3 = {**example, "image_mask": {**example["image_mask"], "right_wrist_0_rgb": np.True_}}
     assert client.infer(example3)["pruning"]["live_image_tokens"] == 768
+
+
+def test_a_merging_twin_tells_the_client_which_kept_slots_hold_a_region_s_mean(plain_checkpoint, example):
+    cfg, _, folder = plain_checkpoint
+    twin = configs.with_pruning(_train_config(cfg, folder), merge_unkept=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedParametersWarning)
+        with small.siglip_variant("mu/14"):
+            policy = policy_config.create_trained_policy(twin, folder, sample_kwargs={"num_steps": 1})
+    figures = _serve(policy).infer(example)["pruning"]
+    kept, merged = figures["kept_patches"], figures["merged_patches"]
+    assert merged.sum(axis=1).tolist() == [4, 4, 0]  # a region mean per quarter of each live camera
+    assert not (merged & ~kept).any()  # each sits in a kept slot: the first unkept patch of its quarter
+    assert (kept & ~merged).sum() == np.ceil(0.2 * 512)  # the head's picks, as many as without merging
+    assert kept.sum(axis=1).tolist() == figures["kept_per_camera"].tolist()
 
 
 def test_without_pruning_the_response_is_upstream_s(plain_checkpoint, example):
@@ -113,6 +129,7 @@ def test_a_base_install_serves_pruned_without_the_tools_extra():
         "kept_patches",
         "kept_per_camera",
         "live_image_tokens",
+        "merged_patches",
         "method",
         "prefix_length",
     ]

@@ -224,12 +224,19 @@ def serving_figures(description: dict, values: dict) -> dict:
     been (so that it waits for nothing), and reported to the recorder and the plugins' hooks."""
     report = pipeline.report(description, jax.device_get(values))
     kept_per_camera = np.asarray(report.kept_per_camera[0], np.int32)
+    cameras = len(kept_per_camera)
+    kept_patches = np.asarray(report.values["kept_mask"][0], bool).reshape(cameras, -1)
+    merged = report.values.get("merged_mask")
     return {
         "method": report.method,
         "kept": int(report.kept[0]),
         "kept_per_camera": kept_per_camera,
-        # Which patches: [camera, patch] in the cameras' order, each camera's patches row by row.
-        "kept_patches": np.asarray(report.values["kept_mask"][0], bool).reshape(len(kept_per_camera), -1),
+        # Which slots: [camera, patch] in the cameras' order, each camera's patches row by row.
+        "kept_patches": kept_patches,
+        # Those of them that hold a region's mean (`merge_unkept`), not the patch in their place.
+        "merged_patches": np.zeros_like(kept_patches)
+        if merged is None
+        else np.asarray(merged[0], bool).reshape(cameras, -1),
         "live_image_tokens": int(report.candidates[0]),
         "prefix_length": int(report.prefix_length[0]),
     }

@@ -414,7 +414,8 @@ def serve(policy):
 def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool = False, record: bool = False) -> dict:
     """One episode driven by the served policy: success, steps, each call's wall time (the client
     waits for the actions), the kept tokens per camera the server reported, and if asked, at every
-    call, the frames the policy saw with the patches it kept (None unpruned)."""
+    call, the frames the policy saw with the slots it kept and those of them holding a merged region's
+    mean (None unpruned)."""
     env = make_env(task, spec, seed)
     try:
         obs, _ = env.reset(seed=seed)
@@ -437,9 +438,12 @@ def closed_loop(client, task: str, seed: int, spec: MetaWorldSpec, blank: bool =
                 pruning = response.get("pruning")
                 if pruning is not None:
                     kept.append(np.asarray(pruning["kept_per_camera"]).tolist())
-                if record:  # what the policy saw, and the patches it kept of each camera
-                    patches = None if pruning is None else np.asarray(pruning["kept_patches"])[: len(CAMERAS)]
-                    shown.append((images, patches))
+                if record:  # what the policy saw, the slots it kept of each camera, and which hold a merge
+                    if pruning is None:
+                        shown.append((images, None, None))
+                    else:
+                        slots = (np.asarray(pruning[k])[: len(CAMERAS)] for k in ("kept_patches", "merged_patches"))
+                        shown.append((images, *slots))
                 chunk = list(np.asarray(response["actions"])[: spec.replan])
             obs, _, _, _, info = env.step(chunk.pop(0))
             steps += 1

@@ -141,10 +141,9 @@ def _keep_recording(calls: list, folder: pathlib.Path, name: str, spec) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     pictures.episode_animation(calls, spec.grid, folder / f"{slug(name)}.gif", name)
-    images, kept = calls[0]
-    np.savez_compressed(
-        folder / f"{slug(name)}-first-call.npz", **images, **({} if kept is None else {"kept_patches": kept})
-    )
+    images, kept, merged = calls[0]
+    slots = {} if kept is None else {"kept_patches": kept, "merged_patches": merged}
+    np.savez_compressed(folder / f"{slug(name)}-first-call.npz", **images, **slots)
 
 
 def run(
@@ -429,7 +428,9 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
             if recorded.exists():
                 with np.load(recorded) as call:
                     images = {camera: call[camera] for camera in metaworld.CAMERAS}
-                    first[name] = [(images, call["kept_patches"] if "kept_patches" in call.files else None)]
+                    # Recordings made before the merged slots were sent lack them.
+                    slots = [call[k] if k in call.files else None for k in ("kept_patches", "merged_patches")]
+                    first[name] = [(images, *slots)]
         pictures.first_calls(first, plan.spec.grid, out_dir / "first-calls.png")
     curves = {
         name: json.loads(path.read_text())

@@ -163,25 +163,37 @@ def validation_curves(curves: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _frame(images: dict, kept: np.ndarray | None, grid: int) -> np.ndarray:
-    """The cameras side by side, uint8; with `kept` ([camera, patch]), the pruned patches darkened."""
+def _frame(images: dict, kept: np.ndarray | None, merged: np.ndarray | None, grid: int) -> np.ndarray:
+    """The cameras side by side, uint8; with `kept` ([camera, patch]), every patch not kept as itself
+    darkened: pruned ones, and the slots (`merged`) that hold a region's mean instead."""
     shown = []
     for c, image in enumerate(images.values()):
         rgb = image.astype(np.float32) / 127.5 - 1.0
-        mask = np.ones(grid * grid, bool) if kept is None else kept[c]
+        mask = np.ones(grid * grid, bool) if kept is None else kept[c] & ~_none_merged(merged, kept)[c]
         shown.append(_overlay(rgb, mask, mask, grid))
     return (np.concatenate(shown, axis=1) * 255).astype(np.uint8)
 
 
+def _none_merged(merged: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
+    return np.zeros_like(kept) if merged is None else merged
+
+
+def _kept_caption(kept: np.ndarray, merged: np.ndarray | None) -> str:
+    merged = _none_merged(merged, kept)
+    patches = int((kept & ~merged).sum())
+    return f"kept {patches} patches" + (f" + {int(merged.sum())} region means" if merged.any() else "")
+
+
 def episode_animation(calls: list, grid: int, path: pathlib.Path, title: str) -> None:
-    """A GIF of a closed-loop episode, a frame per policy call: what the policy saw, its pruned
-    patches darkened (`calls`: (images by camera, kept [camera, patch] or None) per call)."""
+    """A GIF of a closed-loop episode, a frame per policy call: what the policy saw, the patches it
+    did not keep as themselves darkened (`calls`: (images by camera, kept and merged [camera, patch]
+    or None) per call)."""
     from PIL import Image, ImageDraw
 
     frames = []
-    for k, (images, kept) in enumerate(calls):
-        frame = Image.fromarray(_frame(images, kept, grid))
-        caption = f"{title}: call {k + 1}" + ("" if kept is None else f", kept {int(kept.sum())} patches")
+    for k, (images, kept, merged) in enumerate(calls):
+        frame = Image.fromarray(_frame(images, kept, merged, grid))
+        caption = f"{title}: call {k + 1}" + ("" if kept is None else ", " + _kept_caption(kept, merged))
         ImageDraw.Draw(frame).text((4, 4), caption, fill=(255, 255, 255))
         frames.append(frame)
     if frames:
@@ -195,12 +207,12 @@ def first_calls(calls_by_variant: dict, grid: int, path: pathlib.Path) -> None:
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 1, figsize=(5, 2.6 * len(rows)), squeeze=False)
-    for ax, (name, (images, kept)) in zip(axes[:, 0], rows, strict=True):
-        ax.imshow(_frame(images, kept, grid))
-        ax.set_title(name + ("" if kept is None else f": {int(kept.sum())} patches kept"), fontsize=8)
+    for ax, (name, (images, kept, merged)) in zip(axes[:, 0], rows, strict=True):
+        ax.imshow(_frame(images, kept, merged, grid))
+        ax.set_title(name + ("" if kept is None else ": " + _kept_caption(kept, merged)), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("what each policy kept at its first call (pruned patches darkened)", fontsize=9)
+    fig.suptitle("what each policy kept at its first call (patches not kept as themselves darkened)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
