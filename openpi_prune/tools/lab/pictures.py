@@ -206,13 +206,13 @@ def first_calls(calls_by_variant: dict, grid: int, path: pathlib.Path) -> None:
     rows = [(name, calls[0]) for name, calls in calls_by_variant.items() if calls]
     if not rows:
         return
-    fig, axes = plt.subplots(len(rows), 1, figsize=(5, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 3.4 * len(rows)), squeeze=False)  # room for long names
     for ax, (name, (images, kept, merged)) in zip(axes[:, 0], rows, strict=True):
         ax.imshow(_frame(images, kept, merged, grid))
         ax.set_title(name + ("" if kept is None else ": " + _kept_caption(kept, merged)), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("what each policy kept at its first call (patches not kept as themselves darkened)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the suptitle's line kept clear
     fig.savefig(path, dpi=110)
     plt.close(fig)
