@@ -97,7 +97,7 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
     """Each variant's test MSE over the reference's, with its 95 % interval, on a log axis; the
     1.10 line is the issue's bar."""
     named = [(name, row["test_ratio"]) for name, row in rows.items() if isinstance(row.get("test_ratio"), dict)]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(named) + 1.2))
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(named) + 1.2))  # room for the variants' long names
     for i, (name, pair) in enumerate(named):
         ax.errorbar(
             pair["ratio"],
@@ -112,7 +112,7 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
     ax.set_yticks(range(len(named)), [n for n, _ in named])
     ax.set_xscale("log")
     ax.set_xlabel("test MSE / unpruned reference (paired, 95 % interval)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left", bbox_to_anchor=(1.01, 0))  # outside: no point hides behind it
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
