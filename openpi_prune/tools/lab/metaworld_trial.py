@@ -428,9 +428,10 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
             if recorded.exists():
                 with np.load(recorded) as call:
                     images = {camera: call[camera] for camera in metaworld.CAMERAS}
-                    # Recordings made before the merged slots were sent lack them.
-                    slots = [call[k] if k in call.files else None for k in ("kept_patches", "merged_patches")]
-                    first[name] = [(images, *slots)]
+                    kept = call["kept_patches"] if "kept_patches" in call.files else None
+                    # Recordings made before the merged slots were sent lack them: drawn as kept.
+                    merged = call["merged_patches"] if "merged_patches" in call.files else np.zeros_like(kept)
+                    first[name] = [(images, kept, None if kept is None else merged)]
         pictures.first_calls(first, plan.spec.grid, out_dir / "first-calls.png")
     curves = {
         name: json.loads(path.read_text())

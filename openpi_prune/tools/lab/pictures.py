@@ -169,25 +169,20 @@ def _frame(images: dict, kept: np.ndarray | None, merged: np.ndarray | None, gri
     shown = []
     for c, image in enumerate(images.values()):
         rgb = image.astype(np.float32) / 127.5 - 1.0
-        mask = np.ones(grid * grid, bool) if kept is None else kept[c] & ~_none_merged(merged, kept)[c]
+        mask = np.ones(grid * grid, bool) if kept is None else kept[c] & ~merged[c]
         shown.append(_overlay(rgb, mask, mask, grid))
     return (np.concatenate(shown, axis=1) * 255).astype(np.uint8)
 
 
-def _none_merged(merged: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
-    return np.zeros_like(kept) if merged is None else merged
-
-
-def _kept_caption(kept: np.ndarray, merged: np.ndarray | None) -> str:
-    merged = _none_merged(merged, kept)
+def _kept_caption(kept: np.ndarray, merged: np.ndarray) -> str:
     patches = int((kept & ~merged).sum())
     return f"kept {patches} patches" + (f" + {int(merged.sum())} region means" if merged.any() else "")
 
 
 def episode_animation(calls: list, grid: int, path: pathlib.Path, title: str) -> None:
     """A GIF of a closed-loop episode, a frame per policy call: what the policy saw, the patches it
-    did not keep as themselves darkened (`calls`: (images by camera, kept and merged [camera, patch]
-    or None) per call)."""
+    did not keep as themselves darkened (`calls`: (images by camera, kept and merged [camera, patch],
+    both None unpruned) per call)."""
     from PIL import Image, ImageDraw
 
     frames = []
