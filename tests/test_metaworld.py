@@ -1,6 +1,7 @@
 """The Meta-World suite: what the policy sees, and the closed loop through OpenPI's server (short)."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -223,6 +224,25 @@ def test_expert_episodes_are_kept_outside_the_checkout_by_what_shapes_them(tmp_p
     assert metaworld.episode_cache(metaworld_trial.quick_plan(tmp_path).spec) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(image_size=112)) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(tasks=("drawer-open-v3",), train_seeds=3)) == full
+
+
+def test_a_run_made_with_uncommitted_changes_to_the_package_says_so(tmp_path, tmp_path_factory):
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True)
+    package = tmp_path / "openpi_prune"
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("notes\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    read = metaworld_trial.checkpoint._read_commit
+    assert read(package) == head
+    (tmp_path / "README.md").write_text("other notes\n")  # outside the package: the code is the same
+    assert read(package) == head
+    (package / "code.py").write_text("x = 2\n")
+    assert read(package) == head + "+dirty"
+    assert read(tmp_path_factory.mktemp("not-a-checkout")) == "unknown (not a git checkout)"
 
 
 def test_a_run_records_the_commit_its_code_was_loaded_from(monkeypatch):

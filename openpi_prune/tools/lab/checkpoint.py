@@ -20,19 +20,17 @@ def commit() -> str:
     return _LOADED
 
 
-def _read_commit() -> str:
-    root = pathlib.Path(__file__).resolve().parents[2]
+def _read_commit(package: pathlib.Path) -> str:
+    """HEAD of the checkout holding `package`, `+dirty` where a file under `package` differs from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "openpi_prune"], cwd=root, capture_output=True, text=True
-        )
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-_LOADED = _read_commit()
+_LOADED = _read_commit(pathlib.Path(__file__).resolve().parents[2])  # the openpi_prune package
 
 
 def descends_from(commit: str, ancestor: str) -> bool:
