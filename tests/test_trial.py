@@ -154,6 +154,28 @@ def test_paired_ratio_interval_holds_the_ratio_and_needs_the_reference():
     assert trial_report.paired_ratio(reference, {7: reference[0]}, rng) is None
 
 
+def test_the_gap_splits_into_scenes_that_held_every_named_patch_and_those_that_lost_one():
+    rng = np.random.default_rng(1)
+    reference = {s: rng.gamma(2.0, 1.0, (3, 400)) for s in range(2)}
+    held = {s: np.arange(400) % 4 != 0 for s in range(2)}  # a quarter of the scenes lost a named patch
+    # Twice the reference's error where everything named was kept, ten times where a patch was lost.
+    variant = {s: v * np.where(held[s], 2.0, 10.0) for s, v in reference.items()}
+    runs = {s: {"test_mse": variant[s], "recall": np.where(held[s], 1.0, 0.75)} for s in range(2)}
+    split = trial_report._where_named_kept(runs, {s: {"test_mse": v} for s, v in reference.items()})
+    assert split["all_named_kept_share"] == pytest.approx(0.75)
+    there, lost = split["test_ratio_all_named_kept"], split["test_ratio_named_patch_lost"]
+    assert there["ratio"] == pytest.approx(2.0) and there["low"] == pytest.approx(2.0)
+    assert lost["ratio"] == pytest.approx(10.0) and lost["high"] == pytest.approx(10.0)
+    excess = lambda keep: sum(((variant[s] - reference[s]).mean(0))[keep[s]].sum() for s in range(2))
+    assert split["excess_from_named_patch_lost"] == pytest.approx(
+        excess({s: ~h for s, h in held.items()}) / excess({s: np.ones(400, bool) for s in range(2)})
+    )
+    everything_held = {s: {**r, "recall": np.ones(400)} for s, r in runs.items()}
+    none_lost = trial_report._where_named_kept(everything_held, {s: {"test_mse": v} for s, v in reference.items()})
+    assert none_lost["test_ratio_named_patch_lost"] == "no such scene"
+    assert none_lost["excess_from_named_patch_lost"] == 0
+
+
 @pytest.mark.slow
 def test_trial_runs_in_pieces_and_reports_paired_ratios(tmp_path, monkeypatch):
     only = [trial_plan.REFERENCE, "default (relevance)", "distinct (prompt-blind)"]
@@ -250,4 +272,6 @@ def test_trial_on_named_scenes_reports_distractors_and_the_prompt_swap(tmp_path)
     assert row["recall"] < 1, "a prompt-blind choice cannot hold every named patch here"
     assert report["plan"]["spec"]["objects"] == named.NamedSpec().objects
     assert "prompt swap" in (tmp_path / "results.md").read_text()
+    assert 0 <= row["all_named_kept_share"] < 1 and 0 <= row["excess_from_named_patch_lost"] <= 1
+    assert "Where the gap is" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "kept_patches.png").stat().st_size > 0
