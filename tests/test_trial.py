@@ -275,3 +275,48 @@ def test_trial_on_named_scenes_reports_distractors_and_the_prompt_swap(tmp_path)
     assert 0 <= row["all_named_kept_share"] < 1 and 0 <= row["excess_from_named_patch_lost"] <= 1
     assert "Where the gap is" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "kept_patches.png").stat().st_size > 0
+
+
+def _trial_folder(root, steps, ratios, validation_ratios, family="named"):
+    """A summarised trial as `trial.run` leaves it: results.json and one file per (seed, variant)."""
+    folder = root / f"ft{steps}"
+    plan = {"spec": {"family": family}, "seeds": [0, 1], "finetune": {"steps": steps, "lr": 3e-4}}
+    (folder / "runs").mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"plan": plan, "fingerprint": f"print-{steps}"}))
+    rng = np.random.default_rng(steps)
+    for seed in (0, 1):
+        reference_test, reference_val = rng.gamma(2.0, 1.0, (3, 50)), rng.gamma(2.0, 1.0, 20)
+        for name, scale, val_scale in (
+            (trial_plan.REFERENCE, 1.0, 1.0),
+            (trial_plan.DEFAULT, ratios, validation_ratios),
+        ):
+            path = folder / "runs" / f"seed-{seed}" / f"{name}.json"
+            path.parent.mkdir(exist_ok=True)
+            row = {"variant": name, "seed": seed, "finetune_minutes": steps / 100, "fingerprint": f"print-{steps}"}
+            row |= {"test_mse": (scale * reference_test).tolist(), "validation_mse": (val_scale * reference_val).tolist()}
+            path.write_text(json.dumps(row))
+    return folder
+
+
+def test_step_counts_are_set_side_by_side_and_chosen_on_validation(tmp_path):
+    # The test split favours 2400 steps, the validation split 1200: the choice follows validation.
+    folders = [
+        _trial_folder(tmp_path, 600, ratios=20.0, validation_ratios=18.0),
+        _trial_folder(tmp_path, 1200, ratios=10.0, validation_ratios=6.0),
+        _trial_folder(tmp_path, 2400, ratios=5.0, validation_ratios=8.0),
+    ]
+    report = trial.run(out=str(tmp_path / "steps"), compare_steps=[str(f) for f in folders])
+    assert report["chosen_steps"] == 1200
+    by = {(r["variant"], r["steps"]): r for r in report["rows"]}
+    assert by[(trial_plan.DEFAULT, 2400)]["test_ratio"]["ratio"] == pytest.approx(5.0)
+    assert by[(trial_plan.DEFAULT, 1200)]["validation_ratio"]["ratio"] == pytest.approx(6.0)
+    assert by[(trial_plan.REFERENCE, 600)]["test_ratio"]["ratio"] == 1.0
+    assert by[(trial_plan.DEFAULT, 600)]["seeds"] == [0, 1]
+    for name in ("steps.md", "steps.json", "steps.png"):
+        assert (tmp_path / "steps" / name).stat().st_size > 0
+    assert "**1200 steps**" in (tmp_path / "steps" / "steps.md").read_text()
+    other = _trial_folder(tmp_path / "other", 4800, ratios=4.0, validation_ratios=4.0, family="blocks")
+    with pytest.raises(SystemExit, match="differ in more than their fine-tuning steps"):
+        trial.run(out=str(tmp_path / "mixed"), compare_steps=[str(folders[0]), str(other)])
+    with pytest.raises(SystemExit, match="summarise that trial first"):
+        trial.run(out=str(tmp_path / "missing"), compare_steps=[str(tmp_path / "nowhere")])

@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-dir", help="the baseline checkpoint to fine-tune from, or train (default: OUT/baseline)"
     )
     trial.add_argument("--report-only", action="store_true", help="summarise the runs in --out, run nothing")
+    trial.add_argument(
+        "--compare-steps",
+        nargs="+",
+        metavar="DIR",
+        help="trials that differ only in their fine-tuning steps: their ratios side by side, written to --out",
+    )
     suite = sub.add_parser(
         "metaworld", help="closed-loop success on Meta-World: pruned against unpruned, through OpenPI's server"
     )

@@ -118,6 +118,51 @@ def ratios(rows: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def ratio_by_steps(rows: list[dict], path: pathlib.Path) -> None:
+    """Each variant's MSE over the reference's against its fine-tuning steps: validation (where the
+    count is chosen) solid, test dashed, with 95 % intervals; the 1.10 line is the issue's bar."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    pruned = [r for r in rows if not r["variant"].startswith("reference")]  # the reference is 1 by definition
+    for i, name in enumerate(dict.fromkeys(r["variant"] for r in pruned)):
+        colour = "tab:blue" if name.startswith("default") else f"C{i + 1}"  # each variant its own here
+        mine = [r for r in pruned if r["variant"] == name]
+        steps = np.asarray([r["steps"] for r in mine], float)
+        for key, style in (("validation_ratio", "o-"), ("test_ratio", "s--")):
+            ratio = np.asarray([r[key]["ratio"] for r in mine])
+            spread = [ratio - [r[key]["low"] for r in mine], [r[key]["high"] for r in mine] - ratio]
+            # Test points a little to the right, so that the two intervals do not hide each other.
+            ax.errorbar(
+                steps * (1.03 if key == "test_ratio" else 1),
+                ratio,
+                yerr=spread,
+                fmt=style,
+                capsize=3,
+                color=colour,
+                label=name if key == "validation_ratio" else None,
+            )
+    ax.axhline(1.10, color="tab:red", lw=0.8, ls=":", label="1.10")
+    counts = sorted({r["steps"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(counts, [str(s) for s in counts])
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("MSE / unpruned reference (paired, 95 %)")
+    handles, labels = ax.get_legend_handles_labels()
+    styles = [Line2D([], [], color="black", marker=m, ls=ls) for m, ls in (("o", "-"), ("s", "--"))]
+    ax.legend(
+        handles + styles,
+        labels + ["validation (choices)", "test"],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _colour(variant: str) -> str:
     """The default in blue, its other settings in a lighter blue, everything else grey."""
     if variant.startswith("default"):

@@ -43,6 +43,7 @@ from openpi_prune.tools.lab.trial_plan import (
     fingerprint,
     settings_for,
 )
+from openpi_prune.tools.lab import trial_report
 from openpi_prune.tools.lab.trial_report import print_report, summarise
 
 
@@ -261,7 +262,10 @@ def run(
     finetune_steps: int | None = None,
     baseline_steps: int | None = None,
     baseline_dir: str | None = None,
+    compare_steps: list[str] | None = None,
 ) -> dict:
+    if compare_steps:
+        return trial_report.compare_steps([pathlib.Path(f) for f in compare_steps], pathlib.Path(out))
     if family not in FAMILIES:
         raise SystemExit(f"unknown scene family {family!r}; known: {', '.join(FAMILIES)}")
     plan = dataclasses.replace(QUICK if quick else TrialPlan(), spec=FAMILIES[family])

@@ -271,3 +271,123 @@ def print_report(report: dict) -> None:
     for name, row in report["variants"].items():
         table.add_row(*_cells(name, row))
     console.print(table)
+
+
+STEP_HEADERS = [
+    "variant",
+    "fine-tuning steps",
+    "seeds",
+    "validation MSE / reference [95 %]",
+    "test MSE / reference [95 %]",
+    "test MSE / its own at the fewest steps [95 %]",
+    "fine-tune minutes (mean)",
+]
+
+
+def compare_steps(folders: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
+    """One trial fine-tuned for different step counts, a folder each: each variant's ratio to the
+    reference at each count, on the seeds every count ran for it, validation beside test, and its
+    test MSE over its own at the fewest steps (same seeds and scenes). The count is chosen on the
+    default's validation ratio."""
+    trials = {}
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: summarise that trial first (`openpi-prune trial --report-only`).")
+        results = json.loads(path.read_text())
+        steps = results["plan"]["finetune"]["steps"]
+        if steps in trials:
+            raise SystemExit(f"{trials[steps][0]} and {folder} were both fine-tuned {steps} steps: name one of them.")
+        trials[steps] = (folder, results, load_runs(folder, results["fingerprint"]))
+    plans = {steps: _without_steps(results["plan"]) for steps, (_, results, _) in trials.items()}
+    if len({json.dumps(p, sort_keys=True) for p in plans.values()}) != 1:
+        raise SystemExit(
+            f"{', '.join(str(f) for f in folders)} differ in more than their fine-tuning steps "
+            "(family, baseline, splits or settings): their ratios cannot be set side by side."
+        )
+    rng = np.random.default_rng(0)
+    counts = sorted(trials)
+    rows = []
+    for name in VARIANTS:  # the reference too: its own MSE against the fewest steps'
+        ran = [s for s in counts if name in trials[s][2] and REFERENCE in trials[s][2]]
+        seeds = sorted(
+            set.intersection(*(set(trials[s][2][name]) & set(trials[s][2][REFERENCE]) for s in ran)) if ran else set()
+        )
+        if not seeds:
+            continue
+        mse = {s: {seed: trials[s][2][name][seed] for seed in seeds} for s in ran}
+        ref = {s: {seed: trials[s][2][REFERENCE][seed] for seed in seeds} for s in ran}
+        for steps in ran:
+            rows.append(
+                {
+                    "variant": name,
+                    "steps": steps,
+                    "seeds": seeds,
+                    "validation_ratio": paired_ratio(
+                        *(_arrays(m[steps], "validation_mse", draws=False) for m in (mse, ref)), rng
+                    ),
+                    "test_ratio": paired_ratio(*(_arrays(m[steps], "test_mse") for m in (mse, ref)), rng),
+                    "test_ratio_to_fewest_steps": paired_ratio(
+                        _arrays(mse[steps], "test_mse"), _arrays(mse[ran[0]], "test_mse"), rng
+                    ),
+                    "finetune_minutes": float(np.mean([r["finetune_minutes"] for r in mse[steps].values()])),
+                }
+            )
+    defaults = [r for r in rows if r["variant"] == DEFAULT]
+    report = {
+        "folders": {str(steps): str(trials[steps][0]) for steps in counts},
+        "summarised_by": checkpoint.commit(),
+        "chosen_steps": min(defaults, key=lambda r: r["validation_ratio"]["ratio"])["steps"] if defaults else None,
+        "rows": rows,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "steps.md").write_text(_steps_markdown(report))
+    from openpi_prune.tools.lab import pictures
+
+    pictures.ratio_by_steps(rows, out_dir / "steps.png")
+    table = Table(*STEP_HEADERS, title="trial: the same variants fine-tuned for different step counts")
+    for row in rows:
+        table.add_row(*_step_cells(row))
+    console.print(table)
+    return report
+
+
+def _without_steps(plan: dict) -> dict:
+    return {k: v for k, v in plan.items() if k != "seeds"} | {
+        "finetune": {k: v for k, v in plan["finetune"].items() if k != "steps"}
+    }
+
+
+def _arrays(runs: dict[int, dict], key: str, draws: bool = True) -> dict[int, np.ndarray]:
+    """Per seed [draws, scenes]; the validation split has one draw."""
+    return {seed: np.asarray(r[key]) if draws else np.asarray(r[key])[None] for seed, r in runs.items()}
+
+
+def _step_cells(row: dict) -> list[str]:
+    return [
+        row["variant"],
+        str(row["steps"]),
+        ", ".join(map(str, row["seeds"])),
+        _ratio_cell(row["validation_ratio"]),
+        _ratio_cell(row["test_ratio"]),
+        _ratio_cell(row["test_ratio_to_fewest_steps"]),
+        f"{row['finetune_minutes']:.1f}",
+    ]
+
+
+def _steps_markdown(report: dict) -> str:
+    chosen = report["chosen_steps"]
+    lines = [
+        f"Summarised by `{report['summarised_by']}` from "
+        + ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
+        + ". Each variant on the seeds every step count ran for it; intervals: bootstrap over seeds and scenes, "
+        "paired by seed, scene and noise draw. Minutes are as the runs recorded them, on whatever else the machine ran.",
+        "",
+        f"Chosen on the default's validation ratio: **{chosen} steps**." if chosen else "No default run to choose on.",
+        "",
+        "| " + " | ".join(STEP_HEADERS) + " |",
+        "|" + "---|" * len(STEP_HEADERS),
+    ]
+    lines += ["| " + " | ".join(_step_cells(row)) + " |" for row in report["rows"]]
+    return "\n".join(lines) + "\n"
