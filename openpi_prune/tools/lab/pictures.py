@@ -125,8 +125,8 @@ def ratio_by_steps(rows: list[dict], path: pathlib.Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4.2))
     pruned = [r for r in rows if not r["variant"].startswith("reference")]  # the reference is 1 by definition
-    for i, name in enumerate(dict.fromkeys(r["variant"] for r in pruned)):
-        colour = "tab:blue" if name.startswith("default") else f"C{i + 1}"  # each variant its own here
+    colours = _line_colours(dict.fromkeys(r["variant"] for r in pruned))
+    for name, colour in colours.items():
         mine = [r for r in pruned if r["variant"] == name]
         steps = np.asarray([r["steps"] for r in mine], float)
         for key, style in (("validation_ratio", "o-"), ("test_ratio", "s--")):
@@ -163,6 +163,16 @@ def ratio_by_steps(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _line_colours(names) -> dict[str, str]:
+    """A colour each, for pictures whose variants are told apart by colour alone: the default blue,
+    the reference grey, the others from the rest of matplotlib's cycle."""
+    rest = iter(f"C{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9) * 4)
+    return {
+        name: "tab:blue" if name.startswith("default") else "tab:gray" if name.startswith("reference") else next(rest)
+        for name in names
+    }
+
+
 def _colour(variant: str) -> str:
     """The default in blue, its other settings in a lighter blue, everything else grey."""
     if variant.startswith("default"):
@@ -194,15 +204,16 @@ def success(rows: dict, path: pathlib.Path) -> None:
 
 def validation_curves(curves: dict, path: pathlib.Path) -> None:
     """Each fine-tune's validation action MSE against its step (log scale): whether more steps would help."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    colours = _line_colours(curves)
     for name, points in curves.items():
         steps = [p["step"] for p in points]
         mse = [p["validation_action_mse"] for p in points]
-        ax.plot(steps, mse, "o-", label=name, color=_colour(name))
+        ax.plot(steps, mse, "o-", label=name, color=colours[name])
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("validation action MSE")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the curves stay in view
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
