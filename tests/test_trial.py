@@ -294,6 +294,8 @@ def _trial_folder(root, steps, ratios, validation_ratios, family="named"):
             path.parent.mkdir(exist_ok=True)
             row = {"variant": name, "seed": seed, "finetune_minutes": steps / 100, "fingerprint": f"print-{steps}"}
             row |= {"test_mse": (scale * reference_test).tolist(), "validation_mse": (val_scale * reference_val).tolist()}
+            if name == trial_plan.DEFAULT:
+                row["recall"] = [1.0, 0.8] * 25  # every named patch kept in half of the scenes
             path.write_text(json.dumps(row))
     return folder
 
@@ -312,6 +314,9 @@ def test_step_counts_are_set_side_by_side_and_chosen_on_validation(tmp_path):
     assert by[(trial_plan.DEFAULT, 1200)]["validation_ratio"]["ratio"] == pytest.approx(6.0)
     assert by[(trial_plan.REFERENCE, 600)]["test_ratio"]["ratio"] == 1.0
     assert by[(trial_plan.DEFAULT, 600)]["seeds"] == [0, 1]
+    assert by[(trial_plan.DEFAULT, 600)]["recall"] == pytest.approx(0.9)
+    assert by[(trial_plan.DEFAULT, 600)]["all_named_kept_share"] == pytest.approx(0.5)
+    assert "recall" not in by[(trial_plan.REFERENCE, 600)]
     for name in ("steps.md", "steps.json", "steps.png"):
         assert (tmp_path / "steps" / name).stat().st_size > 0
     assert "**1200 steps**" in (tmp_path / "steps" / "steps.md").read_text()

@@ -281,6 +281,9 @@ STEP_HEADERS = [
     "test MSE / reference [95 %]",
     "test MSE / its own at the fewest steps [95 %]",
     "fine-tune minutes (mean)",
+    "recall",
+    "scenes with every named patch kept",
+    "prompt swap: new object kept",
 ]
 
 
@@ -332,6 +335,7 @@ def compare_steps(folders: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
                     ),
                     "finetune_minutes": float(np.mean([r["finetune_minutes"] for r in mse[steps].values()])),
                 }
+                | _kept_on(mse[steps].values())
             )
     defaults = [r for r in rows if r["variant"] == DEFAULT]
     report = {
@@ -351,6 +355,21 @@ def compare_steps(folders: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
         table.add_row(*_step_cells(row))
     console.print(table)
     return report
+
+
+def _kept_on(runs) -> dict:
+    """What a pruned variant kept on these seeds' test scenes: recall, the share of scenes whose kept
+    set held every named patch, and after a prompt swap the newly named object's share."""
+    runs = list(runs)
+    if not all("recall" in r for r in runs):
+        return {}
+    kept = {
+        "recall": float(np.mean([np.mean(r["recall"]) for r in runs])),
+        "all_named_kept_share": float(np.mean([np.mean(np.asarray(r["recall"]) >= 1) for r in runs])),
+    }
+    if all("swap_coverage" in r for r in runs):
+        kept["swap_coverage"] = float(np.mean([np.mean(r["swap_coverage"]) for r in runs]))
+    return kept
 
 
 def _without_steps(plan: dict) -> dict:
@@ -373,6 +392,7 @@ def _step_cells(row: dict) -> list[str]:
         _ratio_cell(row["test_ratio"]),
         _ratio_cell(row["test_ratio_to_fewest_steps"]),
         f"{row['finetune_minutes']:.1f}",
+        *(f"{row[key]:.0%}" if key in row else "-" for key in ("recall", "all_named_kept_share", "swap_coverage")),
     ]
 
 
