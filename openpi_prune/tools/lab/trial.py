@@ -30,7 +30,7 @@ from rich.progress import Progress
 
 import openpi_prune
 from openpi_prune.adapter import checkpoints
-from openpi_prune.tools.lab import checkpoint, named, scenes, train
+from openpi_prune.tools.lab import checkpoint, named, scenes, train, trial_report
 from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug
 from openpi_prune.tools.lab.trial_plan import (
     EXAMPLES,
@@ -43,7 +43,6 @@ from openpi_prune.tools.lab.trial_plan import (
     fingerprint,
     settings_for,
 )
-from openpi_prune.tools.lab import trial_report
 from openpi_prune.tools.lab.trial_report import print_report, summarise
 
 

@@ -150,6 +150,11 @@ def summarise(out_dir: pathlib.Path, plan: TrialPlan, val, test, splits: dict, p
     return report
 
 
+def _held_every_named(run: dict) -> np.ndarray:
+    """Per test scene: whether the kept set held every patch of the named objects."""
+    return np.asarray(run["recall"]) >= 1
+
+
 def _where_named_kept(by_seed: dict[int, dict], reference: dict[int, dict]) -> dict:
     """The gap split by whether a test scene's kept set held every patch of the named objects: what
     losing part of a target costs, against what hiding the rest of the scene costs."""
@@ -159,7 +164,7 @@ def _where_named_kept(by_seed: dict[int, dict], reference: dict[int, dict]) -> d
         return {}
     test = {s: np.asarray(by_seed[s]["test_mse"]) for s in seeds}
     ref = {s: np.asarray(reference[s]["test_mse"]) for s in seeds}
-    held = {s: np.asarray(by_seed[s]["recall"]) >= 1 for s in seeds}
+    held = {s: _held_every_named(by_seed[s]) for s in seeds}
     excess = {s: np.mean(test[s], axis=0) - np.mean(ref[s], axis=0) for s in seeds}
     total_excess = sum(e.sum() for e in excess.values())
     return {
@@ -365,7 +370,7 @@ def _kept_on(runs) -> dict:
         return {}
     kept = {
         "recall": float(np.mean([np.mean(r["recall"]) for r in runs])),
-        "all_named_kept_share": float(np.mean([np.mean(np.asarray(r["recall"]) >= 1) for r in runs])),
+        "all_named_kept_share": float(np.mean([np.mean(_held_every_named(r)) for r in runs])),
     }
     if all("swap_coverage" in r for r in runs):
         kept["swap_coverage"] = float(np.mean([np.mean(r["swap_coverage"]) for r in runs]))
