@@ -72,6 +72,27 @@ def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
     assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).endswith("(1 / 2 of 10)")
 
 
+def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_ran():
+    # Saliency on every 2nd step: the pruner's loss is 0 on the others, and both checks fall on one.
+    history = [
+        {"loss": 1.0, "distill_loss": 0.5},
+        {"loss": 3.0, "distill_loss": 0.0, "validation_action_mse": 0.2},
+        {"loss": 2.0, "distill_loss": 0.25},
+        {"loss": 4.0, "distill_loss": 0.0, "validation_action_mse": 0.1},
+        {"loss": 9.0, "distill_loss": 0.75},  # after the last check: in no point
+    ]
+    curve = metaworld_trial.learning_curve(history)
+    assert curve == [
+        {"step": 2, "loss": 2.0, "distill_loss": 0.5, "validation_action_mse": 0.2},
+        {"step": 4, "loss": 3.0, "distill_loss": 0.25, "validation_action_mse": 0.1},
+    ]
+    # The reference's run has no pruner's loss; a stretch whose saliency never ran reads 0.
+    assert metaworld_trial.learning_curve([{"loss": 1.0, "validation_action_mse": 0.3}]) == [
+        {"step": 1, "loss": 1.0, "validation_action_mse": 0.3}
+    ]
+    assert metaworld_trial.learning_curve([{"distill_loss": 0.0, "validation_action_mse": 0.3}])[0]["distill_loss"] == 0
+
+
 def test_git_tells_which_runs_descend_from_a_commit():
     assert metaworld_trial.checkpoint.descends_from("HEAD", "HEAD")
     assert not metaworld_trial.checkpoint.descends_from("HEAD", "0" * 40)

@@ -223,8 +223,7 @@ def run(
                         resume=state,
                     )
                     checkpoint.save_trained(model, finetuned, checkpoint.frozen(plan.spec))
-                    curve = [{"step": k + 1, **h} for k, h in enumerate(history) if "validation_action_mse" in h]
-                    finetuned.with_name(f"{slug(name)}.curve.json").write_text(json.dumps(curve))
+                    finetuned.with_name(f"{slug(name)}.curve.json").write_text(json.dumps(learning_curve(history)))
                     state.unlink()
                 # Served with telemetry on, so that each response carries what was kept.
                 settings = settings.replace(telemetry=True)
@@ -248,6 +247,25 @@ def run(
     report = summarise(out_dir, plan)
     _print(report, plan)
     return report
+
+
+def learning_curve(history: list[dict]) -> list[dict]:
+    """A point per validation check: its figures, and each training metric averaged over the steps
+    since the check before (one step's loss is noise). The pruner's own loss (`distill_loss`) is
+    averaged over the steps whose saliency ran only: on the others (`saliency_every`) it is exactly 0,
+    and a check that fell on one of them read 0 throughout."""
+    curve, since = [], 0
+    for k, step in enumerate(history):
+        if "validation_action_mse" not in step:
+            continue
+        window = history[since : k + 1]
+        point = {"step": k + 1, **step}
+        for key in step.keys() - {"validation_action_mse"}:
+            values = [h[key] for h in window if key in h and (key != "distill_loss" or h[key] != 0)]
+            point[key] = float(np.mean(values)) if values else 0.0
+        curve.append(point)
+        since = k + 1
+    return curve
 
 
 def _left_to_train(out_dir: pathlib.Path, base_path: pathlib.Path, only: list[str] | None) -> bool:
