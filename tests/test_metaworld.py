@@ -93,6 +93,52 @@ def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_r
     assert metaworld_trial.learning_curve([{"distill_loss": 0.0, "validation_action_mse": 0.3}])[0]["distill_loss"] == 0
 
 
+def _finished_run(folder, name, steps, wins, commit="seeded", baseline="policy", tasks=("t",)):
+    """A closed-loop run as the command leaves it, one scene per entry of `wins`."""
+    plan = {"spec": {"episodes_dir": str(folder), "tasks": list(tasks)}, "finetune": {"steps": steps}, "episodes": 9}
+    episodes = [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]
+    path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"commit": commit, "baseline": baseline, "plan": plan, "episodes": episodes}))
+
+
+def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monkeypatch):
+    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+    reference, default = metaworld_trial.trial_plan.REFERENCE, metaworld_trial.trial_plan.DEFAULT
+    short, long = tmp_path / "short", tmp_path / "long"
+    _finished_run(short, reference, 100, [1] * 10, commit="unseeded")
+    _finished_run(short, default, 100, [1] * 5 + [0] * 5)
+    _finished_run(short, "distinct (prompt-blind)", 100, [0] * 10)  # at one length only: not compared
+    _finished_run(long, reference, 300, [1] * 10)
+    _finished_run(long, default, 300, [1] * 4 + [0] + [1] * 4 + [0])
+    report = metaworld_trial.compare_steps([str(long), str(short)], str(tmp_path / "out"))
+    rows = {(r["variant"], r["steps"]): r for r in report["rows"]}
+    assert sorted(rows) == sorted([(reference, 100), (reference, 300), (default, 100), (default, 300)])
+    later = rows[default, 300]
+    assert later["success"] == pytest.approx(0.8) and later["low"] < 0.8 < later["high"]
+    assert later["gap_to_reference"]["points"] == pytest.approx(20.0)
+    # Against its own shorter run on the same scenes: 4 solved by this only, 1 by that only.
+    gain = later["gain_over_length_before"]
+    assert gain["points"] == pytest.approx(30.0) and (gain["reference_only"], gain["variant_only"]) == (4, 1)
+    assert rows[default, 100]["gap_to_reference"] is None  # the reference then met unseeded scenes
+    assert not rows[reference, 100]["seeded_scenes"] and "gain_over_length_before" not in rows[reference, 100]
+    table = (tmp_path / "out" / "steps.md").read_text()
+    assert "| default (relevance) | 300 | 80.0% [" in table and "30.0 [" in table and "(against 100)" in table
+    assert "| default (relevance) | 100 | 50.0% [" in table and "| other scenes | - |" in table
+    assert (tmp_path / "out" / "steps.png").stat().st_size > 0
+    # Runs of another policy, or of another plan, are refused; so are two folders of one length.
+    _finished_run(long, default, 300, [1] * 10, baseline="another policy")
+    with pytest.raises(SystemExit, match="differ in more than their fine-tuning steps"):
+        metaworld_trial.compare_steps([str(short), str(long)], str(tmp_path / "out"))
+    _finished_run(long, default, 300, [1] * 10, tasks=("t", "u"))
+    with pytest.raises(SystemExit, match="differ in more than their fine-tuning steps"):
+        metaworld_trial.compare_steps([str(short), str(long)], str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="one fine-tuning length a folder"):
+        metaworld_trial.compare_steps([str(short), str(short)], str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        metaworld_trial.compare_steps([str(short), str(tmp_path / "empty")], str(tmp_path / "out"))
+
+
 def test_git_tells_which_runs_descend_from_a_commit():
     assert metaworld_trial.checkpoint.descends_from("HEAD", "HEAD")
     assert not metaworld_trial.checkpoint.descends_from("HEAD", "0" * 40)

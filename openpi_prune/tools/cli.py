@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         "--episodes-dir",
         help="where the expert episodes are rendered and kept (default: in ~/.cache/openpi-prune, outside the checkout)",
     )
+    suite.add_argument(
+        "--compare-steps",
+        nargs="+",
+        metavar="DIR",
+        help="suites that differ only in their fine-tuning steps: success side by side, written to --out",
+    )
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )
@@ -242,7 +248,15 @@ def _metaworld(args) -> int:
     try:
         if args.shares and not args.action_mse:
             raise metaworld.SuiteError("--shares applies to --action-mse only")
-        command = metaworld_trial.action_mse if args.action_mse else metaworld_trial.run
+        if args.compare_steps and (args.action_mse or args.only or args.quick):
+            raise metaworld.SuiteError("--compare-steps summarises finished runs: it takes --out only")
+        command = (
+            metaworld_trial.compare_steps
+            if args.compare_steps
+            else metaworld_trial.action_mse
+            if args.action_mse
+            else metaworld_trial.run
+        )
         command(**_options(args, command))
     except metaworld.SuiteError as error:
         print(f"openpi-prune metaworld: {error}", file=sys.stderr)

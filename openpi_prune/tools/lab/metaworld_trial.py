@@ -461,6 +461,122 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
     return report
 
 
+def compare_steps(compare_steps: list[str], out: str) -> dict:
+    """Suites that differ only in their fine-tuning steps, a folder each: every variant run at two or
+    more lengths, its success at each (Wilson 95 %), its gap to the reference of the same length on
+    the same scenes, and its gain over its own run at the length before (same scenes). Refuses runs
+    of another policy or plan. `steps.md`, `steps.json` and `steps.png` in `out`."""
+    lengths: dict[int, tuple[pathlib.Path, dict]] = {}
+    plans = {}
+    for folder in map(pathlib.Path, compare_steps):
+        runs = {
+            name: json.loads(path.read_text())
+            for name in VARIANTS
+            if (path := folder / "closed-loop" / f"{slug(name)}.json").exists()
+        }
+        if not runs:
+            raise SystemExit(f"{folder / 'closed-loop'} holds no finished run: nothing to compare.")
+        steps = {run["plan"]["finetune"]["steps"] for run in runs.values()}
+        if len(steps) != 1 or (length := steps.pop()) in lengths:
+            raise SystemExit(
+                f"{folder}: its runs, with those of the other folders, must be one fine-tuning length a folder "
+                "(the command gives each length its own --out)."
+            )
+        lengths[length] = (folder, runs)
+        plans |= {(folder, name): _without_length(run) for name, run in runs.items()}
+    # Runs made before each recorded the digest of the policy it started from are held to their plan alone.
+    policies = {run["baseline"] for _, runs in lengths.values() for run in runs.values() if "baseline" in run}
+    if len({json.dumps(p, sort_keys=True) for p in plans.values()}) != 1 or len(policies) > 1:
+        raise SystemExit(
+            f"the runs in {', '.join(compare_steps)} differ in more than their fine-tuning steps (the policy they "
+            "start from, the tasks, the schedule): their success cannot be set side by side."
+        )
+    counts = sorted(lengths)
+    rows = []
+    for name in VARIANTS:
+        ran = [s for s in counts if name in lengths[s][1]]
+        if len(ran) < 2:
+            continue
+        for before, steps in zip([None, *ran], ran, strict=False):
+            run = lengths[steps][1][name]
+            wins = [e["success"] for e in run["episodes"]]
+            low, high = wilson(int(np.sum(wins)), len(wins))
+            reference = lengths[steps][1].get(trial_plan.REFERENCE)
+            row = {
+                "variant": name,
+                "steps": steps,
+                "folder": str(lengths[steps][0]),
+                "commit": run["commit"],
+                "success": float(np.mean(wins)),
+                "low": low,
+                "high": high,
+                "episodes": len(wins),
+                "seeded_scenes": checkpoint.descends_from(run["commit"], SEEDED_SINCE),
+                "length_before": before,
+            }
+            # Absent: nothing to pair with; None: a pair of runs that met other scenes (`paired_gap`).
+            if reference is not None and name != trial_plan.REFERENCE:
+                row["gap_to_reference"] = paired_gap(reference, run)
+            if before is not None:
+                row["gain_over_length_before"] = paired_gap(run, lengths[before][1][name])
+            rows.append(row)
+    report = {
+        "folders": {str(s): str(lengths[s][0]) for s in counts},
+        "summarised_by": checkpoint.commit(),
+        "rows": rows,
+    }
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "steps.md").write_text(_steps_markdown(rows))
+    from openpi_prune.tools.lab import pictures
+
+    pictures.success_by_steps(rows, out_dir / "steps.png")
+    table = Table(*STEP_HEADERS, title="Meta-World: the same variants fine-tuned for different lengths")
+    for row in rows:
+        table.add_row(*_step_cells(row))
+    console.print(table)
+    return report
+
+
+def _without_length(run: dict) -> dict:
+    """What a run shares with the same suite fine-tuned for another length: its plan, less the steps,
+    where its expert episodes were kept and how many held-out episodes it ran."""
+    plan = json.loads(json.dumps(run["plan"]))
+    del plan["finetune"]["steps"], plan["spec"]["episodes_dir"], plan["episodes"]
+    return plan
+
+
+STEP_HEADERS = (
+    "variant",
+    "fine-tuning steps",
+    "success [Wilson 95 %]",
+    "points below the reference of this length, same scenes [95 %] (solved by it only / by this only)",
+    "points above its own run at the length before, same scenes [95 %] (solved by this only / by that only)",
+    "commit",
+)
+
+
+def _step_cells(row: dict) -> list[str]:
+    gain = _gap_cell(row, "gain_over_length_before")
+    if row["length_before"] is not None:
+        gain += f" (against {row['length_before']})"
+    return [
+        row["variant"],
+        str(row["steps"]),
+        f"{row['success']:.1%} [{row['low']:.1%}, {row['high']:.1%}] of {row['episodes']}",
+        _gap_cell(row, "gap_to_reference"),
+        gain,
+        row["commit"][:7],
+    ]
+
+
+def _steps_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(STEP_HEADERS) + " |", "|" + "---|" * len(STEP_HEADERS)]
+    lines += ["| " + " | ".join(_step_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def paired_gap(reference: dict, run: dict) -> dict | None:
     """The reference's success minus the run's on the scenes both met, in points, with a 95 % bootstrap
     interval over those episodes, and how many each alone solved; None unless both met seeded scenes

@@ -202,6 +202,34 @@ def success(rows: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def success_by_steps(rows: list[dict], path: pathlib.Path) -> None:
+    """Each variant's closed-loop success against its fine-tuning steps (Wilson 95 %), and the goal: 3
+    points below the reference of each length. A hollow point: a run on unseeded scenes (its own draw)."""
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    colours = _line_colours(dict.fromkeys(r["variant"] for r in rows))
+    for name, colour in colours.items():
+        mine = [r for r in rows if r["variant"] == name]
+        steps = [r["steps"] for r in mine]
+        success = np.asarray([r["success"] for r in mine])
+        spread = [success - [r["low"] for r in mine], [r["high"] for r in mine] - success]
+        ax.errorbar(steps, success, yerr=spread, fmt="-", capsize=3, color=colour, label=name)
+        for step, rate, row in zip(steps, success, mine, strict=True):
+            ax.plot(step, rate, "o", color=colour, markerfacecolor=colour if row["seeded_scenes"] else "white")
+        if name.startswith("reference"):
+            ax.plot([r["steps"] for r in mine], success - 0.03, ":", color=colour, label="3 points below the reference")
+    if not all(r["seeded_scenes"] for r in rows):
+        ax.plot([], [], "o", color="black", markerfacecolor="white", label="hollow: unseeded scenes, its own draw")
+    counts = sorted({r["steps"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(s) for s in counts])
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("closed-loop success (Wilson 95 %)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def validation_curves(curves: dict, path: pathlib.Path) -> None:
     """Each fine-tune's validation action MSE against its step (log scale): whether more steps would help."""
     fig, ax = plt.subplots(figsize=(11, 3.8))
