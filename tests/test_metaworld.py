@@ -6,6 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from openpi_prune.tools import cli
 from openpi_prune.tools.lab import metaworld, metaworld_trial
 
 SPEC = metaworld.MetaWorldSpec()
@@ -102,7 +103,7 @@ def _finished_run(folder, name, steps, wins, commit="seeded", baseline="policy",
     path.write_text(json.dumps({"commit": commit, "baseline": baseline, "plan": plan, "episodes": episodes}))
 
 
-def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monkeypatch):
+def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
     reference, default = metaworld_trial.trial_plan.REFERENCE, metaworld_trial.trial_plan.DEFAULT
     short, long = tmp_path / "short", tmp_path / "long"
@@ -111,7 +112,8 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
     _finished_run(short, "distinct (prompt-blind)", 100, [0] * 10)  # at one length only: not compared
     _finished_run(long, reference, 300, [1] * 10)
     _finished_run(long, default, 300, [1] * 4 + [0] + [1] * 4 + [0])
-    report = metaworld_trial.compare_steps([str(long), str(short)], str(tmp_path / "out"))
+    assert cli.main(["metaworld", "--compare-steps", str(long), str(short), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "steps.json").read_text())
     rows = {(r["variant"], r["steps"]): r for r in report["rows"]}
     assert sorted(rows) == sorted([(reference, 100), (reference, 300), (default, 100), (default, 300)])
     later = rows[default, 300]
@@ -137,6 +139,9 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
         metaworld_trial.compare_steps([str(short), str(short)], str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="holds no finished run"):
         metaworld_trial.compare_steps([str(short), str(tmp_path / "empty")], str(tmp_path / "out"))
+    # It summarises finished runs: an option that would run something is refused.
+    assert cli.main(["metaworld", "--compare-steps", str(short), "--only", reference]) == 2
+    assert "--compare-steps summarises finished runs" in capsys.readouterr().err
 
 
 def test_git_tells_which_runs_descend_from_a_commit():
