@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,6 +164,13 @@ def test_a_reset_seed_is_one_scene_on_every_run():
 
     assert np.array_equal(start(10_000), start(10_000))
     assert not np.array_equal(start(10_000), start(10_001))
+
+
+def test_an_environment_is_made_in_a_fresh_process_without_importing_metaworld_first():
+    metaworld.require_rendering()  # the libraries are there: what is tested is the registration
+    code = "from openpi_prune.tools.lab import metaworld as m; m.make_env('drawer-open-v3', m.MetaWorldSpec(), 0).close()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_without_headless_rendering_the_error_names_the_libraries(monkeypatch):

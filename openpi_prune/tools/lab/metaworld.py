@@ -125,6 +125,7 @@ def make_env(task: str, spec: MetaWorldSpec, seed: int):
     and picks one of them at reset; unseeded, both draws differ from one process to the next, so the
     seed is given to both: each reset seed is one scene, the same on every run and machine."""
     import gymnasium as gym
+    import metaworld  # noqa: F401  (registers its environments with Gymnasium)
 
     if task not in TASKS:
         raise SuiteError(f"unknown task {task!r}; the suite's tasks: {', '.join(TASKS)}")
