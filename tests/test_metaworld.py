@@ -208,6 +208,8 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
         run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
         gif = Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}.gif")
         assert gif.n_frames == len(run["episodes"][0]["call_seconds"]) and gif.size == (2 * 224, 224)
+        # Each task's first episode, a few calls, on one sheet.
+        assert Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}-by-task.png").size[0] > 448
     with np.load(tmp_path / "animations" / f"{metaworld_trial.slug('default (relevance)')}-first-call.npz") as call:
         assert call["kept_patches"].shape == (2, 64)  # both live cameras, 8 x 8 patches each
         assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up

@@ -100,7 +100,8 @@ def evaluate(
     episode is noted as it ends (`closed-loop/<variant>.partial.jsonl`) with the digest of the
     `weights` that ran it, so an interrupted run goes on from the next one, on the same weights. The
     first task's first episode is recorded: `animations/<variant>.gif`, and its first call
-    (`animations/<variant>-first-call.npz`) for `first-calls.png`."""
+    (`animations/<variant>-first-call.npz`) for `first-calls.png`; each task's first episode that
+    this process ran, a few of its calls, in `animations/<variant>-by-task.png`."""
     spec = plan.spec
     partial = out_dir / "closed-loop" / f"{slug(name)}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -116,16 +117,17 @@ def evaluate(
             "episodes anew."
         )
     bar = progress.add_task(f"{name}: closed loop", total=len(spec.tasks) * plan.episodes)
-    episodes = []
+    episodes, first_episodes = [], {}
     with metaworld.serve(metaworld.make_policy(model, spec)) as client:
         for task in spec.tasks:
             for k in range(plan.episodes):
                 seed = metaworld.TEST_SEEDS + k
                 if (task, seed) not in done:
-                    record = task == spec.tasks[0] and k == 0
-                    result = metaworld.closed_loop(client, task, seed, spec, blank=blank, record=record)
+                    result = metaworld.closed_loop(client, task, seed, spec, blank=blank, record=k == 0)
                     calls = result.pop("frames")
-                    if record:
+                    if k == 0:
+                        first_episodes[task] = (seed, result["success"], calls)
+                    if k == 0 and task == spec.tasks[0]:
                         _keep_recording(calls, out_dir / "animations", name, spec)
                     done[task, seed] = {"task": task, "seed": seed, "weights": weights} | result
                     with partial.open("a") as file:
@@ -133,6 +135,11 @@ def evaluate(
                 episodes.append(done[task, seed])
                 wins = [e["success"] for e in episodes]
                 progress.update(bar, advance=1, description=f"{name}: {task} success {np.mean(wins):.0%}")
+    if first_episodes:
+        from openpi_prune.tools.lab import pictures
+
+        sheet = out_dir / "animations" / f"{slug(name)}-by-task.png"
+        pictures.calls_by_task(first_episodes, spec.grid, sheet, name)
     return {"episodes": episodes}
 
 

@@ -279,6 +279,30 @@ def episode_animation(calls: list, grid: int, path: pathlib.Path, title: str) ->
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
 
 
+def calls_by_task(episodes: dict, grid: int, path: pathlib.Path, title: str, shown: int = 5) -> None:
+    """A row per task: `shown` calls spread over its episode (`episodes`: task -> (reset seed,
+    success, calls as `episode_animation` takes them)), the patches not kept as themselves darkened:
+    what the policy kept as each task went on."""
+    fig, axes = plt.subplots(len(episodes), shown, figsize=(3.2 * shown, 2.4 * len(episodes)), squeeze=False)
+    for row, (task, (seed, success, calls)) in zip(axes, episodes.items(), strict=True):
+        picked = np.unique(np.linspace(0, len(calls) - 1, shown).round().astype(int)) if calls else []
+        for k, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k >= len(picked):
+                ax.axis("off")
+                continue
+            images, kept, merged = calls[picked[k]]
+            ax.imshow(_frame(images, kept, merged, grid))
+            caption = "" if kept is None else ": " + _kept_caption(kept, merged)
+            ax.set_title(f"call {picked[k] + 1}{caption}", fontsize=7)
+        row[0].set_ylabel(f"{task.removesuffix('-v3')}\nseed {seed}, {'solved' if success else 'failed'}", fontsize=7)
+    fig.suptitle(f"{title}: each task's first episode (patches not kept as themselves darkened)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def first_calls(calls_by_variant: dict, grid: int, path: pathlib.Path) -> None:
     """One row per variant: the first policy call of its recorded episode, both cameras, the pruned
     patches darkened."""
