@@ -22,7 +22,7 @@ from rich.table import Table
 
 import openpi_prune
 from openpi_prune.tools.lab import checkpoint, metaworld, train, trial_plan
-from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug
+from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug, write_step_comparison
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
@@ -532,17 +532,17 @@ def compare_steps(compare_steps: list[str], out: str) -> dict:
         "summarised_by": checkpoint.commit(),
         "rows": rows,
     }
-    out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "steps.md").write_text(_steps_markdown(rows))
+    preamble = [
+        f"Summarised by `{report['summarised_by']}` from "
+        + ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
+        + ". Success over each run's held-out episodes; gaps paired by scene, 95 % bootstrap over them.",
+        "",
+    ]
+    title = "Meta-World: the same variants fine-tuned for different lengths"
+    write_step_comparison(pathlib.Path(out), report, preamble, STEP_HEADERS, _step_cells, title)
     from openpi_prune.tools.lab import pictures
 
-    pictures.success_by_steps(rows, out_dir / "steps.png")
-    table = Table(*STEP_HEADERS, title="Meta-World: the same variants fine-tuned for different lengths")
-    for row in rows:
-        table.add_row(*_step_cells(row))
-    console.print(table)
+    pictures.success_by_steps(rows, pathlib.Path(out) / "steps.png")
     return report
 
 
@@ -576,12 +576,6 @@ def _step_cells(row: dict) -> list[str]:
         gain,
         row["commit"][:7],
     ]
-
-
-def _steps_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(STEP_HEADERS) + " |", "|" + "---|" * len(STEP_HEADERS)]
-    lines += ["| " + " | ".join(_step_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def paired_gap(reference: dict, run: dict) -> dict | None:

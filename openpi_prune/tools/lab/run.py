@@ -223,6 +223,22 @@ def run(
     return report
 
 
+def write_step_comparison(
+    out_dir: pathlib.Path, report: dict, preamble: list[str], headers, cells, title: str
+) -> None:
+    """A comparison of fine-tuning lengths: `steps.json` (the report), `steps.md` (the preamble's lines,
+    then a table with a row of `cells(row)` per row of the report) and the same table printed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
+    lines = [*preamble, "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in report["rows"]]
+    (out_dir / "steps.md").write_text("\n".join(lines) + "\n")
+    table = Table(*headers, title=title)
+    for row in report["rows"]:
+        table.add_row(*cells(row))
+    console.print(table)
+
+
 def slug(name: str) -> str:
     """A variant's name as a file or folder name."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

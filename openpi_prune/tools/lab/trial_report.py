@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from openpi_prune.tools.lab import checkpoint, named, train
-from openpi_prune.tools.lab.run import console
+from openpi_prune.tools.lab.run import console, write_step_comparison
 from openpi_prune.tools.lab.trial_plan import (
     BOOTSTRAP,
     DEFAULT,
@@ -349,16 +349,17 @@ def compare_steps(folders: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
         "chosen_steps": min(defaults, key=lambda r: r["validation_ratio"]["ratio"])["steps"] if defaults else None,
         "rows": rows,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "steps.md").write_text(_steps_markdown(report))
+    write_step_comparison(
+        out_dir,
+        report,
+        _steps_preamble(report),
+        STEP_HEADERS,
+        _step_cells,
+        "trial: the same variants fine-tuned for different step counts",
+    )
     from openpi_prune.tools.lab import pictures
 
     pictures.ratio_by_steps(rows, out_dir / "steps.png")
-    table = Table(*STEP_HEADERS, title="trial: the same variants fine-tuned for different step counts")
-    for row in rows:
-        table.add_row(*_step_cells(row))
-    console.print(table)
     return report
 
 
@@ -401,9 +402,9 @@ def _step_cells(row: dict) -> list[str]:
     ]
 
 
-def _steps_markdown(report: dict) -> str:
+def _steps_preamble(report: dict) -> list[str]:
     chosen = report["chosen_steps"]
-    lines = [
+    return [
         f"Summarised by `{report['summarised_by']}` from "
         + ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
         + ". Each variant on the seeds every step count ran for it; intervals: bootstrap over seeds and scenes, "
@@ -411,8 +412,4 @@ def _steps_markdown(report: dict) -> str:
         "",
         f"Chosen on the default's validation ratio: **{chosen} steps**." if chosen else "No default run to choose on.",
         "",
-        "| " + " | ".join(STEP_HEADERS) + " |",
-        "|" + "---|" * len(STEP_HEADERS),
     ]
-    lines += ["| " + " | ".join(_step_cells(row)) + " |" for row in report["rows"]]
-    return "\n".join(lines) + "\n"
