@@ -532,12 +532,7 @@ def compare_steps(compare_steps: list[str], out: str) -> dict:
         "summarised_by": checkpoint.commit(),
         "rows": rows,
     }
-    preamble = [
-        f"Summarised by `{report['summarised_by']}` from "
-        + ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
-        + ". Success over each run's held-out episodes; gaps paired by scene, 95 % bootstrap over them.",
-        "",
-    ]
+    preamble = ["Success over each run's held-out episodes; gaps paired by scene, 95 % bootstrap over them.", ""]
     title = "Meta-World: the same variants fine-tuned for different lengths"
     write_step_comparison(pathlib.Path(out), report, preamble, STEP_HEADERS, _step_cells, title)
     from openpi_prune.tools.lab import pictures

@@ -226,11 +226,14 @@ def run(
 def write_step_comparison(
     out_dir: pathlib.Path, report: dict, preamble: list[str], headers, cells, title: str
 ) -> None:
-    """A comparison of fine-tuning lengths: `steps.json` (the report), `steps.md` (the preamble's lines,
-    then a table with a row of `cells(row)` per row of the report) and the same table printed."""
+    """A comparison of fine-tuning lengths: `steps.json` (the report), `steps.md` (the commit and
+    folders it summarises, the preamble's lines, then a table with a row of `cells(row)` per row of
+    the report) and the same table printed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
-    lines = [*preamble, "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    source = ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
+    lines = [f"Summarised by `{report['summarised_by']}` from {source}. " + preamble[0], *preamble[1:]]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in report["rows"]]
     (out_dir / "steps.md").write_text("\n".join(lines) + "\n")
     table = Table(*headers, title=title)

@@ -405,9 +405,7 @@ def _step_cells(row: dict) -> list[str]:
 def _steps_preamble(report: dict) -> list[str]:
     chosen = report["chosen_steps"]
     return [
-        f"Summarised by `{report['summarised_by']}` from "
-        + ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
-        + ". Each variant on the seeds every step count ran for it; intervals: bootstrap over seeds and scenes, "
+        "Each variant on the seeds every step count ran for it; intervals: bootstrap over seeds and scenes, "
         "paired by seed, scene and noise draw. Minutes are as the runs recorded them, on whatever else the machine ran.",
         "",
         f"Chosen on the default's validation ratio: **{chosen} steps**." if chosen else "No default run to choose on.",
