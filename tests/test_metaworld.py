@@ -277,6 +277,11 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     assert rows["  its weights, 100% kept"] != rows["default (relevance)"]
     assert all(np.isfinite(list(row.values())).all() and row["all"] > 0 for row in rows.values())
     assert "| unpruned checkpoint |" in (tmp_path / "action-mse.md").read_text()
+    # Each fine-tuned head beside the saliency it learns from (the share rows are not heads of their own).
+    agreement = check["saliency_agreement"]
+    assert list(agreement) == ["default (relevance)"]
+    assert all(0 <= share <= 1 for share in agreement["default (relevance)"].values())
+    assert "| default (relevance) | " in (tmp_path / "action-mse.md").read_text().split("| head |")[1]
 
     # A run with only a closed loop left, its weights trained, renders no expert episode.
     (tmp_path / "closed-loop" / "default-relevance.json").unlink()

@@ -143,33 +143,37 @@ def masked_against_compact(model, test: scenes.Batch, scenes_to_check: int = 64)
     return float(np.max(np.abs(compact - masked)))
 
 
-def saliency_agreement(model, val: scenes.Batch, chunk: int = 64) -> float:
-    """How far the head reproduces what it learns from: the share of the patches it keeps (the
-    compact path, as served) that are also among the model's own most salient ones, as many per
-    scene (the saliency of the unpruned loss, as a training step computes it, at one noise draw and
-    without image augmentation)."""
+def saliency_agreement(model, val: scenes.Batch, chunk: int = 64, draws: int = 1) -> np.ndarray:
+    """How far the head reproduces what it learns from, per scene: the share of the patches it keeps
+    (the compact path, as served; a merged region's mean is not one) that are also among the model's
+    own most salient ones, as many (the saliency of the unpruned loss, as a training step computes it,
+    without image augmentation, averaged over `draws` noise draws: one draw is what one training step
+    sees, more are what the head learns in expectation)."""
     import jax
     from flax import nnx
 
     from openpi_prune.adapter import prefix
 
-    kept = train.sample(model, val, num_steps=1)[1]["kept_mask"]
+    report = train.sample(model, val, num_steps=1)[1]
+    kept = report["kept_mask"] & ~report.get("merged_mask", np.zeros_like(report["kept_mask"]))
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def saliency_of(state, observation, actions):
+    def saliency_of(state, observation, actions, key):
         m = nnx.merge(graphdef, state)
-        return prefix.saliency(lambda: m.compute_loss(jax.random.key(0), observation, actions, train=False))
+        return prefix.saliency(lambda: m.compute_loss(key, observation, actions, train=False))
 
     parts = []
     for start in range(0, len(val.actions), chunk):
         observation = jax.tree.map(lambda x, s=start: x[s : s + chunk], val.observation())
-        parts.append(np.asarray(saliency_of(state, observation, val.actions[start : start + chunk])))
+        actions = val.actions[start : start + chunk]
+        draw = [np.asarray(saliency_of(state, observation, actions, jax.random.key(d))) for d in range(draws)]
+        parts.append(np.mean(draw, axis=0))
     saliency = np.concatenate(parts)
     counts = kept.sum(axis=1)
     ranks = np.argsort(np.argsort(-saliency, axis=1), axis=1)  # 0: the most salient patch
     top = ranks < counts[:, None]
-    return float(np.mean((top & kept).sum(axis=1) / np.maximum(counts, 1)))
+    return (top & kept).sum(axis=1) / np.maximum(counts, 1)
 
 
 def run_one(
@@ -202,7 +206,7 @@ def run_one(
         if settings.method != "keep_all":
             result["masked_vs_compact_max_abs"] = masked_against_compact(model, test)
         if settings.method == "relevance":
-            result["saliency_agreement"] = saliency_agreement(model, val)
+            result["saliency_agreement"] = float(np.mean(saliency_agreement(model, val)))
     finally:
         openpi_prune.disable()
     return {
