@@ -127,3 +127,16 @@ def test_a_sampler_is_compiled_per_parameter_shape_not_per_tree_layout():
     narrow, wide, copy = (nnx.split(nnx.Linear(2, k, rngs=nnx.Rngs(seed))) for k, seed in ((2, 0), (4, 0), (2, 1)))
     assert train._sampler(*narrow, 10) is not train._sampler(*wide, 10)
     assert train._sampler(*narrow, 10) is train._sampler(*copy, 10)
+
+
+def test_the_head_s_loss_is_reported_over_the_samples_whose_saliency_ran():
+    """With the saliency of half of each batch, the other half's pruner loss is zero: the reported
+    `distill_loss` is the mean over the half that learnt, and the batch's loss holds half of it."""
+    spec = run.QUICK.spec
+    schedule = train.Schedule(steps=2, lr=1e-3, batch_size=4, warmup=1)
+    settings = openpi_prune.PruneSettings(saliency_every=1, saliency_share=0.5)
+    with openpi_prune.enabled(settings):
+        history = train.train(train.create(spec), spec, schedule)
+    for step in history:
+        assert step["distill_loss"] > 0
+        assert step["loss"] == pytest.approx(step["action_loss"] + 0.5 * step["distill_loss"], rel=1e-5)

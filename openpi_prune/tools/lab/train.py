@@ -137,8 +137,10 @@ def train(
                     "query_spread": jnp.sum(reports[0]["query_spread"] * live) / jnp.maximum(jnp.sum(live), 1),
                 }
                 if "distill_loss" in reports[0]:  # included in `loss`; the flow-matching part apart
-                    info["distill_loss"] = jnp.mean(reports[0]["distill_loss"])
-                    info["action_loss"] = loss - info["distill_loss"]
+                    distill = reports[0]["distill_loss"]
+                    info["action_loss"] = loss - jnp.mean(distill)
+                    # Over the samples whose saliency ran (`saliency_share`), so that shares compare.
+                    info["distill_loss"] = jnp.sum(distill) / jnp.maximum(jnp.sum(distill != 0), 1)
             return loss, (info, nnx.state(m, training.TrainingStep))
 
         (loss, (info, counter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
