@@ -21,6 +21,7 @@ import numpy as np
 from rich.table import Table
 
 import openpi_prune
+from openpi_prune.adapter import prefix
 from openpi_prune.tools.lab import checkpoint, metaworld, train, trial, trial_plan
 from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug, write_step_comparison
 
@@ -379,7 +380,8 @@ def action_mse(
                 model = train.load(spec, params)
                 draws = [_action_errors(model, batch, spec, 1_000 + 7_919 * d) for d in range(noise_draws)]
                 errors = np.mean(draws, axis=0)
-                if weights is not None and changes.get("method") == "relevance" and not row.startswith(" "):
+                # A fine-tuned variant whose pruner learns from the saliency (the share rows reuse its head).
+                if row in VARIANTS and changes is not None and prefix.wants_saliency():
                     shares = trial.saliency_agreement(model, batch, draws=SALIENCY_DRAWS)
                     agreement[row] = {"all": float(shares.mean())} | {
                         task: float(shares[tasks == task].mean()) for task in spec.tasks
