@@ -52,6 +52,10 @@ class PruneSettings:
     siglip_layer: int | None = None
     # Share of each sample's live patches the `relevance` method keeps (with keep_mass: at most).
     keep_fraction: float = 0.2
+    # Width of a hidden layer in the `relevance` head: each patch, beside the mean of its sample's live
+    # patches, passes through it (GELU) before the bilinear score against the prompt; 0: the bilinear
+    # score on the patch itself. Its parameters are the model's, saved and loaded with it.
+    relevance_hidden: int = 0
     # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
     # share of the head's softmax mass, at most keep_fraction of them; 0: always keep_fraction.
     keep_mass: float = 0.0
@@ -145,6 +149,11 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise SettingsError(f"{name} must be an integer >= {lowest} (training steps); got {value!r}")
+        if isinstance(self.relevance_hidden, bool) or not isinstance(self.relevance_hidden, int) or self.relevance_hidden < 0:
+            raise SettingsError(
+                f"relevance_hidden must be an integer >= 0 (the width of the head's hidden layer; 0: none); "
+                f"got {self.relevance_hidden!r}"
+            )
         if self.siglip_layer is not None and (
             isinstance(self.siglip_layer, bool) or not isinstance(self.siglip_layer, int) or self.siglip_layer < 0
         ):

@@ -164,6 +164,56 @@ def test_relevance_trains_only_its_head_from_saliency_and_hides_what_it_drops(re
     assert not np.allclose(pruned, kept_all)
 
 
+def test_the_hidden_layer_reads_each_patch_beside_its_scene_s_mean_of_live_patches():
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    live = np.asarray([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], bool)
+    kernel, bias = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    features = np.asarray(relevance.hidden_features(patches, live, kernel, bias))
+    for b in range(2):
+        scene = patches[b][live[b]].mean(0)
+        for i in range(5):
+            expected = jax.nn.gelu(np.concatenate([patches[b, i], scene]) @ kernel + bias)
+            np.testing.assert_allclose(features[b, i], expected, rtol=1e-5, atol=1e-6)
+    # What a dead patch holds does not move the scene's mean.
+    changed = patches.copy()
+    changed[0, 2] += 100.0
+    np.testing.assert_array_equal(np.asarray(relevance.hidden_features(changed, live, kernel, bias))[0, live[0]], features[0, live[0]])
+
+
+def test_a_head_with_a_hidden_layer_trains_all_its_parameters_and_refuses_the_wrong_setting(pi05):
+    cfg, _ = pi05
+    with openpi_prune.enabled(method="relevance", relevance_hidden=16, warn_below=0):
+        model = small.create(cfg, seed=2)
+    width = getattr(model, methods.RELEVANCE_QUERY).value.shape[0]
+    head = {
+        methods.RELEVANCE_QUERY: (width, methods.RELEVANCE_RANK),
+        methods.RELEVANCE_KEY: (16, methods.RELEVANCE_RANK),
+        methods.RELEVANCE_HIDDEN_KERNEL: (2 * width, 16),
+        methods.RELEVANCE_HIDDEN_BIAS: (16,),
+    }
+    assert {name: getattr(model, name).value.shape for name in head} == head
+    obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p, rest).compute_loss(jax.random.key(0), obs, actions, train=True))
+
+    with openpi_prune.enabled(method="relevance", relevance_hidden=16, warn_below=0):
+        grads = jax.grad(loss)(params)
+        actions_out = model.sample_actions(jax.random.key(0), obs, num_steps=2)
+    for name in head:
+        assert float(jnp.abs(grads[name].value).sum()) > 0, name
+    assert np.isfinite(np.asarray(actions_out)).all()
+    # A head made with a hidden layer, read under another width (or none), says which to set.
+    for wrong in (0, 32):
+        with (
+            openpi_prune.enabled(method="relevance", relevance_hidden=wrong, warn_below=0),
+            pytest.raises(openpi_prune.PruneInputError, match="relevance_hidden=16"),
+        ):
+            model.sample_actions(jax.random.key(0), obs, num_steps=2)
+
+
 def test_a_training_schedule_sets_the_share_kept_in_training_only(relevance_model):
     cfg, model = relevance_model
     obs, actions = _observation(cfg), small.actions(cfg, batch_size=2)

@@ -58,12 +58,21 @@ def wrap_init(wrapped, instance, args, kwargs):
         )
     if active.method == "relevance":
         width = instance.paligemma_with_expert.paligemma.config.text_config.hidden_size
-        # JAX's lecun_normal: a truncated normal of variance 1 / fan_in.
-        std = 1.0 / math.sqrt(width) / 0.87962566103423978
-        for name in (methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY):
-            weight = torch.empty(width, methods.RELEVANCE_RANK)
+        hidden = active.relevance_hidden
+        shapes = {
+            methods.RELEVANCE_QUERY: (width, methods.RELEVANCE_RANK),
+            methods.RELEVANCE_KEY: (hidden or width, methods.RELEVANCE_RANK),
+        }
+        if hidden:
+            shapes[methods.RELEVANCE_HIDDEN_KERNEL] = (2 * width, hidden)
+        for name, shape in shapes.items():
+            # JAX's lecun_normal: a normal of variance 1 / fan_in, truncated at two deviations.
+            std = 1.0 / math.sqrt(shape[0]) / 0.87962566103423978
+            weight = torch.empty(shape)
             torch.nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
             instance.register_parameter(name, torch.nn.Parameter(weight))
+        if hidden:
+            instance.register_parameter(methods.RELEVANCE_HIDDEN_BIAS, torch.nn.Parameter(torch.zeros(hidden)))
     instance.register_buffer(STEP, torch.zeros((), dtype=torch.int64))
     instance.register_load_state_dict_post_hook(_fresh_when_missing)
     setattr(instance.paligemma_with_expert, _SHIFT, None)

@@ -34,6 +34,8 @@ from openpi_prune.pruner import lightvla, relevance
 PROJECTOR = "prune_action_proj"
 QUERIES = "prune_action_queries"
 RELEVANCE_QUERY, RELEVANCE_KEY = "prune_relevance_query", "prune_relevance_key"
+# With settings.relevance_hidden: the hidden layer before the key (relevance.hidden_features).
+RELEVANCE_HIDDEN_KERNEL, RELEVANCE_HIDDEN_BIAS = "prune_relevance_hidden_kernel", "prune_relevance_hidden_bias"
 RELEVANCE_RANK = 64
 
 
@@ -250,9 +252,13 @@ class Relevance(TopShare):
         from openpi.models import gemma
 
         width = gemma.get_config(config.paligemma_variant).width
+        hidden = settings.relevance_hidden
         init = nnx.initializers.lecun_normal()
-        for name in (RELEVANCE_QUERY, RELEVANCE_KEY):
-            setattr(model, name, nnx.Param(init(rngs.params(), (width, RELEVANCE_RANK))))
+        setattr(model, RELEVANCE_QUERY, nnx.Param(init(rngs.params(), (width, RELEVANCE_RANK))))
+        setattr(model, RELEVANCE_KEY, nnx.Param(init(rngs.params(), (hidden or width, RELEVANCE_RANK))))
+        if hidden:
+            setattr(model, RELEVANCE_HIDDEN_KERNEL, nnx.Param(init(rngs.params(), (2 * width, hidden))))
+            setattr(model, RELEVANCE_HIDDEN_BIAS, nnx.Param(jnp.zeros((hidden,))))
 
     @hookimpl
     def openpi_prune_score(self, model, image_tokens, candidate_mask, task_tokens, task_mask, settings):
@@ -266,6 +272,17 @@ class Relevance(TopShare):
             )
         # The head learns from its own loss only: the model's embeddings are not bent to suit it.
         patches, task = jax.lax.stop_gradient(image_tokens), jax.lax.stop_gradient(task_tokens)
+        hidden_kernel = getattr(model, RELEVANCE_HIDDEN_KERNEL, None)
+        made_with = 0 if hidden_kernel is None else hidden_kernel.value.shape[-1]
+        if made_with != settings.relevance_hidden:
+            raise PruneInputError(
+                f"relevance_hidden is {settings.relevance_hidden}, and this Pi0's head was made with "
+                f"relevance_hidden={made_with}: set it to what the model was created (and trained) with, or "
+                "create the model again under this setting."
+            )
+        if hidden_kernel is not None:
+            hidden_bias = getattr(model, RELEVANCE_HIDDEN_BIAS)
+            patches = relevance.hidden_features(patches, candidate_mask, hidden_kernel.value, hidden_bias.value)
         return relevance.scores(patches, task, task_mask, query.value, key.value)
 
     @hookimpl

@@ -1,8 +1,9 @@
 """A learned relevance score per patch, conditioned on the prompt, as pure `jax.numpy` functions.
 
 Nothing here knows OpenPI. Shapes as in `lightvla`: `b` batch, `n` patches, `t` task tokens, `d`
-width, `r` the head's rank. The head is trained to reproduce the model's own saliency (how much the
-unpruned model's loss depends on each patch), so it learns what the model uses without labels.
+width, `h` the head's hidden width, `r` its rank. The head is trained to reproduce the model's own
+saliency (how much the unpruned model's loss depends on each patch), so it learns what the model
+uses without labels.
 """
 
 import jax
@@ -30,6 +31,22 @@ def scores(
     logits = jnp.where(task_mask[:, None, :], logits, _NEG)
     # No live task token: every patch scores 0 (nothing to be relevant to).
     return jnp.where(jnp.any(task_mask, axis=-1)[:, None], jax.nn.logsumexp(logits, axis=-1), 0.0)
+
+
+def hidden_features(
+    patches: Float[Array, "b n d"],
+    candidate_mask: Bool[Array, "b n"],
+    hidden_kernel: Float[Array, "2d h"],
+    hidden_bias: Float[Array, " h"],
+) -> Float[Array, "b n h"]:
+    """Each patch beside the mean of its sample's live patches, through one GELU layer: what the
+    patch shows, read against the rest of the scene, before `scores` compares it with the prompt.
+    A bilinear form on the patch itself can only weigh each of its features linearly."""
+    patches = patches.astype(jnp.float32)
+    live = candidate_mask[..., None].astype(jnp.float32)
+    scene = jnp.sum(patches * live, axis=1, keepdims=True) / jnp.maximum(jnp.sum(live, axis=1, keepdims=True), 1.0)
+    both = jnp.concatenate([patches, jnp.broadcast_to(scene, patches.shape)], axis=-1)
+    return jax.nn.gelu(both @ hidden_kernel.astype(jnp.float32) + hidden_bias.astype(jnp.float32))
 
 
 def rank(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]) -> Int[Array, "b n"]:

@@ -87,6 +87,16 @@ def relevance_scores(patches, task_tokens, task_mask, query_kernel, key_kernel) 
     return torch.where(torch.any(task_mask, dim=-1)[:, None], torch.logsumexp(logits, dim=-1), 0.0)
 
 
+def hidden_features(patches, candidate_mask, hidden_kernel, hidden_bias) -> torch.Tensor:
+    """`[b, n, h]`: each patch beside its sample's mean live patch, through the head's hidden layer
+    (`relevance.hidden_features`; JAX's default GELU is the tanh form)."""
+    patches = patches.float()
+    live = candidate_mask[..., None].float()
+    scene = torch.sum(patches * live, dim=1, keepdim=True) / torch.clamp(torch.sum(live, dim=1, keepdim=True), min=1.0)
+    both = torch.cat([patches, scene.expand_as(patches)], dim=-1)
+    return torch.nn.functional.gelu(both @ hidden_kernel.float() + hidden_bias.float(), approximate="tanh")
+
+
 def rank(scores, candidate_mask) -> torch.Tensor:
     """0 for the best candidate, ...; non-candidates last; ties: the earlier patch first."""
     order = torch.argsort(-torch.where(candidate_mask, scores.float(), _NEG), dim=-1, stable=True)

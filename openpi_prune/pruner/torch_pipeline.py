@@ -138,7 +138,19 @@ def _select(parameters, patches, task_tokens, candidate_mask, task_mask, setting
                 "openpi-prune was enabled with method relevance. Enable it first, then create (or load) the model."
             )
         # The head learns from its own loss only: the model's embeddings are not bent to suit it.
-        scores = ops.relevance_scores(patches.detach(), task_tokens.detach(), task_mask, query, key)
+        features = patches.detach()
+        hidden_kernel = parameters.get(methods.RELEVANCE_HIDDEN_KERNEL)
+        made_with = 0 if hidden_kernel is None else hidden_kernel.shape[-1]
+        if made_with != settings.relevance_hidden:
+            raise PruneInputError(
+                f"relevance_hidden is {settings.relevance_hidden}, and this PI0Pytorch's head was made with "
+                f"relevance_hidden={made_with}: set it to what the model was created (and trained) with, or "
+                "create the model again under this setting."
+            )
+        if hidden_kernel is not None:
+            hidden_bias = parameters[methods.RELEVANCE_HIDDEN_BIAS]
+            features = ops.hidden_features(features, candidate_mask, hidden_kernel, hidden_bias)
+        scores = ops.relevance_scores(features, task_tokens.detach(), task_mask, query, key)
     else:  # distinct: the patches least like the rest of their image
         scores = torch.linalg.vector_norm(patches.float(), dim=-1)
     chosen_by = scores.detach()
