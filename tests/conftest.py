@@ -64,6 +64,14 @@ def relevance_model(pi05):
         return cfg, small.create(cfg, seed=1)
 
 
+@pytest.fixture(scope="session")
+def relevance_hidden_model(pi05):
+    """The small pi0.5 with a relevance head of hidden width 16 (fresh, seed 2)."""
+    cfg, _ = pi05
+    with openpi_prune.enabled(method="relevance", relevance_hidden=16):
+        return cfg, small.create(cfg, seed=2)
+
+
 @pytest.fixture(params=["pi0", "pi05"])
 def any_model(request):
     return request.getfixturevalue(request.param)

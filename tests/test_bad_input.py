@@ -513,6 +513,16 @@ def test_relevance_untrained_head(pi05):
         _sample(model, small.observation(cfg))
 
 
+def test_relevance_hidden_mismatch(relevance_hidden_model):
+    cfg, model = relevance_hidden_model  # its head made with relevance_hidden=16
+    for other in (0, 32):
+        with (
+            openpi_prune.enabled(method="relevance", relevance_hidden=other),
+            pytest.raises(PruneInputError, match=f"relevance_hidden is {other}.*made with relevance_hidden=16: set it"),
+        ):
+            _sample(model, small.observation(cfg))
+
+
 # --- Plugins --------------------------------------------------------------------------------------
 
 

@@ -174,6 +174,26 @@ def test_a_pruned_pytorch_model_ramps_learns_the_head_from_saliency_and_goes_com
     assert all(not torch.equal(getattr(default, n), v) for n, v in head.items())  # and so does the head
 
 
+def test_a_pytorch_head_with_a_hidden_layer_is_made_as_jax_s_and_learns_all_of_it(upstream):
+    model = _twin(upstream, relevance_hidden=16).train()
+    width = model.prune_relevance_query.shape[0]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n.startswith("prune_")}
+    assert shapes == {
+        methods.RELEVANCE_QUERY: (width, methods.RELEVANCE_RANK),
+        methods.RELEVANCE_KEY: (16, methods.RELEVANCE_RANK),
+        methods.RELEVANCE_HIDDEN_KERNEL: (2 * width, 16),
+        methods.RELEVANCE_HIDDEN_BIAS: (16,),
+    }
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("prune_")}
+    with openpi_prune.enabled(relevance_hidden=16, saliency_every=1):
+        history = _train(model, 2)
+        actions, _ = _sample(model.eval())
+    assert np.isfinite([loss for _, loss in history]).all() and torch.isfinite(actions).all()
+    assert all(not torch.equal(getattr(model, n), v) for n, v in head.items())
+    with openpi_prune.enabled(), pytest.raises(openpi_prune.PruneInputError, match="relevance_hidden=16"):
+        _sample(model)
+
+
 def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_draws_alone(upstream):
     """The probe pass: what `_saliency` returns is the gradient norm of upstream's own loss at each
     image token, and the pruned pass after it draws the same augmentation as without it."""
@@ -287,41 +307,18 @@ def test_the_torch_math_gives_the_jax_math_s_numbers_and_kept_sets(seed):
     )
 
 
-@pytest.mark.parametrize("merge_unkept", [0, 4])
-@pytest.mark.parametrize("method", torch_pipeline.METHODS)
-def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method, merge_unkept):
-    patches, task, candidate, task_mask = _arrays(7, n=3 * 36)  # three cameras of 6 x 6 patches
-    kernels = np.random.default_rng(1).normal(size=(2, 32, 8)).astype(np.float32)
-    # The vote's kept set overflows 40 slots: the slots go to the most voted patches.
-    capacity = 40 if method == "language_only" else None
-    settings = openpi_prune.PruneSettings(
-        method=method, capacity=capacity, merge_unkept=merge_unkept, telemetry=False, warn_below=0
-    )
-    head = types.SimpleNamespace(
-        **{
-            name: types.SimpleNamespace(value=jnp.asarray(k))
-            for name, k in zip((methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY), kernels, strict=True)
-        }
-    )
+def _both_pipelines(settings, head: dict[str, np.ndarray]):
+    """The JAX pipeline's and the torch pipeline's pruned prefixes of the same three cameras of 6 x 6
+    patches, under `settings` and the relevance head's parameters `head`."""
+    patches, task, candidate, task_mask = _arrays(7, n=3 * 36)
     ar_mask = np.zeros(108 + 7, bool)
-    want = pipeline.prune(
-        head,
-        pipeline.Prefix(
-            jnp.asarray(patches),
-            jnp.asarray(task),
-            jnp.asarray(candidate),
-            jnp.asarray(task_mask),
-            jnp.asarray(ar_mask),
-            36,
-        ),
-        None,
-        settings,
+    model = types.SimpleNamespace(**{name: types.SimpleNamespace(value=jnp.asarray(k)) for name, k in head.items()})
+    prefix = pipeline.Prefix(
+        jnp.asarray(patches), jnp.asarray(task), jnp.asarray(candidate), jnp.asarray(task_mask), jnp.asarray(ar_mask), 36
     )
+    want = pipeline.prune(model, prefix, None, settings)
     got = torch_pipeline.prune(
-        {
-            name: torch.from_numpy(k)
-            for name, k in zip((methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY), kernels, strict=True)
-        },
+        {name: torch.from_numpy(k) for name, k in head.items()},
         torch.from_numpy(patches),
         torch.from_numpy(task),
         torch.from_numpy(candidate),
@@ -333,6 +330,31 @@ def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method, merge_unkep
     np.testing.assert_array_equal(got.slot_source, want.slot_source)
     np.testing.assert_array_equal(got.pad_mask, want.input_mask)
     np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge_unkept", [0, 4])
+@pytest.mark.parametrize("method", torch_pipeline.METHODS)
+def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method, merge_unkept):
+    kernels = np.random.default_rng(1).normal(size=(2, 32, 8)).astype(np.float32)
+    # The vote's kept set overflows 40 slots: the slots go to the most voted patches.
+    capacity = 40 if method == "language_only" else None
+    settings = openpi_prune.PruneSettings(
+        method=method, capacity=capacity, merge_unkept=merge_unkept, telemetry=False, warn_below=0
+    )
+    _both_pipelines(settings, dict(zip((methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY), kernels, strict=True)))
+
+
+def test_the_torch_head_with_a_hidden_layer_keeps_the_jax_head_s_patches():
+    rng = np.random.default_rng(2)
+    head = {
+        methods.RELEVANCE_QUERY: rng.normal(size=(32, 8)),
+        methods.RELEVANCE_KEY: rng.normal(size=(16, 8)),
+        methods.RELEVANCE_HIDDEN_KERNEL: rng.normal(size=(64, 16)) / 8,
+        methods.RELEVANCE_HIDDEN_BIAS: rng.normal(size=16),
+    }
+    head = {name: value.astype(np.float32) for name, value in head.items()}
+    settings = openpi_prune.PruneSettings(method="relevance", relevance_hidden=16, telemetry=False, warn_below=0)
+    _both_pipelines(settings, head)
 
 
 SERVED = """

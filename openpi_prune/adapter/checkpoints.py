@@ -79,8 +79,9 @@ def _check_shapes(name: str, expected, got, method: str) -> None:
     if shapes["expected"] != shapes["got"]:
         raise PruneInputError(
             f"the checkpoint's {name} has shapes {shapes['got']}, but {method} on this model needs "
-            f"{shapes['expected']}: it was trained on a model of another size. Load it into that "
-            "model's config, or drop the prune_* parameters to start them anew."
+            f"{shapes['expected']}: it was trained on a model of another size, or under another "
+            "relevance_hidden. Load it into that model's config under its settings, or drop the prune_* "
+            "parameters to start them anew."
         )
 
 

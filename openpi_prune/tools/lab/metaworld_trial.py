@@ -55,8 +55,8 @@ VARIANTS = {
     # default's (every 4th step) at a lower cost.
     "relevance, saliency of a quarter of each batch": dict(method="relevance", saliency_every=1, saliency_share=0.25),
     # The head's form: a hidden layer of 256 on each patch (beside its scene's mean patch) before the
-    # bilinear score. Offline, on the 6000-step default's features, it matched the saliency's picks
-    # 70.6 % of the time against the bilinear head's 60.4 %.
+    # bilinear score. More updates did not bring the bilinear head closer to the saliency (above); a
+    # head that can weigh a patch's features together might.
     "relevance, a hidden layer of 256 in the head": dict(method="relevance", relevance_hidden=256),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
