@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--episodes", type=int, help="held-out episodes per task (default 50)")
     suite.add_argument("--baseline-steps", type=int, help="training steps of the unpruned policy (default 6000)")
     suite.add_argument("--finetune-steps", type=int, help="fine-tuning steps per variant (default 1000; another --out)")
+    suite.add_argument(
+        "--finetune-seed",
+        type=int,
+        help="seed of the fine-tunes' batches and noise draws (default 100000; another --out): a second fine-tune of each variant",
+    )
     suite.add_argument("--baseline-dir", help="the unpruned policy to fine-tune from, or train (default: OUT/baseline)")
     suite.add_argument(
         "--action-mse",

@@ -173,6 +173,7 @@ def run(
     episodes_dir: str | None = None,
     finetune_steps: int | None = None,
     baseline_dir: str | None = None,
+    finetune_seed: int | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -182,6 +183,8 @@ def run(
         plan = dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, steps=baseline_steps))
     if finetune_steps is not None:  # another plan: its runs go to another --out
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
+    if finetune_seed is not None:  # as with the steps
+        plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, seed=finetune_seed))
     _check_same_plan(out_dir, plan)
     metaworld.require_rendering()
     code = checkpoint.commit()
