@@ -238,6 +238,8 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     # Another fine-tuning plan is refused in this folder, before anything runs.
     with pytest.raises(SystemExit, match="another --out"):
         metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_steps=3)
+    with pytest.raises(SystemExit, match="another --out"):  # a second fine-tune, other batches and draws
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_seed=7)
     # That plan goes to another --out, fine-tuned from this folder's policy: no second one trained.
     other = tmp_path / "three-steps"
     metaworld_trial.run(
