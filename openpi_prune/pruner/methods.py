@@ -39,6 +39,16 @@ RELEVANCE_HIDDEN_KERNEL, RELEVANCE_HIDDEN_BIAS = "prune_relevance_hidden_kernel"
 RELEVANCE_RANK = 64
 
 
+def check_relevance_hidden(made_with: int, settings, model_class: str) -> None:
+    """A head runs under the `relevance_hidden` it was made with (its key reads that width)."""
+    if made_with != settings.relevance_hidden:
+        raise PruneInputError(
+            f"relevance_hidden is {settings.relevance_hidden}, and this {model_class}'s head was made with "
+            f"relevance_hidden={made_with}: set it to what the model was created (and trained) with, or "
+            "create the model again under this setting."
+        )
+
+
 def _append(text_tokens, text_mask, extra):
     """The prompt's tokens followed by `extra` `[b,k,d]` task tokens, all of them live."""
     tokens = jnp.concatenate([text_tokens, extra.astype(text_tokens.dtype)], axis=1)
@@ -273,13 +283,7 @@ class Relevance(TopShare):
         # The head learns from its own loss only: the model's embeddings are not bent to suit it.
         patches, task = jax.lax.stop_gradient(image_tokens), jax.lax.stop_gradient(task_tokens)
         hidden_kernel = getattr(model, RELEVANCE_HIDDEN_KERNEL, None)
-        made_with = 0 if hidden_kernel is None else hidden_kernel.value.shape[-1]
-        if made_with != settings.relevance_hidden:
-            raise PruneInputError(
-                f"relevance_hidden is {settings.relevance_hidden}, and this Pi0's head was made with "
-                f"relevance_hidden={made_with}: set it to what the model was created (and trained) with, or "
-                "create the model again under this setting."
-            )
+        check_relevance_hidden(0 if hidden_kernel is None else hidden_kernel.value.shape[-1], settings, "Pi0")
         if hidden_kernel is not None:
             hidden_bias = getattr(model, RELEVANCE_HIDDEN_BIAS)
             patches = relevance.hidden_features(patches, candidate_mask, hidden_kernel.value, hidden_bias.value)

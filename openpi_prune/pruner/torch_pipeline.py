@@ -140,13 +140,7 @@ def _select(parameters, patches, task_tokens, candidate_mask, task_mask, setting
         # The head learns from its own loss only: the model's embeddings are not bent to suit it.
         features = patches.detach()
         hidden_kernel = parameters.get(methods.RELEVANCE_HIDDEN_KERNEL)
-        made_with = 0 if hidden_kernel is None else hidden_kernel.shape[-1]
-        if made_with != settings.relevance_hidden:
-            raise PruneInputError(
-                f"relevance_hidden is {settings.relevance_hidden}, and this PI0Pytorch's head was made with "
-                f"relevance_hidden={made_with}: set it to what the model was created (and trained) with, or "
-                "create the model again under this setting."
-            )
+        methods.check_relevance_hidden(0 if hidden_kernel is None else hidden_kernel.shape[-1], settings, "PI0Pytorch")
         if hidden_kernel is not None:
             hidden_bias = parameters[methods.RELEVANCE_HIDDEN_BIAS]
             features = ops.hidden_features(features, candidate_mask, hidden_kernel, hidden_bias)
