@@ -143,6 +143,9 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
     # It summarises finished runs: an option that would run something is refused.
     assert cli.main(["metaworld", "--compare-steps", str(short), "--only", reference]) == 2
     assert "--compare-steps summarises finished runs" in capsys.readouterr().err
+    # The shares of a variant's weights are an --action-mse figure: asked for without it, refused.
+    assert cli.main(["metaworld", "--out", str(short), "--shares-of", reference]) == 2
+    assert "--shares and --shares-of apply to --action-mse only" in capsys.readouterr().err
 
 
 def test_git_tells_which_runs_descend_from_a_commit():
@@ -284,6 +287,9 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     assert list(agreement) == ["default (relevance)"]
     assert all(0 <= share <= 1 for share in agreement["default (relevance)"].values())
     assert "| default (relevance) | " in (tmp_path / "action-mse.md").read_text().split("| head |")[1]
+    # Another variant's weights at each share are asked for by name; one not fine-tuned here is refused.
+    with pytest.raises(metaworld.SuiteError, match="--shares-of verbatim LightVLA: no fine-tuned weights"):
+        metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares_of=["verbatim LightVLA"])
 
     # A run with only a closed loop left, its weights trained, renders no expert episode.
     (tmp_path / "closed-loop" / "default-relevance.json").unlink()

@@ -196,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--action-mse: kept shares for the default's weights (default 0.1 0.2 0.3 0.5 1)",
     )
     suite.add_argument(
+        "--shares-of",
+        nargs="+",
+        metavar="VARIANT",
+        help="--action-mse: the fine-tuned variants whose weights run at each of --shares (default: the default)",
+    )
+    suite.add_argument(
         "--validation-episodes",
         type=int,
         default=3,
@@ -251,8 +257,8 @@ def _metaworld(args) -> int:
     from openpi_prune.tools.lab import metaworld, metaworld_trial
 
     try:
-        if args.shares and not args.action_mse:
-            raise metaworld.SuiteError("--shares applies to --action-mse only")
+        if (args.shares or args.shares_of) and not args.action_mse:
+            raise metaworld.SuiteError("--shares and --shares-of apply to --action-mse only")
         if args.compare_steps and (args.action_mse or args.only or args.quick):
             raise metaworld.SuiteError("--compare-steps summarises finished runs: it takes --out only")
         command = (

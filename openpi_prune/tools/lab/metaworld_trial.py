@@ -355,13 +355,21 @@ def action_mse(
     episodes_dir: str | None = None,
     noise_draws: int = 2,
     baseline_dir: str | None = None,
+    shares_of: list[str] | None = None,
 ) -> dict:
     """Sampled-action MSE against the expert on validation reset seeds (from `VALIDATION_SEEDS`: never
     trained on, never in the closed loop): the unpruned checkpoint, each fine-tuned variant in `out` as
-    it runs, and the default's fine-tuned weights keeping each of `shares`. A pruned fine-tune that
-    lost skill is as bad at every share, all patches included; one that lacks patches recovers as the
-    share grows. `action-mse.md` and `.json` in `out`."""
-    out_dir = prepare(out, None, VARIANTS)  # as `run` does: the warnings of tracing each variant anew are expected
+    it runs, and the fine-tuned weights of `shares_of` (default: the default's) keeping each of
+    `shares`. A pruned fine-tune that lost skill is as bad at every share, all patches included; one
+    that lacks patches recovers as the share grows. `action-mse.md` and `.json` in `out`."""
+    out_dir = prepare(out, shares_of, VARIANTS)  # as `run` does: the warnings of tracing each variant anew are expected
+    missing = [name for name in shares_of or () if not (out_dir / "finetuned" / f"{slug(name)}.npz").exists()]
+    shares_of = shares_of or [trial_plan.DEFAULT]
+    if missing:
+        raise metaworld.SuiteError(
+            f"--shares-of {', '.join(missing)}: no fine-tuned weights in {out_dir / 'finetuned'}; "
+            f"fine-tune it first (`openpi-prune metaworld --out {out} --only ...`)"
+        )
     plan = _plan(out_dir, quick, episodes_dir)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
@@ -374,9 +382,10 @@ def action_mse(
         finetuned = out_dir / "finetuned" / f"{slug(name)}.npz"
         if changes is not None and finetuned.exists():
             rows.append((name, changes, finetuned))
-            if name == trial_plan.DEFAULT:
+            if name in shares_of:  # the default's rows keep their name; another's name it
+                whose = "" if name == trial_plan.DEFAULT else f" ({name})"
                 rows += [
-                    (f"  its weights, {share:.0%} kept", dict(changes, keep_fraction=share), finetuned)
+                    (f"  its weights, {share:.0%} kept{whose}", dict(changes, keep_fraction=share), finetuned)
                     for share in shares
                 ]
     code = checkpoint.commit()
