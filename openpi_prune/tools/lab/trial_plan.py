@@ -45,8 +45,8 @@ VARIANTS = {
     # Pruned before SigLIP's (one) layer: it runs on each camera's kept patches alone, as the
     # full-size bench's cheapest row does; what does that cost against pruning after it?
     "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
-    # A hidden layer in the head (each patch beside its scene's mean): on Meta-World 6-9 points more
-    # scenes than the default at the same 20 %; does it hold on the blocks?
+    # A hidden layer in the head (each patch beside its scene's mean): on Meta-World 4-9 points more
+    # scenes than the default at the same 20 %; does it hold on the trials?
     "relevance, a hidden layer of 256 in the head": dict(method="relevance", relevance_hidden=256),
     "distinct (prompt-blind)": dict(method="distinct", **FULL_COST),
     "random share": dict(method="random", **FULL_COST),
