@@ -185,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     suite.add_argument("--baseline-dir", help="the unpruned policy to fine-tune from, or train (default: OUT/baseline)")
     suite.add_argument(
+        "--finetune-from",
+        metavar="NPZ",
+        help="fine-tune each variant from these unpruned weights (a run's finetuned/reference-unpruned.npz) "
+        "instead of the trained policy: pruning a policy already fine-tuned (another --out)",
+    )
+    suite.add_argument(
         "--action-mse",
         action="store_true",
         help="instead of the closed loop: each variant's action MSE on validation reset seeds, the default's at --shares",

@@ -83,6 +83,9 @@ class SuitePlan:
         steps=1000, lr=3e-4, batch_size=16, warmup=15, seed=100_000, keep_ramp=0.25
     )
     episodes: int = 50  # held-out reset seeds per task
+    # The unpruned weights each variant is fine-tuned from (`finetuned/*.npz` of another run, its
+    # reference's): LightVLA's recipe, pruning a policy already fine-tuned. None: the trained policy.
+    finetune_from: str | None = None
 
 
 def quick_plan(out: pathlib.Path) -> SuitePlan:
@@ -180,6 +183,7 @@ def run(
     finetune_steps: int | None = None,
     baseline_dir: str | None = None,
     finetune_seed: int | None = None,
+    finetune_from: str | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -191,6 +195,13 @@ def run(
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
     if finetune_seed is not None:  # as with the steps
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, seed=finetune_seed))
+    if finetune_from is not None:  # as with the steps
+        if not pathlib.Path(finetune_from).is_file():
+            raise metaworld.SuiteError(
+                f"--finetune-from {finetune_from}: no such file; name a fine-tuned unpruned variant's weights, "
+                "e.g. OUT/finetuned/reference-unpruned.npz of a finished run"
+            )
+        plan = dataclasses.replace(plan, finetune_from=str(finetune_from))
     _check_same_plan(out_dir, plan)
     metaworld.require_rendering()
     code = checkpoint.commit()
@@ -218,6 +229,7 @@ def run(
                 )
             )
         base_params = checkpoint.load_trained(base_path, plan.spec)
+        start_params = base_params if plan.finetune_from is None else _start_weights(plan)
         for name, changes in VARIANTS.items():
             path = out_dir / "closed-loop" / f"{slug(name)}.json"
             if (only and name not in only) or path.exists():
@@ -236,7 +248,7 @@ def run(
                 if finetuned.exists():
                     model = train.load(plan.spec, checkpoint.load_trained(finetuned, plan.spec, pruned=True))
                 else:
-                    model = train.load(plan.spec, base_params)
+                    model = train.load(plan.spec, start_params)
                     # Saved as it goes, so that a fine-tune longer than a session resumes; the
                     # validation action MSE every tenth of the steps is its learning curve.
                     state = finetuned.with_name(f"{slug(name)}.training-state.npz")
@@ -264,6 +276,7 @@ def run(
                 "variant": name,
                 "commit": code,
                 "baseline": checkpoint.digest(base_params),
+                "finetuned_from": None if changes is None else checkpoint.digest(start_params),
                 "weights": weights,
                 "settings": None if settings is None else dataclasses.asdict(settings),
                 "plan": dataclasses.asdict(plan),
@@ -274,6 +287,18 @@ def run(
     report = summarise(out_dir, plan)
     _print(report, plan)
     return report
+
+
+def _start_weights(plan: SuitePlan) -> dict:
+    """The unpruned weights of `plan.finetune_from`, refused where a pruner's own parameters are among
+    them (a pruned variant's fine-tune is not the policy LightVLA's recipe starts from)."""
+    try:
+        return checkpoint.load_trained(pathlib.Path(plan.finetune_from), plan.spec)
+    except SystemExit as error:
+        raise metaworld.SuiteError(
+            f"--finetune-from {plan.finetune_from}: {error}; name an unpruned variant's weights "
+            "(finetuned/reference-unpruned.npz)"
+        ) from None
 
 
 def learning_curve(history: list[dict]) -> list[dict]:
@@ -339,11 +364,16 @@ def validation_check(spec: metaworld.MetaWorldSpec, progress, episodes: int = 1)
 def _check_same_plan(out_dir: pathlib.Path, plan: SuitePlan) -> None:
     """A folder's closed-loop runs share one plan: another (e.g. other fine-tuning steps) goes to another --out."""
     for path in sorted((out_dir / "closed-loop").glob("*.json")):
-        earlier = json.loads(path.read_text()).get("plan", {}).get("finetune")
-        if earlier is not None and earlier != dataclasses.asdict(plan.finetune):
+        earlier = json.loads(path.read_text()).get("plan", {})
+        if earlier.get("finetune") is not None and earlier["finetune"] != dataclasses.asdict(plan.finetune):
             raise SystemExit(
-                f"{path} was fine-tuned with {earlier}, and this run's plan fine-tunes with "
+                f"{path} was fine-tuned with {earlier['finetune']}, and this run's plan fine-tunes with "
                 f"{dataclasses.asdict(plan.finetune)}: give this plan another --out."
+            )
+        if earlier.get("finetune_from") != plan.finetune_from:
+            raise SystemExit(
+                f"{path} was fine-tuned from {earlier.get('finetune_from') or 'the trained policy'}, and this run "
+                f"fine-tunes from {plan.finetune_from or 'the trained policy'}: give this plan another --out."
             )
 
 
