@@ -260,6 +260,34 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     assert not (other / "baseline").exists()
     curve = json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())
     assert [point["step"] for point in curve] == [1, 2, 3]
+    # Fine-tuned from other unpruned weights (LightVLA's recipe: a policy already fine-tuned), here the
+    # policy's with one tensor moved: the row names them, and the fine-tune starts from them.
+    from flax import traverse_util
+
+    with np.load(tmp_path / "baseline" / "params.npz") as saved:
+        moved = dict(saved)
+    first_key = sorted(moved)[0]
+    moved[first_key] = moved[first_key] + 0.01
+    np.savez(tmp_path / "moved.npz", **moved)
+    start = traverse_util.flatten_dict(checkpoint.load_trained(tmp_path / "moved.npz", plan.spec), sep="/")
+    assert np.array_equal(start[first_key], moved[first_key])
+    with pytest.raises(SystemExit, match="fine-tuned from the trained policy.*another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_from=str(tmp_path / "moved.npz"))
+    recipe = tmp_path / "from-moved"
+    common = dict(quick=True, baseline_dir=str(tmp_path / "baseline"), episodes_dir=str(tmp_path / "episodes"))
+    metaworld_trial.run(
+        out=str(recipe), only=["default (relevance)"], finetune_from=str(tmp_path / "moved.npz"), **common
+    )
+    pruned = json.loads((recipe / "closed-loop" / "default-relevance.json").read_text())
+    assert pruned["finetuned_from"] == checkpoint.digest(traverse_util.unflatten_dict(start, sep="/"))
+    assert pruned["finetuned_from"] != first["finetuned_from"] == first["baseline"] == pruned["baseline"]
+    assert pruned["weights"] != digests["default (relevance)"]
+    # A pruned variant's fine-tune is not an unpruned policy to start from; a missing file is named.
+    refused = dict(out=str(tmp_path / "refused"), only=["default (relevance)"], **common)
+    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*default-relevance.npz.*lacks"):
+        metaworld_trial.run(finetune_from=str(tmp_path / "finetuned" / "default-relevance.npz"), **refused)
+    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*none.npz: no such file"):
+        metaworld_trial.run(finetune_from=str(tmp_path / "none.npz"), **refused)
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
