@@ -385,3 +385,31 @@ def test_a_run_records_the_commit_its_code_was_loaded_from(monkeypatch):
     loaded = metaworld_trial.checkpoint.commit()
     monkeypatch.setattr(metaworld_trial.checkpoint.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError))
     assert metaworld_trial.checkpoint.commit() == loaded
+
+
+def test_a_folder_without_a_reference_pairs_with_another_s_on_the_same_scenes(tmp_path, monkeypatch):
+    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: True)
+    task = "button-press-topdown-v3"
+    plan = metaworld_trial.SuitePlan(spec=metaworld.MetaWorldSpec(tasks=(task,)))
+
+    def finished(folder, name, wins):
+        episodes = [
+            {"task": task, "seed": k, "success": w, "call_seconds": [1.0, 0.02], "kept_per_camera": [[9, 17, 0]]}
+            for k, w in enumerate(wins)
+        ]
+        path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes}))
+
+    finished(tmp_path / "reference-run", metaworld_trial.trial_plan.REFERENCE, [1] * 10)
+    finished(tmp_path / "recipe", metaworld_trial.trial_plan.DEFAULT, [1] * 8 + [0, 0])
+    alone = metaworld_trial.summarise(tmp_path / "recipe", plan)
+    assert "paired_gap" not in alone["variants"][metaworld_trial.trial_plan.DEFAULT]
+    report = metaworld_trial.summarise(tmp_path / "recipe", plan, str(tmp_path / "reference-run"))
+    gap = report["variants"][metaworld_trial.trial_plan.DEFAULT]["paired_gap"]
+    assert gap["points"] == pytest.approx(20.0) and (gap["reference_only"], gap["variant_only"]) == (2, 0)
+    assert list(report["variants"]) == [metaworld_trial.trial_plan.DEFAULT]  # the borrowed run is no row
+    table = (tmp_path / "recipe" / "results.md").read_text()
+    assert "| 20.0 [" in table and f"reference (unpruned) of `{tmp_path / 'reference-run'}` (by `c0ffee0`)" in table
+    with pytest.raises(metaworld.SuiteError, match="--reference-dir .*: no finished reference run"):
+        metaworld_trial.summarise(tmp_path / "recipe", plan, str(tmp_path / "recipe"))

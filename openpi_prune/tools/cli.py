@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the trained policy: pruning a policy already fine-tuned (another --out)",
     )
     suite.add_argument(
+        "--reference-dir",
+        metavar="DIR",
+        help="where this --out has no reference of its own: pair each variant with DIR's (its closed-loop "
+        "reference run, on the same scenes) in the table",
+    )
+    suite.add_argument(
         "--action-mse",
         action="store_true",
         help="instead of the closed loop: each variant's action MSE on validation reset seeds, the default's at --shares",

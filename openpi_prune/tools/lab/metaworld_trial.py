@@ -184,6 +184,7 @@ def run(
     baseline_dir: str | None = None,
     finetune_seed: int | None = None,
     finetune_from: str | None = None,
+    reference_dir: str | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -284,7 +285,7 @@ def run(
             }
             path.write_text(json.dumps(row))
             (out_dir / "closed-loop" / f"{slug(name)}.partial.jsonl").unlink()
-    report = summarise(out_dir, plan)
+    report = summarise(out_dir, plan, reference_dir)
     _print(report, plan)
     return report
 
@@ -488,7 +489,9 @@ def action_mse(
     return report
 
 
-def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
+def summarise(out_dir: pathlib.Path, plan: SuitePlan, reference_dir: str | None = None) -> dict:
+    """The table of `out_dir`'s finished runs. A folder without a reference of its own pairs with
+    `reference_dir`'s (another run's on the same scenes: a fine-tune from it, or of another head)."""
     rows, runs = {}, {}
     for name in VARIANTS:
         path = out_dir / "closed-loop" / f"{slug(name)}.json"
@@ -514,12 +517,19 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan) -> dict:
             "kept_per_camera": np.asarray(kept)[:, :2].mean(0).tolist() if kept else None,
             "commit": run["commit"],
         }
+    borrowed = None
+    if reference_dir is not None and trial_plan.REFERENCE not in runs:
+        path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
+        if not path.exists():
+            raise metaworld.SuiteError(f"--reference-dir {reference_dir}: no finished reference run at {path}")
+        runs[trial_plan.REFERENCE] = json.loads(path.read_text())
+        borrowed = {"folder": str(reference_dir), "commit": runs[trial_plan.REFERENCE]["commit"]}
     # Each variant paired scene by scene with the reference, and with the default.
     for against, key in ((trial_plan.REFERENCE, "paired_gap"), (trial_plan.DEFAULT, "paired_gap_to_default")):
         for name, row in rows.items():
             if against in runs and name not in (against, trial_plan.REFERENCE):
                 row[key] = paired_gap(runs[against], runs[name])
-    report = {"plan": dataclasses.asdict(plan), "variants": rows}
+    report = {"plan": dataclasses.asdict(plan), "variants": rows, "reference_from": borrowed}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown(report, plan))
     from openpi_prune.tools.lab import pictures
@@ -717,6 +727,13 @@ def _headers(plan: SuitePlan) -> list[str]:
 def markdown(report: dict, plan: SuitePlan) -> str:
     lines = ["| " + " | ".join(_headers(plan)) + " |", "|" + "---|" * len(_headers(plan))]
     lines += ["| " + " | ".join(_cells(n, r, plan)) + " |" for n, r in report["variants"].items()]
+    if report.get("reference_from"):
+        borrowed = report["reference_from"]
+        lines += [
+            "",
+            f"Points below the reference: {trial_plan.REFERENCE} of `{borrowed['folder']}` (by "
+            f"`{borrowed['commit'][:7]}`), on the same scenes.",
+        ]
     return "\n".join(lines) + "\n"
 
 
