@@ -54,8 +54,9 @@ class PruneSettings:
     keep_fraction: float = 0.2
     # Width of a hidden layer in the `relevance` head: each patch, beside the mean of its sample's live
     # patches, passes through it (GELU) before the bilinear score against the prompt; 0: the bilinear
-    # score on the patch itself. Its parameters are the model's, saved and loaded with it.
-    relevance_hidden: int = 0
+    # score on the patch itself (the default until 256 kept more of what the policy needs, on
+    # Meta-World and the named trial). Its parameters are the model's, saved and loaded with it.
+    relevance_hidden: int = 256
     # Adaptive budget (relevance): keep each sample's fewest most relevant patches that hold this
     # share of the head's softmax mass, at most keep_fraction of them; 0: always keep_fraction.
     keep_mass: float = 0.0

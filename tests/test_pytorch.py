@@ -338,8 +338,9 @@ def test_the_torch_pipeline_keeps_the_jax_pipeline_s_patches(method, merge_unkep
     kernels = np.random.default_rng(1).normal(size=(2, 32, 8)).astype(np.float32)
     # The vote's kept set overflows 40 slots: the slots go to the most voted patches.
     capacity = 40 if method == "language_only" else None
+    # The bilinear head (its two kernels); the hidden layer has its own test below.
     settings = openpi_prune.PruneSettings(
-        method=method, capacity=capacity, merge_unkept=merge_unkept, telemetry=False, warn_below=0
+        method=method, capacity=capacity, merge_unkept=merge_unkept, relevance_hidden=0, telemetry=False, warn_below=0
     )
     _both_pipelines(settings, dict(zip((methods.RELEVANCE_QUERY, methods.RELEVANCE_KEY), kernels, strict=True)))
 

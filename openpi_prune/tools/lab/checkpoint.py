@@ -78,6 +78,15 @@ def load_trained(path: pathlib.Path, spec: scenes.SceneSpec, pruned: bool = Fals
         unknown = set(saved.files) - set(params)
         if unknown:
             raise SystemExit(f"{path} holds parameters this model lacks ({', '.join(sorted(unknown)[:3])}, ...)")
+        # A fine-tune saved all it trained: one without a parameter of these settings' pruner was made
+        # under others, and would run with that parameter fresh.
+        absent = {k for k in params if k.startswith("prune_")} - set(saved.files)
+        if pruned and absent:
+            raise SystemExit(
+                f"{path} lacks {', '.join(sorted(absent))} of the pruner now in force: it was fine-tuned under other "
+                "settings (before the default head took a hidden layer, relevance_hidden was 0). Run it under the "
+                "settings its closed-loop row records, or from the commit that made it."
+            )
         params.update({k: saved[k] for k in saved.files})
     return traverse_util.unflatten_dict(params, sep="/")
 

@@ -31,29 +31,33 @@ VARIANTS = {
     "unpruned checkpoint, images blanked": None,
     trial_plan.REFERENCE: dict(method="keep_all", scoring="lightvla"),
     trial_plan.DEFAULT: dict(method="relevance"),
+    # The default's head before its hidden layer: the control of the one now.
+    "relevance, the bilinear head (relevance_hidden=0)": dict(method="relevance", **trial_plan.BILINEAR),
     # The widest share the goal allows (10-30 %): does more of the scene close the gap at 20 %?
-    "relevance, 30 % kept": dict(method="relevance", keep_fraction=0.3),
+    "relevance, 30 % kept": dict(method="relevance", **trial_plan.BILINEAR, keep_fraction=0.3),
     # As many tokens as the default (26 of the 128 live), 8 of them the means of the unkept patches of
     # each quarter of an image: better than the default at the same count on the blocks trial.
     "relevance, 14 % kept, merged by quarter (the default's count)": dict(
-        method="relevance", keep_fraction=0.14, merge_unkept=4
+        method="relevance", keep_fraction=0.14, merge_unkept=4, **trial_plan.BILINEAR
     ),
     # As many tokens as the 30 % share (39 of 128), 8 of them quarter means: does merging add to a wider share?
     "relevance, 24 % kept, merged by quarter (the 30 % share's count)": dict(
-        method="relevance", keep_fraction=0.24, merge_unkept=4
+        method="relevance", keep_fraction=0.24, merge_unkept=4, **trial_plan.BILINEAR
     ),
     # The same count spent mostly on a coarse view: 7 patches, and the means of the unkept ones of each
     # 2 x 2 block of patches (16 a camera). Is it the outline of the whole scene that the merge adds?
     "relevance, 5 % kept, merged by 2 x 2 patches (the 30 % share's count)": dict(
-        method="relevance", keep_fraction=0.05, merge_unkept=16
+        method="relevance", keep_fraction=0.05, merge_unkept=16, **trial_plan.BILINEAR
     ),
     # SigLIP on each camera's kept patches alone (a share per camera): cheaper, and on the blocks trial
     # more accurate than pruning after it.
-    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", **trial_plan.BILINEAR, siglip_layer=0),
     # The head follows the model's saliency loosely (its picks are about 60 % of the saliency's top);
     # the saliency of a quarter of each batch on every step gives it four times the updates of the
     # default's (every 4th step) at a lower cost.
-    "relevance, saliency of a quarter of each batch": dict(method="relevance", saliency_every=1, saliency_share=0.25),
+    "relevance, saliency of a quarter of each batch": dict(
+        method="relevance", saliency_every=1, saliency_share=0.25, **trial_plan.BILINEAR
+    ),
     # The head's form: a hidden layer of 256 on each patch (beside its scene's mean patch) before the
     # bilinear score. More updates did not bring the bilinear head closer to the saliency (above); a
     # head that can weigh a patch's features together might.

@@ -15,36 +15,41 @@ DEFAULT = "default (relevance)"  # the shipped rule: other variants are also pai
 # The training rule the default had before the cheaper one (the saliency on every step, full length
 # throughout), pinned for the variants whose committed runs were made with it.
 FULL_COST = dict(compact_training=False, saliency_every=1)
+# The head the default had before its hidden layer, pinned likewise (and the control of the one now).
+BILINEAR = dict(relevance_hidden=0)
 # name -> settings changes (compact mode, the shipped default, unless a variant says otherwise).
 VARIANTS = {
     REFERENCE: dict(method="keep_all", scoring="lightvla"),
     # The compact prefix after the ramp, the saliency every 4th step.
     DEFAULT: dict(method="relevance"),
-    "relevance, saliency every step": dict(method="relevance", **FULL_COST),
+    "relevance, the bilinear head (relevance_hidden=0)": dict(method="relevance", **BILINEAR),
+    "relevance, saliency every step": dict(method="relevance", **BILINEAR, **FULL_COST),
     # The default's cost with the head updated on every step: the saliency of a quarter of each batch.
-    "relevance, saliency of a quarter of each batch": dict(method="relevance", saliency_every=1, saliency_share=0.25),
+    "relevance, saliency of a quarter of each batch": dict(
+        method="relevance", saliency_every=1, saliency_share=0.25, **BILINEAR
+    ),
     # A control: the default's whole training path (head, saliency, compact pass) keeping every patch.
     # Near 1 if what the pruned variants lose is the pruning itself, not something the path adds.
-    "relevance, every patch kept (control)": dict(method="relevance", keep_fraction=1.0),
+    "relevance, every patch kept (control)": dict(method="relevance", **BILINEAR, keep_fraction=1.0),
     # The default plus one token per camera, the mean of the patches it does not keep; or four, the
     # means of the unkept patches of each quarter of the image.
-    "relevance, unkept patches merged": dict(method="relevance", merge_unkept=1),
-    "relevance, unkept patches merged by quarter": dict(method="relevance", merge_unkept=4),
+    "relevance, unkept patches merged": dict(method="relevance", **BILINEAR, merge_unkept=1),
+    "relevance, unkept patches merged by quarter": dict(method="relevance", **BILINEAR, merge_unkept=4),
     # Controls for the count: as many tokens as the quarter merge without merging (17 a camera), and
     # the quarter merge with as many as the default (9 patches and 4 merged tokens).
-    "relevance, 27 % kept (17 a camera)": dict(method="relevance", keep_fraction=0.265),
+    "relevance, 27 % kept (17 a camera)": dict(method="relevance", **BILINEAR, keep_fraction=0.265),
     "relevance, 14 % kept, merged by quarter (13 a camera)": dict(
-        method="relevance", keep_fraction=0.14, merge_unkept=4
+        method="relevance", keep_fraction=0.14, merge_unkept=4, **BILINEAR
     ),
     # Meta-World's closest to its reference: 24 % and a mean per quarter, as many tokens (20 a camera)
     # as keeping 30 %, which runs beside it.
-    "relevance, 30 % kept (20 a camera)": dict(method="relevance", keep_fraction=0.3),
+    "relevance, 30 % kept (20 a camera)": dict(method="relevance", **BILINEAR, keep_fraction=0.3),
     "relevance, 24 % kept, merged by quarter (20 a camera)": dict(
-        method="relevance", keep_fraction=0.24, merge_unkept=4
+        method="relevance", keep_fraction=0.24, merge_unkept=4, **BILINEAR
     ),
     # Pruned before SigLIP's (one) layer: it runs on each camera's kept patches alone, as the
     # full-size bench's cheapest row does; what does that cost against pruning after it?
-    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0),
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", **BILINEAR, siglip_layer=0),
     # A hidden layer in the head (each patch beside its scene's mean): on Meta-World 4-9 points more
     # scenes than the default at the same 20 %; does it hold on the trials?
     "relevance, a hidden layer of 256 in the head": dict(method="relevance", relevance_hidden=256),
@@ -53,7 +58,7 @@ VARIANTS = {
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla", **FULL_COST),
     # The kept count follows the scene (the head's softmax mass), at most 30 % of the live patches;
     # after fine-tuning, keep_mass is set on the validation split to keep the default's share.
-    "adaptive budget (relevance)": dict(method="relevance", keep_mass=0.8, keep_fraction=0.3, **FULL_COST),
+    "adaptive budget (relevance)": dict(method="relevance", **BILINEAR, keep_mass=0.8, keep_fraction=0.3, **FULL_COST),
 }
 BOOTSTRAP = 2000
 EXAMPLES = 4  # test scenes whose kept patches each run keeps, for the picture
