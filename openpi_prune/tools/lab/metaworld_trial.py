@@ -68,6 +68,12 @@ VARIANTS = {
     "relevance, a hidden layer of 256, 24 % kept, merged by quarter": dict(
         method="relevance", relevance_hidden=256, keep_fraction=0.24, merge_unkept=4
     ),
+    # Each camera its own 20 % (13 patches each) instead of 20 % of both together: the default gives
+    # the corner camera, which shows where the window is, 9 of its 64. Pruned after the lab SigLIP's
+    # only layer, which is pruning after SigLIP, a share per camera.
+    "relevance, each camera its own 20 % (siglip_layer=1, after the lab SigLIP's only layer)": dict(
+        method="relevance", siglip_layer=1
+    ),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }
