@@ -316,17 +316,17 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     assert all(0 <= share <= 1 for share in agreement["default (relevance)"].values())
     assert "| default (relevance) | " in (tmp_path / "action-mse.md").read_text().split("| head |")[1]
     # Another variant's weights at each share are asked for by name, its rows named after it. Here the
-    # default's weights under a variant that infers alike (its saliency rule only changes training).
-    quarter = "relevance, saliency of a quarter of each batch"
+    # default's weights under a variant with the default's settings (named before the default took them).
+    hidden = "relevance, a hidden layer of 256 in the head"
     finetuned = tmp_path / "finetuned"
-    (finetuned / f"{metaworld_trial.slug(quarter)}.npz").write_bytes((finetuned / "default-relevance.npz").read_bytes())
+    (finetuned / f"{metaworld_trial.slug(hidden)}.npz").write_bytes((finetuned / "default-relevance.npz").read_bytes())
     named = metaworld_trial.action_mse(
-        out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1, shares_of=[quarter]
+        out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1, shares_of=[hidden]
     )["rows"]
-    assert f"  its weights, 20% kept ({quarter})" in named and "  its weights, 20% kept" not in named
-    assert named[f"  its weights, 20% kept ({quarter})"] == named[quarter] == named["default (relevance)"]
-    assert named[f"  its weights, 100% kept ({quarter})"] != named[quarter]
-    (finetuned / f"{metaworld_trial.slug(quarter)}.npz").unlink()
+    assert f"  its weights, 20% kept ({hidden})" in named and "  its weights, 20% kept" not in named
+    assert named[f"  its weights, 20% kept ({hidden})"] == named[hidden] == named["default (relevance)"]
+    assert named[f"  its weights, 100% kept ({hidden})"] != named[hidden]
+    (finetuned / f"{metaworld_trial.slug(hidden)}.npz").unlink()
     # One not fine-tuned here is refused.
     with pytest.raises(metaworld.SuiteError, match="--shares-of verbatim LightVLA: no fine-tuned weights"):
         metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares_of=["verbatim LightVLA"])
