@@ -51,7 +51,9 @@ VARIANTS = {
     ),
     # SigLIP on each camera's kept patches alone (a share per camera): cheaper, and on the blocks trial
     # more accurate than pruning after it.
-    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", **trial_plan.BILINEAR, siglip_layer=0),
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(
+        method="relevance", siglip_layer=0, **trial_plan.BILINEAR
+    ),
     # The head follows the model's saliency loosely (its picks are about 60 % of the saliency's top);
     # the saliency of a quarter of each batch on every step gives it four times the updates of the
     # default's (every 4th step) at a lower cost.
