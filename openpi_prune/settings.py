@@ -16,6 +16,7 @@ ENV_VAR = "OPENPI_PRUNE"
 Mode = Literal["compact", "masked"]
 MODES = ("compact", "masked")
 SCORINGS = ("lightvla", "centred", "robust")  # lightvla.prepare's choices
+SALIENCIES = ("gradient", "deviation")  # relevance.saliency's choices
 # Default inference budget: LightVLA keeps ~78 of 512 patches (15 %) on LIBERO; a quarter of each
 # camera's 256 tokens leaves headroom over that before the most-voted rule has to drop any.
 CAPACITY_PER_CAMERA = 64
@@ -67,6 +68,11 @@ class PruneSettings:
     # Which patches a `relevance` training pass keeps: those the head picks (what inference keeps),
     # or those the model's saliency picks (what the head learns to reproduce).
     train_picks: Literal["head", "saliency"] = "head"
+    # What the head learns from: gradient, how strongly the unpruned loss responds to each patch (the
+    # norm of its gradient); deviation, how much the loss would change, to first order, were the patch
+    # the batch's mean patch at its place (|gradient . (patch - mean)|): a patch that looks the same in
+    # every scene scores 0 however much the model attends to it.
+    saliency: Literal["gradient", "deviation"] = "gradient"
     # Uniform noise added to the vote scores in training (LightVLA anneals it from 1 to 0).
     noise_scale: float = 1.0
     # Schedules counted in training steps by the model itself (it keeps its step with its parameters,
@@ -142,6 +148,8 @@ class PruneSettings:
             )
         if self.train_picks not in ("head", "saliency"):
             raise SettingsError(f"train_picks must be head or saliency; got {self.train_picks!r}")
+        if self.saliency not in SALIENCIES:
+            raise SettingsError(f"saliency must be one of {', '.join(SALIENCIES)}; got {self.saliency!r}")
         if not isinstance(self.noise_scale, int | float) or self.noise_scale < 0:
             raise SettingsError(f"noise_scale must be a number >= 0; got {self.noise_scale!r}")
         if isinstance(self.warn_below, bool) or not isinstance(self.warn_below, int) or self.warn_below < 0:

@@ -10,7 +10,7 @@ import numpy as np
 
 from openpi_prune import call, settings
 from openpi_prune.errors import PruneInputError
-from openpi_prune.pruner import pipeline, plugins
+from openpi_prune.pruner import pipeline, plugins, relevance
 
 
 def prune(model, observation, tokens, input_mask, ar_mask):
@@ -123,6 +123,7 @@ class Probe:
 
     def __init__(self):
         self.delta = None
+        self.image_tokens = None  # the unperturbed image tokens of the pass with a delta
         self.shape = None
         self.cameras = None
 
@@ -132,6 +133,7 @@ class Probe:
             self.shape = jax.ShapeDtypeStruct(tokens[:, :image_len].shape, tokens.dtype)
             self.cameras = cameras
             return tokens
+        self.image_tokens = tokens[:, :image_len]
         return tokens.at[:, :image_len].add(self.delta.astype(tokens.dtype))
 
 
@@ -140,8 +142,9 @@ def wants_saliency() -> bool:
 
 
 def saliency(loss_fn) -> jax.Array:
-    """`[b, image tokens]`: the norm of the gradient of the unpruned `loss_fn()` (per-sample losses,
-    e.g. OpenPI's `compute_loss`) at each image token of the prefix; no gradient flows back into it."""
+    """`[b, image tokens]`: the model's saliency (`settings.saliency`) of each image token of the
+    prefix, from the gradient of the unpruned `loss_fn()` (per-sample losses, e.g. OpenPI's
+    `compute_loss`) at it; no gradient flows back into it."""
     probe = Probe()
     with call.scope(probe=probe):
         jax.eval_shape(loss_fn)
@@ -150,10 +153,10 @@ def saliency(loss_fn) -> jax.Array:
 
         def total(delta):
             probe.delta = delta
-            return jnp.sum(loss_fn().astype(jnp.float32))
+            return jnp.sum(loss_fn().astype(jnp.float32)), probe.image_tokens
 
-        grad = jax.grad(total)(jnp.zeros(probe.shape.shape, probe.shape.dtype))
-    return jax.lax.stop_gradient(jnp.linalg.norm(grad.astype(jnp.float32), axis=-1))
+        grad, image_tokens = jax.grad(total, has_aux=True)(jnp.zeros(probe.shape.shape, probe.shape.dtype))
+    return jax.lax.stop_gradient(relevance.saliency(grad, image_tokens, settings.active().saliency))
 
 
 # --- observation edits, before the prefix is embedded.

@@ -142,6 +142,7 @@ def wrap_embed_prefix(wrapped, instance, args, kwargs):
     state = call.current() if instance.training else None
     if state is not None and state.probe is not None:  # the saliency pass: unpruned, image tokens perturbed
         state.probe.delta = torch.zeros_like(embs[:, :n], requires_grad=True)
+        state.probe.image_tokens = embs[:, :n].detach()
         setattr(instance.paligemma_with_expert, _SHIFT, None)
         return torch.cat([embs[:, :n] + state.probe.delta, embs[:, n:]], dim=1), pad_masks, att_masks
     training = None
@@ -219,11 +220,13 @@ def wrap_forward(wrapped, instance, args, kwargs):
 
 
 def _saliency(wrapped, observation, actions, noise, time, share: float):
-    """`[b, image tokens]`: the norm of the gradient of OpenPI's unpruned loss at each image token,
-    of the batch's first `share` (zeros elsewhere). Its random draws (the image augmentation) are
-    given back, so that the pruned pass makes the same."""
+    """`[b, image tokens]`: the model's saliency (`settings.saliency`) of each image token, from the
+    gradient of OpenPI's unpruned loss at it, of the batch's first `share` (zeros elsewhere). Its
+    random draws (the image augmentation) are given back, so that the pruned pass makes the same."""
     import jax
     import torch
+
+    from openpi_prune.pruner import torch_ops
 
     batch = actions.shape[0]
     n = math.ceil(share * batch)
@@ -234,7 +237,7 @@ def _saliency(wrapped, observation, actions, noise, time, share: float):
     with torch.random.fork_rng(devices=devices), call.scope(probe=probe):
         loss = wrapped(observation, actions, noise=noise, time=time)
         (grad,) = torch.autograd.grad(loss.float().sum(), probe.delta)
-    saliency = torch.linalg.vector_norm(grad.float(), dim=-1).detach()
+    saliency = torch_ops.saliency(grad, probe.image_tokens, settings.active().saliency).detach()
     return torch.cat([saliency, saliency.new_zeros((batch - n, *saliency.shape[1:]))]) if n < batch else saliency
 
 

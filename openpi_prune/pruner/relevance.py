@@ -85,6 +85,19 @@ def priority(relevance: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"])
     return relevance.shape[-1] - rank(relevance, candidate_mask)
 
 
+def saliency(
+    gradient: Float[Array, "b n d"], patches: Float[Array, "b n d"], kind: str = "gradient"
+) -> Float[Array, "b n"]:
+    """What the head learns to reproduce, from the gradient of the unpruned loss at each patch:
+    `gradient`, its norm; `deviation`, the first-order change of the loss were the patch the batch's
+    mean patch at its place, |gradient . (patch - mean)|, which is 0 for a patch alike in every scene."""
+    gradient = gradient.astype(jnp.float32)
+    if kind == "gradient":
+        return jnp.linalg.norm(gradient, axis=-1)
+    patches = patches.astype(jnp.float32)
+    return jnp.abs(jnp.sum(gradient * (patches - jnp.mean(patches, axis=0, keepdims=True)), axis=-1))
+
+
 def distillation_loss(
     relevance: Float[Array, "b n"], saliency: Float[Array, "b n"], candidate_mask: Bool[Array, "b n"]
 ) -> Float[Array, " b"]:

@@ -140,6 +140,15 @@ def fit_capacity(kept_mask, priority, capacity: int):
     return indices, slot_mask, overflow
 
 
+def saliency(gradient, patches, kind: str = "gradient") -> torch.Tensor:
+    """`[b, n]`: what the head learns to reproduce (`relevance.saliency`)."""
+    gradient = gradient.float()
+    if kind == "gradient":
+        return torch.linalg.vector_norm(gradient, dim=-1)
+    patches = patches.float()
+    return (gradient * (patches - patches.mean(dim=0, keepdim=True))).sum(-1).abs()
+
+
 def distillation_loss(scores, saliency, candidate_mask) -> torch.Tensor:
     """`[b]`: cross-entropy from the normalised saliency to the head's softmax (`relevance.distillation_loss`)."""
     weights = torch.where(candidate_mask, saliency, 0.0)

@@ -76,6 +76,12 @@ VARIANTS = {
     "relevance, each camera its own 20 % (siglip_layer=1, after the lab SigLIP's only layer)": dict(
         method="relevance", siglip_layer=1
     ),
+    # The head learns from |gradient . (patch - the batch's mean patch)| instead of the gradient's norm:
+    # the default's corner-camera picks at the first call are the same patches in every window-open
+    # scene, most of them background alike in all scenes; the window and its handle move.
+    "relevance, saliency of each patch's change from the batch mean (saliency=deviation)": dict(
+        method="relevance", saliency="deviation"
+    ),
     "verbatim LightVLA": dict(method="language_only", scoring="lightvla"),
     "distinct (prompt-blind)": dict(method="distinct"),
 }
