@@ -126,6 +126,11 @@ def test_setting_bad_scoring():
         PruneSettings(scoring="zscore")
 
 
+def test_setting_bad_saliency():
+    with pytest.raises(SettingsError, match="saliency must be one of gradient, deviation; got 'attention'"):
+        PruneSettings(saliency="attention")
+
+
 def test_setting_bad_train_picks():
     with pytest.raises(SettingsError, match="train_picks must be head or saliency; got 'votes'"):
         PruneSettings(train_picks="votes")

@@ -413,3 +413,38 @@ def test_a_folder_without_a_reference_pairs_with_another_s_on_the_same_scenes(tm
     assert "| 20.0 [" in table and f"reference (unpruned) of `{tmp_path / 'reference-run'}` (by `c0ffee0`)" in table
     with pytest.raises(metaworld.SuiteError, match="--reference-dir .*: no finished reference run"):
         metaworld_trial.summarise(tmp_path / "recipe", plan, str(tmp_path / "recipe"))
+
+
+def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_scenes(tmp_path, capsys):
+    task = "button-press-topdown-v3"  # the quick plan's task, 2 training scenes
+
+    def finished(folder, name, wins):
+        episodes = [
+            {"task": task, "seed": metaworld.TEST_SEEDS + k, "success": w, "call_seconds": [1.0], "kept_per_camera": []}
+            for k, w in enumerate(wins)
+        ]
+        path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes}))
+
+    with pytest.raises(metaworld.SuiteError, match="no finished closed-loop run"):
+        metaworld_trial.scene_map(str(tmp_path / "run"), quick=True)
+    finished(tmp_path / "reference-run", metaworld_trial.trial_plan.REFERENCE, [1, 1, 1])
+    finished(tmp_path / "run", metaworld_trial.trial_plan.DEFAULT, [1, 0, 1])
+    report = metaworld_trial.scene_map(str(tmp_path / "run"), str(tmp_path / "reference-run"), quick=True)
+    found = report["tasks"][task]
+    spec = metaworld_trial.quick_plan(tmp_path).spec
+    assert found["failed"] == {metaworld_trial.trial_plan.REFERENCE: [], metaworld_trial.trial_plan.DEFAULT: [10_001]}
+    assert found["train"] == [metaworld.object_position(task, seed, spec).tolist() for seed in range(2)]
+    assert found["test"][10_001] == metaworld.object_position(task, 10_001, spec).tolist()
+    assert found["test"][10_000] != found["test"][10_001]  # each seed its own scene
+    assert (tmp_path / "run" / "scene-map.png").stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "scene-map.json").read_text())["tasks"][task]["failed"] == found["failed"]
+    assert f"{task}, scenes failed: reference (unpruned): 0; default (relevance): 1" in capsys.readouterr().out
+    # A run that failed nothing draws no map.
+    finished(tmp_path / "all-solved", metaworld_trial.trial_plan.DEFAULT, [1, 1])
+    assert metaworld_trial.scene_map(str(tmp_path / "all-solved"), quick=True) == {"tasks": {}}
+    assert not (tmp_path / "all-solved" / "scene-map.png").exists()
+    # It draws finished runs: an option that would run something is refused.
+    assert cli.main(["metaworld", "--out", str(tmp_path / "run"), "--scene-map", "--only", "reference (unpruned)"]) == 2
+    assert "--scene-map draws finished runs" in capsys.readouterr().err

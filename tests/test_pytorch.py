@@ -207,15 +207,19 @@ def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_d
         after = torch.rand(3)
         torch.manual_seed(0)  # saliency_share=0.5: the first sample's, the same as in the whole batch's
         half = pytorch._saliency(default.forward.args[1], obs, actions, noise, time, share=0.5)
+    with openpi_prune.enabled(saliency="deviation"):
+        torch.manual_seed(0)
+        deviation = pytorch._saliency(default.forward.args[1], obs, actions, noise, time, share=1.0)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))  # the probe gave its random draws back
     # By hand: upstream's own forward, its image tokens perturbed by a delta, the same draws.
     upstream.train()
-    embed_prefix, deltas = upstream.embed_prefix, []
+    embed_prefix, deltas, tokens = upstream.embed_prefix, [], []
 
     def perturbed(*args):
         embs, pad_masks, att_masks = embed_prefix(*args)
         deltas.append(torch.zeros_like(embs[:, :768], requires_grad=True))
+        tokens.append(embs[:, :768].detach())
         return torch.cat([embs[:, :768] + deltas[0], embs[:, 768:]], dim=1), pad_masks, att_masks
 
     upstream.embed_prefix = perturbed
@@ -228,6 +232,9 @@ def test_the_saliency_is_the_gradient_of_openpi_s_unpruned_loss_and_leaves_its_d
         upstream.eval()
     assert saliency.shape == (2, 768) and (saliency > 0).all()
     torch.testing.assert_close(saliency, torch.linalg.vector_norm(grad, dim=-1), rtol=1e-5, atol=1e-8)
+    # saliency=deviation: the loss's first-order change were each token the batch's mean token there.
+    change = (grad * (tokens[0] - tokens[0].mean(0, keepdim=True))).sum(-1).abs()
+    torch.testing.assert_close(deviation, change, rtol=1e-4, atol=1e-7)
     assert half.shape == (2, 768) and (half[1] == 0).all()
     torch.testing.assert_close(half[0], saliency[0], rtol=1e-4, atol=1e-8)
 
@@ -305,6 +312,11 @@ def test_the_torch_math_gives_the_jax_math_s_numbers_and_kept_sets(seed):
     np.testing.assert_array_equal(
         ops.votes(torch.from_numpy(votes), t["c"]), lightvla.votes(jnp.asarray(votes), j["c"])
     )
+    gradient = np.random.default_rng(seed + 10).normal(size=patches.shape).astype(np.float32)
+    for kind in ("gradient", "deviation"):
+        np.testing.assert_allclose(
+            ops.saliency(torch.from_numpy(gradient), t["p"], kind), relevance.saliency(gradient, j["p"], kind), **close
+        )
 
 
 def _both_pipelines(settings, head: dict[str, np.ndarray]):

@@ -86,6 +86,8 @@ def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relev
     rng = jax.random.key(4)
     with openpi_prune.enabled(method="relevance"):
         got = np.asarray(prefix.saliency(lambda: model.compute_loss(rng, obs, actions, train=False)))
+    with openpi_prune.enabled(method="relevance", saliency="deviation"):
+        deviation = np.asarray(prefix.saliency(lambda: model.compute_loss(rng, obs, actions, train=False)))
 
     # The same gradient by hand: upstream's compute_loss with a perturbation added to its image tokens.
     image_len = got.shape[1]
@@ -94,6 +96,7 @@ def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relev
 
     def perturbed(self, observation):
         tokens, input_mask, ar_mask = embed(self, observation)
+        delta_box["tokens"] = tokens[:, :image_len]
         return tokens.at[:, :image_len].add(delta_box["delta"]), input_mask, ar_mask
 
     monkeypatch.setattr(pi0.Pi0, "embed_prefix", perturbed)
@@ -103,8 +106,12 @@ def test_saliency_is_the_gradient_of_openpi_s_own_loss_at_each_image_token(relev
         delta_box["delta"] = delta
         return jnp.sum(model.compute_loss(rng, obs, actions, train=False))
 
-    want = np.linalg.norm(np.asarray(jax.grad(total)(jnp.zeros((2, image_len, width)))), axis=-1)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    grad = np.asarray(jax.grad(total)(jnp.zeros((2, image_len, width))))
+    np.testing.assert_allclose(got, np.linalg.norm(grad, axis=-1), rtol=1e-4, atol=1e-7)
+    # saliency=deviation: the loss's first-order change were each token the batch's mean token there.
+    tokens = np.asarray(delta_box["tokens"])
+    change = np.abs(np.sum(grad * (tokens - tokens.mean(0, keepdims=True)), axis=-1))
+    np.testing.assert_allclose(deviation, change, rtol=1e-4, atol=1e-6)
     per_camera = image_len // 3
     # Nothing attends to a masked camera's tokens: the loss cannot depend on them.
     assert np.all(got[1, 2 * per_camera :] == 0)

@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="suites that differ only in their fine-tuning steps: success side by side, written to --out",
     )
+    suite.add_argument(
+        "--scene-map",
+        action="store_true",
+        help="where each task's object was in the scenes each finished run of --out failed, beside the "
+        "training scenes: scene-map.png and .json in --out",
+    )
     _diagnose.add_arguments(
         sub.add_parser("diagnose", help="why the pruner collapses on a checkpoint: every method and scoring, judged")
     )
@@ -273,8 +279,12 @@ def _metaworld(args) -> int:
             raise metaworld.SuiteError("--shares and --shares-of apply to --action-mse only")
         if args.compare_steps and (args.action_mse or args.only or args.quick):
             raise metaworld.SuiteError("--compare-steps summarises finished runs: it takes --out only")
+        if args.scene_map and (args.action_mse or args.only or args.compare_steps):
+            raise metaworld.SuiteError("--scene-map draws finished runs: it takes --out and --reference-dir only")
         command = (
-            metaworld_trial.compare_steps
+            metaworld_trial.scene_map
+            if args.scene_map
+            else metaworld_trial.compare_steps
             if args.compare_steps
             else metaworld_trial.action_mse
             if args.action_mse

@@ -140,6 +140,16 @@ def make_env(task: str, spec: MetaWorldSpec, seed: int):
     )
 
 
+def object_position(task: str, seed: int, spec: MetaWorldSpec) -> np.ndarray:
+    """Where reset seed `seed` puts the task's object (x, y, z in metres; the window's handle, the
+    drawer's, ...): what the policy must read from the images. Nothing is rendered."""
+    env = make_env(task, spec, seed)
+    try:
+        return np.asarray(env.reset(seed=seed)[0][4:7], np.float64)
+    finally:
+        env.close()
+
+
 def frames(env) -> dict[str, np.ndarray]:
     """Both cameras' images of the current state, uint8 [224, 224, 3]."""
     import mujoco

@@ -575,6 +575,58 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan, reference_dir: str | None 
     return report
 
 
+def scene_map(
+    out: str = "metaworld-results", reference_dir: str | None = None, quick: bool = False, episodes_dir: str | None = None
+) -> dict:
+    """Where each task's object was in the scenes each finished run of `out` failed, beside the
+    training scenes: `scene-map.png` (a row per task that any run failed, a panel per run) and
+    `scene-map.json`. A policy that reads the object's place from too little falls back on the
+    training scenes' usual place, and fails where they are few."""
+    out_dir = pathlib.Path(out)
+    plan = _plan(out_dir, quick, episodes_dir)
+    runs = {}
+    for name in VARIANTS:
+        path = out_dir / "closed-loop" / f"{slug(name)}.json"
+        if path.exists():
+            runs[name] = json.loads(path.read_text())["episodes"]
+    if reference_dir is not None and trial_plan.REFERENCE not in runs:
+        path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
+        if not path.exists():
+            raise metaworld.SuiteError(f"--reference-dir {reference_dir}: no finished reference run at {path}")
+        runs = {trial_plan.REFERENCE: json.loads(path.read_text())["episodes"], **runs}
+    if not runs:
+        raise metaworld.SuiteError(f"--scene-map: no finished closed-loop run in {out_dir / 'closed-loop'}")
+    metaworld.require_rendering()
+    tasks = [t for t in plan.spec.tasks if any(e["task"] == t and not e["success"] for eps in runs.values() for e in eps)]
+    report = {"tasks": {}}
+    with progress_bars() as progress:
+        seeds = {task: sorted({e["seed"] for eps in runs.values() for e in eps if e["task"] == task}) for task in tasks}
+        bar = progress.add_task("object positions", total=sum(plan.spec.train_seeds + len(seeds[t]) for t in tasks))
+
+        def place(task, seed):
+            progress.advance(bar)
+            return metaworld.object_position(task, seed, plan.spec).tolist()
+
+        for task in tasks:
+            report["tasks"][task] = {
+                "train": [place(task, seed) for seed in range(plan.spec.train_seeds)],
+                "test": {seed: place(task, seed) for seed in seeds[task]},
+                "failed": {
+                    name: sorted(e["seed"] for e in eps if e["task"] == task and not e["success"])
+                    for name, eps in runs.items()
+                },
+            }
+    (out_dir / "scene-map.json").write_text(json.dumps(report, indent=1))
+    if tasks:
+        from openpi_prune.tools.lab import pictures
+
+        pictures.scene_map(report["tasks"], list(runs), out_dir / "scene-map.png")
+    for task, found in report["tasks"].items():
+        counts = "; ".join(f"{name}: {len(lost)}" for name, lost in found["failed"].items())
+        console.print(f"{task}, scenes failed: {counts}")
+    return report
+
+
 def compare_steps(compare_steps: list[str], out: str) -> dict:
     """Suites that differ only in their fine-tuning steps, a folder each: every variant run at two or
     more lengths, its success at each (Wilson 95 %), its gap to the reference of the same length on

@@ -1,6 +1,7 @@
 """The lab's pictures: kept patches drawn over the scenes, and the training curves."""
 
 import pathlib
+import textwrap
 
 import matplotlib
 
@@ -317,5 +318,29 @@ def first_calls(calls_by_variant: dict, grid: int, path: pathlib.Path) -> None:
         ax.set_yticks([])
     fig.suptitle("what each policy kept at its first call (patches not kept as themselves darkened)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the suptitle's line kept clear
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scene_map(tasks: dict, names: list[str], path: pathlib.Path) -> None:
+    """Per task (a row) and run (a panel): the object's place (x, y) in each held-out scene, solved or
+    failed, and in the training scenes."""
+    fig, axes = plt.subplots(len(tasks), len(names), figsize=(3.2 * len(names), 3.2 * len(tasks)), squeeze=False)
+    for row, (task, found) in zip(axes, tasks.items(), strict=True):
+        train = np.asarray(found["train"])
+        for ax, name in zip(row, names, strict=True):
+            failed = set(found["failed"].get(name, ()))
+            test = {int(seed): place for seed, place in found["test"].items()}
+            solved = np.asarray([p for s, p in test.items() if s not in failed]).reshape(-1, 3)
+            lost = np.asarray([p for s, p in test.items() if s in failed]).reshape(-1, 3)
+            ax.plot(train[:, 0], train[:, 1], "+", color="0.55", label="training scene")
+            ax.plot(solved[:, 0], solved[:, 1], "o", color="tab:green", markerfacecolor="none", label="solved")
+            ax.plot(lost[:, 0], lost[:, 1], "x", color="tab:red", markersize=8, mew=2, label="failed")
+            ax.set_title(f"{textwrap.fill(name, 34)}\n{task.removesuffix('-v3')}: {len(lost)} of {len(test)} failed", fontsize=7)
+            ax.set_xlabel("object x (m)", fontsize=7)
+            ax.set_ylabel("object y (m)", fontsize=7)
+            ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6, loc="best")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
