@@ -1,5 +1,6 @@
 """The Meta-World suite: what the policy sees, and the closed loop through OpenPI's server (short)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -425,7 +426,9 @@ def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_sce
         ]
         path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes}))
+        # Trained on 3 scenes a task (--train-scenes 3): the map draws those, not the plan's default.
+        plan = {"spec": {"train_seeds": 3}}
+        path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes, "plan": plan}))
 
     with pytest.raises(metaworld.SuiteError, match="no finished closed-loop run"):
         metaworld_trial.scene_map(str(tmp_path / "run"), quick=True)
@@ -435,7 +438,7 @@ def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_sce
     found = report["tasks"][task]
     spec = metaworld_trial.quick_plan(tmp_path).spec
     assert found["failed"] == {metaworld_trial.trial_plan.REFERENCE: [], metaworld_trial.trial_plan.DEFAULT: [10_001]}
-    assert found["train"] == [metaworld.object_position(task, seed, spec).tolist() for seed in range(2)]
+    assert found["train"] == [metaworld.object_position(task, seed, spec).tolist() for seed in range(3)]
     assert found["test"][10_001] == metaworld.object_position(task, 10_001, spec).tolist()
     assert found["test"][10_000] != found["test"][10_001]  # each seed its own scene
     assert (tmp_path / "run" / "scene-map.png").stat().st_size > 0
@@ -448,3 +451,17 @@ def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_sce
     # It draws finished runs: an option that would run something is refused.
     assert cli.main(["metaworld", "--out", str(tmp_path / "run"), "--scene-map", "--only", "reference (unpruned)"]) == 2
     assert "--scene-map draws finished runs" in capsys.readouterr().err
+
+
+def test_another_number_of_training_scenes_is_another_plan(tmp_path):
+    """`--train-scenes`: a folder's runs share their training scenes, as their fine-tuning steps."""
+    path = tmp_path / "closed-loop" / "reference-unpruned.json"
+    path.parent.mkdir(parents=True)
+    plan = metaworld_trial.SuitePlan()
+    path.write_text(json.dumps({"episodes": [], "plan": dataclasses.asdict(plan)}))
+    metaworld_trial._check_same_plan(tmp_path, plan)  # the same plan: goes on
+    wider = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=60))
+    with pytest.raises(SystemExit, match="trained on 30 expert episodes per task, and this run's plan on 60"):
+        metaworld_trial._check_same_plan(tmp_path, wider)
+    with pytest.raises(metaworld.SuiteError, match="--train-scenes must be at least 1"):
+        metaworld_trial.run(str(tmp_path / "none"), train_scenes=0)

@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="seed of the fine-tunes' batches and noise draws (default 100000; another --out): a second fine-tune of each variant",
     )
+    suite.add_argument(
+        "--train-scenes",
+        type=int,
+        metavar="N",
+        help="expert episodes per task (reset seeds 0..N-1) that the policy and the fine-tunes train on "
+        "(default 30; another --out)",
+    )
     suite.add_argument("--baseline-dir", help="the unpruned policy to fine-tune from, or train (default: OUT/baseline)")
     suite.add_argument(
         "--finetune-from",

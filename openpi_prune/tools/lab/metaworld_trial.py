@@ -203,6 +203,7 @@ def run(
     finetune_seed: int | None = None,
     finetune_from: str | None = None,
     reference_dir: str | None = None,
+    train_scenes: int | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -214,6 +215,10 @@ def run(
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, steps=finetune_steps))
     if finetune_seed is not None:  # as with the steps
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, seed=finetune_seed))
+    if train_scenes is not None:  # as with the steps
+        if train_scenes < 1:
+            raise metaworld.SuiteError(f"--train-scenes must be at least 1 (expert episodes per task); got {train_scenes}")
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=train_scenes))
     if finetune_from is not None:  # as with the steps
         if not pathlib.Path(finetune_from).is_file():
             raise metaworld.SuiteError(
@@ -388,6 +393,12 @@ def _check_same_plan(out_dir: pathlib.Path, plan: SuitePlan) -> None:
             raise SystemExit(
                 f"{path} was fine-tuned with {earlier['finetune']}, and this run's plan fine-tunes with "
                 f"{dataclasses.asdict(plan.finetune)}: give this plan another --out."
+            )
+        scenes = earlier.get("spec", {}).get("train_seeds")
+        if scenes is not None and scenes != plan.spec.train_seeds:
+            raise SystemExit(
+                f"{path} was trained on {scenes} expert episodes per task, and this run's plan on "
+                f"{plan.spec.train_seeds}: give this plan another --out."
             )
         if earlier.get("finetune_from") != plan.finetune_from:
             raise SystemExit(
@@ -584,11 +595,15 @@ def scene_map(
     training scenes' usual place, and fails where they are few."""
     out_dir = pathlib.Path(out)
     plan = _plan(out_dir, quick, episodes_dir)
-    runs = {}
+    runs, trained_on = {}, set()
     for name in VARIANTS:
         path = out_dir / "closed-loop" / f"{slug(name)}.json"
         if path.exists():
-            runs[name] = json.loads(path.read_text())["episodes"]
+            run = json.loads(path.read_text())
+            runs[name] = run["episodes"]
+            trained_on.add(run.get("plan", {}).get("spec", {}).get("train_seeds", plan.spec.train_seeds))
+    if len(trained_on) == 1:  # the training scenes the runs learnt from (--train-scenes)
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=trained_on.pop()))
     if reference_dir is not None and trial_plan.REFERENCE not in runs:
         path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
         if not path.exists():
