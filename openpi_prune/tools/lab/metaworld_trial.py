@@ -77,8 +77,8 @@ VARIANTS = {
         method="relevance", siglip_layer=1
     ),
     # The head learns from |gradient . (patch - the batch's mean patch)| instead of the gradient's norm:
-    # the default's corner-camera picks at the first call are the same patches in every window-open
-    # scene, most of them background alike in all scenes; the window and its handle move.
+    # the default's corner-camera picks at window-open's first call include floor and table, alike in
+    # every scene, where the window and its handle move.
     "relevance, saliency of each patch's change from the batch mean (saliency=deviation)": dict(
         method="relevance", saliency="deviation"
     ),
@@ -548,10 +548,7 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan, reference_dir: str | None 
         }
     borrowed = None
     if reference_dir is not None and trial_plan.REFERENCE not in runs:
-        path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
-        if not path.exists():
-            raise metaworld.SuiteError(f"--reference-dir {reference_dir}: no finished reference run at {path}")
-        runs[trial_plan.REFERENCE] = json.loads(path.read_text())
+        runs[trial_plan.REFERENCE] = _reference_of(reference_dir)
         borrowed = {"folder": str(reference_dir), "commit": runs[trial_plan.REFERENCE]["commit"]}
     # Each variant paired scene by scene with the reference, and with the default.
     for against, key in ((trial_plan.REFERENCE, "paired_gap"), (trial_plan.DEFAULT, "paired_gap_to_default")):
@@ -586,6 +583,14 @@ def summarise(out_dir: pathlib.Path, plan: SuitePlan, reference_dir: str | None 
     return report
 
 
+def _reference_of(reference_dir: str) -> dict:
+    """The finished reference run of another folder (`--reference-dir`), on the same scenes."""
+    path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
+    if not path.exists():
+        raise metaworld.SuiteError(f"--reference-dir {reference_dir}: no finished reference run at {path}")
+    return json.loads(path.read_text())
+
+
 def scene_map(
     out: str = "metaworld-results", reference_dir: str | None = None, quick: bool = False, episodes_dir: str | None = None
 ) -> dict:
@@ -605,10 +610,7 @@ def scene_map(
     if len(trained_on) == 1:  # the training scenes the runs learnt from (--train-scenes)
         plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=trained_on.pop()))
     if reference_dir is not None and trial_plan.REFERENCE not in runs:
-        path = pathlib.Path(reference_dir) / "closed-loop" / f"{slug(trial_plan.REFERENCE)}.json"
-        if not path.exists():
-            raise metaworld.SuiteError(f"--reference-dir {reference_dir}: no finished reference run at {path}")
-        runs = {trial_plan.REFERENCE: json.loads(path.read_text())["episodes"], **runs}
+        runs = {trial_plan.REFERENCE: _reference_of(reference_dir)["episodes"], **runs}
     if not runs:
         raise metaworld.SuiteError(f"--scene-map: no finished closed-loop run in {out_dir / 'closed-loop'}")
     metaworld.require_rendering()
