@@ -203,6 +203,8 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     kept = report["variants"]["default (relevance)"]["kept_per_camera"]
     assert len(kept) == 2 and 0 < sum(kept) <= 2 * 64
     assert report["variants"]["unpruned checkpoint"]["kept_per_camera"] is None
+    # The closed loops left the expert episodes behind (a second process fine-tunes in that memory).
+    assert not metaworld._episodes
     for name in ("results.md", "success.png", "first-calls.png", "validation-curves.png", "baseline/params.npz"):
         assert (tmp_path / name).stat().st_size > 0
     # One episode of each variant as an animation, a frame per call, the pruned one with its kept patches.

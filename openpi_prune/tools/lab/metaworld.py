@@ -308,6 +308,11 @@ def episodes(spec: MetaWorldSpec) -> list[tuple[str, int, dict]]:
     return _episodes[key]
 
 
+def forget_episodes() -> None:
+    """Drop the loaded expert episodes (`episodes` loads them again when asked)."""
+    _episodes.clear()
+
+
 def _sample(spec: MetaWorldSpec, rng, batch_size: int) -> list[tuple[str, int, int, dict]]:
     pool = episodes(spec)
     picks = []

@@ -292,6 +292,9 @@ def run(
                 settings = settings.replace(telemetry=True)
                 openpi_prune.enable(settings)
             weights = checkpoint.digest(train.params_of(model))
+            # The closed loop needs no expert episodes (7.5 GB at 60 training scenes): let them go, so
+            # that a second process can fine-tune beside it. A later fine-tune loads them again.
+            metaworld.forget_episodes()
             try:
                 row = evaluate(model, plan, name, progress, out_dir, weights, blank=name == BLANKED)
             finally:
