@@ -64,6 +64,9 @@ VARIANTS = {
     # bilinear score. More updates did not bring the bilinear head closer to the saliency (above); a
     # head that can weigh a patch's features together might.
     "relevance, a hidden layer of 256 in the head": dict(method="relevance", relevance_hidden=256),
+    # The one change to the head that moved the closed loop was its form (bilinear -> hidden layer):
+    # four times the width, to see whether that lever has more in it.
+    "relevance, a hidden layer of 1024 in the head": dict(method="relevance", relevance_hidden=1024),
     # The hidden head with more of the scene: the widest share the goal allows, and the same count of
     # tokens with 8 of them quarter means, the two wider shares that came closest with the bilinear head.
     "relevance, a hidden layer of 256, 30 % kept": dict(method="relevance", relevance_hidden=256, keep_fraction=0.3),
