@@ -48,6 +48,17 @@ def wrap_make_attn_mask(wrapped, instance, args, kwargs):
     return prefix.adjust_attn_mask(attn_mask, bound["input_mask"], bound["mask_ar"])
 
 
+def flow_draws(rng, actions):
+    """The noise `[b, ah, ad]` and time `[b]` that OpenPI's `compute_loss(rng, ..., actions)` draws
+    (checked against its source at install)."""
+    import jax
+
+    _, noise_rng, time_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, actions.shape)
+    time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
+    return noise, time
+
+
 def wrap_compute_loss(wrapped, instance, args, kwargs):
     import jax
 
@@ -56,10 +67,7 @@ def wrap_compute_loss(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     bound = bind(wrapped, args, kwargs)
     rng, actions = bound["rng"], bound["actions"]
-    # The same x_t and time OpenPI's compute_loss draws (checked against its source at install).
-    _, noise_rng, time_rng = jax.random.split(rng, 3)
-    noise = jax.random.normal(noise_rng, actions.shape)
-    time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
+    noise, time = flow_draws(rng, actions)
     time_expanded = time[..., None, None]
     x_t = time_expanded * noise + (1 - time_expanded) * actions
     rng_for_pruner = jax.random.fold_in(rng, _PRUNER_RNG_FOLD)

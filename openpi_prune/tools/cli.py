@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the trained policy: pruning a policy already fine-tuned (another --out)",
     )
     suite.add_argument(
+        "--teacher",
+        metavar="NPZ",
+        help="fine-tune on the actions these unpruned weights (a run's finetuned/reference-unpruned.npz) sample "
+        "from each step's noise, instead of the expert's: the pruned policy distilled from an unpruned one "
+        "(another --out)",
+    )
+    suite.add_argument(
         "--reference-dir",
         metavar="DIR",
         help="where this --out has no reference of its own: pair each variant with DIR's (its closed-loop "

@@ -107,6 +107,9 @@ class SuitePlan:
     # The unpruned weights each variant is fine-tuned from (`finetuned/*.npz` of another run, its
     # reference's): LightVLA's recipe, pruning a policy already fine-tuned. None: the trained policy.
     finetune_from: str | None = None
+    # Unpruned weights (`finetuned/*.npz` of another run) whose sampled actions, from the noise each
+    # fine-tuning step draws, replace the expert's as targets (`train.teacher_targets`). None: the expert's.
+    teacher: str | None = None
 
 
 def quick_plan(out: pathlib.Path) -> SuitePlan:
@@ -207,6 +210,7 @@ def run(
     finetune_from: str | None = None,
     reference_dir: str | None = None,
     train_scenes: int | None = None,
+    teacher: str | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
     plan = _plan(out_dir, quick, episodes_dir)
@@ -222,13 +226,16 @@ def run(
         if train_scenes < 1:
             raise metaworld.SuiteError(f"--train-scenes must be at least 1 (expert episodes per task); got {train_scenes}")
         plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=train_scenes))
-    if finetune_from is not None:  # as with the steps
-        if not pathlib.Path(finetune_from).is_file():
+    for flag, path in (("--finetune-from", finetune_from), ("--teacher", teacher)):
+        if path is not None and not pathlib.Path(path).is_file():
             raise metaworld.SuiteError(
-                f"--finetune-from {finetune_from}: no such file; name a fine-tuned unpruned variant's weights, "
+                f"{flag} {path}: no such file; name a fine-tuned unpruned variant's weights, "
                 "e.g. OUT/finetuned/reference-unpruned.npz of a finished run"
             )
+    if finetune_from is not None:  # as with the steps
         plan = dataclasses.replace(plan, finetune_from=str(finetune_from))
+    if teacher is not None:  # as with the steps
+        plan = dataclasses.replace(plan, teacher=str(teacher))
     _check_same_plan(out_dir, plan)
     metaworld.require_rendering()
     code = checkpoint.commit()
@@ -256,7 +263,11 @@ def run(
                 )
             )
         base_params = checkpoint.load_trained(base_path, plan.spec)
-        start_params = base_params if plan.finetune_from is None else _start_weights(plan)
+        start_params = base_params if plan.finetune_from is None else _unpruned_weights(plan, "--finetune-from")
+        teacher = None
+        if plan.teacher is not None:
+            with openpi_prune.disabled():
+                teacher = train.load(plan.spec, _unpruned_weights(plan, "--teacher"))
         for name, changes in VARIANTS.items():
             path = out_dir / "closed-loop" / f"{slug(name)}.json"
             if (only and name not in only) or path.exists():
@@ -287,6 +298,7 @@ def run(
                         f"fine-tune: {name}",
                         check=validation_check(plan.spec, progress),
                         resume=state,
+                        teacher=teacher,
                     )
                     checkpoint.save_trained(model, finetuned, checkpoint.frozen(plan.spec))
                     finetuned.with_name(f"{slug(name)}.curve.json").write_text(json.dumps(learning_curve(history)))
@@ -319,15 +331,16 @@ def run(
     return report
 
 
-def _start_weights(plan: SuitePlan) -> dict:
-    """The unpruned weights of `plan.finetune_from`, refused where a pruner's own parameters are among
-    them (a pruned variant's fine-tune is not the policy LightVLA's recipe starts from)."""
+def _unpruned_weights(plan: SuitePlan, flag: str) -> dict:
+    """The unpruned weights that `flag` names (`plan.finetune_from` or `plan.teacher`), refused where a
+    pruner's own parameters are among them (a pruned variant's fine-tune is neither the policy
+    LightVLA's recipe starts from nor an unpruned teacher)."""
+    path = plan.finetune_from if flag == "--finetune-from" else plan.teacher
     try:
-        return checkpoint.load_trained(pathlib.Path(plan.finetune_from), plan.spec)
+        return checkpoint.load_trained(pathlib.Path(path), plan.spec)
     except SystemExit as error:
         raise metaworld.SuiteError(
-            f"--finetune-from {plan.finetune_from}: {error}; name an unpruned variant's weights "
-            "(finetuned/reference-unpruned.npz)"
+            f"{flag} {path}: {error}; name an unpruned variant's weights (finetuned/reference-unpruned.npz)"
         ) from None
 
 
@@ -405,6 +418,11 @@ def _check_same_plan(out_dir: pathlib.Path, plan: SuitePlan) -> None:
             raise SystemExit(
                 f"{path} was trained on {scenes} expert episodes per task, and this run's plan on "
                 f"{plan.spec.train_seeds}: give this plan another --out."
+            )
+        if earlier.get("teacher") != plan.teacher:
+            raise SystemExit(
+                f"{path} was fine-tuned on {earlier.get('teacher') or 'the expert'}'s actions, and this run "
+                f"on {plan.teacher or 'the expert'}'s: give this plan another --out."
             )
         if earlier.get("finetune_from") != plan.finetune_from:
             raise SystemExit(

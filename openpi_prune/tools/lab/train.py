@@ -104,6 +104,7 @@ def train(
     description: str = "training",
     check=None,
     resume: pathlib.Path | None = None,
+    teacher=None,
 ):
     """Train `model` in place with the pruning settings in force (or none); returns per-step metrics:
     loss, and with pruning on the pruner's kept count and query spread in the training forward pass
@@ -111,8 +112,11 @@ def train(
     `check(model) -> dict` of figures, if given, runs every tenth of the steps; they join that step's
     metrics and the progress line. With `resume`, the run saves its whole state there every few
     minutes and at the end, and a later call goes on from the last save: a run longer than a session
-    is done in pieces, with the same batches and updates as one run."""
+    is done in pieces, with the same batches and updates as one run. With a `teacher` (an unpruned
+    model, frozen), each step's targets are the teacher's actions sampled from the very noise the
+    loss draws (`teacher_targets`), in place of the batch's own."""
     graphdef, params, counter, rest = nnx.split(model, _TRAINABLE, training.TrainingStep, ...)
+    teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
     lr = optax.warmup_cosine_decay_schedule(
         0.0, schedule.lr, min(schedule.warmup, schedule.steps // 2), max(schedule.steps, 2), schedule.lr * 0.1
     )
@@ -120,10 +124,13 @@ def train(
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def step_fn(step, params, counter, opt_state, observation, actions):
+    def step_fn(step, params, counter, opt_state, observation, actions, teacher_state):
+        rng = jax.random.fold_in(jax.random.key(schedule.seed), step)
+        if teacher_state is not None:
+            actions = teacher_targets(nnx.merge(teacher_graphdef, teacher_state), rng, observation, actions)
+
         def loss_fn(params):
             m = nnx.merge(graphdef, params, counter, rest)
-            rng = jax.random.fold_in(jax.random.key(schedule.seed), step)
             with (
                 telemetry.collect() as reports,
                 contextlib.nullcontext() if schedule.augment else without_augmentation(),
@@ -168,7 +175,9 @@ def train(
             observation, actions = ahead.popleft().result()
             if step + _RENDER_THREADS < schedule.steps:
                 ahead.append(pool.submit(batch_of, step + _RENDER_THREADS))
-            params, counter, opt_state, info = step_fn(step, params, counter, opt_state, observation, actions)
+            params, counter, opt_state, info = step_fn(
+                step, params, counter, opt_state, observation, actions, teacher_state
+            )
             history.append({k: float(v) for k, v in jax.device_get(info).items()})
             if check is not None and (step + 1) % max(schedule.steps // 10, 1) == 0:
                 nnx.update(model, params, counter)
@@ -182,6 +191,22 @@ def train(
                 saved = time.monotonic()
     nnx.update(model, params, counter)
     return history
+
+
+def teacher_targets(teacher, rng, observation, actions):
+    """The unpruned `teacher`'s actions, sampled from the noise that `compute_loss(rng, observation,
+    actions)` draws. Trained on them, the pruned student learns the teacher's own map from each noise
+    to its actions (a reflow, as in rectified flow): where the expert's chunk is one answer, the
+    teacher's map is the one that solves the scenes the teacher solves, from every noise draw."""
+    from openpi_prune.adapter import wrappers
+
+    noise, _ = wrappers.flow_draws(rng, actions)
+    with warnings.catch_warnings():
+        # Off and on again while this step is traced: what was compiled before is not involved.
+        warnings.simplefilter("ignore", openpi_prune.TracedBeforeChangeWarning)
+        with openpi_prune.disabled():
+            targets = teacher.sample_actions(rng, observation, noise=noise)
+    return targets.astype(actions.dtype)
 
 
 def _save(path: pathlib.Path, schedule: Schedule, steps_done: int, history: list, state) -> None:
