@@ -140,3 +140,33 @@ def test_the_head_s_loss_is_reported_over_the_samples_whose_saliency_ran():
     for step in history:
         assert step["distill_loss"] > 0
         assert step["loss"] == pytest.approx(step["action_loss"] + 0.5 * step["distill_loss"], rel=1e-5)
+
+
+def test_a_teacher_s_actions_from_the_loss_s_own_noise_are_the_targets():
+    """`--teacher`: the targets are the unpruned teacher's samples from the noise `compute_loss` draws,
+    even while the student is pruned; the teacher is not trained."""
+    import jax.numpy as jnp
+
+    from openpi_prune.adapter import wrappers
+
+    spec = run.QUICK.spec
+    openpi_prune.disable()
+    teacher = train.create(spec, seed=1)
+    batch = scenes.render(0, 2, spec)
+    observation, actions = batch.observation(), jnp.asarray(batch.actions)
+    rng = jax.random.key(3)
+    unpruned = teacher.sample_actions(rng, observation, noise=wrappers.flow_draws(rng, actions)[0])
+    teacher_params = jax.tree.leaves(train.params_of(teacher))
+    schedule = train.Schedule(steps=2, lr=1e-3, batch_size=2, warmup=1)
+    with openpi_prune.enabled(method="relevance", keep_fraction=0.1):
+        targets = jax.jit(lambda o, a: train.teacher_targets(teacher, rng, o, a))(observation, actions)
+        assert openpi_prune.is_enabled()  # the teacher's block restored the student's pruning
+        taught = train.train(train.create(spec), spec, schedule, teacher=teacher)
+        expert = train.train(train.create(spec), spec, schedule)
+    np.testing.assert_allclose(targets, unpruned, atol=1e-5)
+    assert not np.allclose(targets, actions, atol=1e-2)  # another target than the batch's
+    # The same student, batches and draws: only the targets differ, so the losses do.
+    assert all(np.isfinite(h["loss"]) for h in taught)
+    assert [h["loss"] for h in taught] != [h["loss"] for h in expert]
+    for before, after in zip(teacher_params, jax.tree.leaves(train.params_of(teacher)), strict=True):
+        np.testing.assert_array_equal(before, after)

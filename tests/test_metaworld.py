@@ -291,6 +291,18 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
         metaworld_trial.run(finetune_from=str(tmp_path / "finetuned" / "default-relevance.npz"), **refused)
     with pytest.raises(metaworld.SuiteError, match="--finetune-from .*none.npz: no such file"):
         metaworld_trial.run(finetune_from=str(tmp_path / "none.npz"), **refused)
+    # Distilled from unpruned weights (`--teacher`): its own plan, refused where the fine-tunes learnt
+    # from the expert; a pruned variant's weights are no teacher.
+    with pytest.raises(SystemExit, match="the expert's actions.*another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, teacher=str(tmp_path / "moved.npz"))
+    with pytest.raises(metaworld.SuiteError, match="--teacher .*default-relevance.npz.*lacks"):
+        metaworld_trial.run(teacher=str(tmp_path / "finetuned" / "default-relevance.npz"), **refused)
+    taught = tmp_path / "taught"
+    metaworld_trial.run(out=str(taught), only=["default (relevance)"], teacher=str(tmp_path / "moved.npz"), **common)
+    distilled = json.loads((taught / "closed-loop" / "default-relevance.json").read_text())
+    assert distilled["plan"]["teacher"] == str(tmp_path / "moved.npz")
+    assert distilled["finetuned_from"] == first["finetuned_from"]  # the same start, other targets
+    assert distilled["weights"] != digests["default (relevance)"]
     # Done variants leave no partial episode file; a resumed run serves from the files alone.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
