@@ -43,6 +43,7 @@ class CallState:
     siglip: Any = None  # inside a split `embed_prefix` (`siglip_layer`): its `adapter.siglip.Split`
     # For the tools' patches (`adapter.table.TOOLS`): small models and the lab's training.
     siglip_variant: str | None = None  # the SigLIP `Pi0.__init__` builds, instead of So400m/14
+    siglip_depth: int | None = None  # its layers, where not the variant's own
     unaugmented: bool = False  # training preprocesses images as at inference
     # Left by the pruned prefix for the rest of this call (never inherited).
     position_shift: tuple | None = None  # (per prefix slot, after the prefix), see adapter.prefix

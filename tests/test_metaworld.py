@@ -479,3 +479,35 @@ def test_another_number_of_training_scenes_is_another_plan(tmp_path):
         metaworld_trial._check_same_plan(tmp_path, wider)
     with pytest.raises(metaworld.SuiteError, match="--train-scenes must be at least 1"):
         metaworld_trial.run(str(tmp_path / "none"), train_scenes=0)
+
+
+def test_a_deeper_siglip_is_another_policy_whose_weights_the_shallow_one_refuses(tmp_path, capsys):
+    """`--siglip-depth N`: OpenPI's SigLIP built N layers deep (its blocks stacked, as OpenPI scans them),
+    its own plan; a checkpoint of one depth is refused by a model of another, by name and shape."""
+    from flax import traverse_util
+
+    import openpi_prune
+    from openpi_prune.tools.lab import checkpoint, train
+
+    spec = metaworld.MetaWorldSpec()
+    deeper = dataclasses.replace(spec, siglip_depth=3)
+    kernel = "PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+    with openpi_prune.disabled():
+        shallow = traverse_util.flatten_dict(train.params_of(train.create(spec)), sep="/")
+        deep = traverse_util.flatten_dict(train.params_of(train.create(deeper)), sep="/")
+    assert shallow[kernel].shape[0] == 1 and deep[kernel].shape[0] == 3  # mu/28 has one layer
+    assert deep[kernel].shape[1:] == shallow[kernel].shape[1:]
+    np.savez(tmp_path / "params.npz", **{kernel: np.asarray(shallow[kernel])})
+    with pytest.raises(SystemExit, match=r"holds .*encoderblock.* of shape \(1, 32, 128\), where this model's is \(3, 32, 128\).*--siglip-depth"):
+        checkpoint.load_trained(tmp_path / "params.npz", deeper)
+    loaded = traverse_util.flatten_dict(checkpoint.load_trained(tmp_path / "params.npz", spec), sep="/")
+    np.testing.assert_array_equal(loaded[kernel], shallow[kernel])
+
+    path = tmp_path / "run" / "closed-loop" / "reference-unpruned.json"
+    path.parent.mkdir(parents=True)
+    plan = metaworld_trial.SuitePlan()
+    path.write_text(json.dumps({"episodes": [], "plan": dataclasses.asdict(plan)}))
+    with pytest.raises(SystemExit, match=r"SigLIP has 1 layer\(s\), and this run's plan 3: give this plan another --out"):
+        metaworld_trial._check_same_plan(tmp_path / "run", dataclasses.replace(plan, spec=deeper))
+    assert cli.main(["metaworld", "--out", str(tmp_path / "none"), "--siglip-depth", "0"]) == 2
+    assert "--siglip-depth must be at least 1" in capsys.readouterr().err

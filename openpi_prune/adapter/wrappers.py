@@ -178,11 +178,13 @@ def wrap_siglip_encoder(wrapped, instance, args, kwargs):
 
 
 def wrap_siglip_variant(wrapped, instance, args, kwargs):
-    """`siglip.Module` inside a small model's creation: the variant the block names, not OpenPI's."""
+    """`siglip.Module` inside a small model's creation: the variant the block names, not OpenPI's, with
+    the block's number of layers where it names one."""
     state = call.current()
     if state is None or state.siglip_variant is None:
         return wrapped(*args, **kwargs)
-    return wrapped(*args, **{**kwargs, "variant": state.siglip_variant})
+    depth = {} if state.siglip_depth is None else {"depth": state.siglip_depth}
+    return wrapped(*args, **{**kwargs, "variant": state.siglip_variant, **depth})
 
 
 def wrap_unaugmented(wrapped, instance, args, kwargs):

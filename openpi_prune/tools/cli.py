@@ -205,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         "(another --out)",
     )
     suite.add_argument(
+        "--siglip-depth",
+        type=int,
+        metavar="N",
+        help="SigLIP's layers in the policy (the lab's mu/28 has 1, full pi0.5's So400m 27): another policy, "
+        "its own --out and --baseline-dir; --action-mse on its folder takes it too",
+    )
+    suite.add_argument(
         "--reference-dir",
         metavar="DIR",
         help="where this --out has no reference of its own: pair each variant with DIR's (its closed-loop "

@@ -15,14 +15,15 @@ from flax import nnx
 
 
 @contextlib.contextmanager
-def siglip_variant(variant: str | None):
-    """Make `Pi0.__init__` build SigLIP `variant` inside the block (None: OpenPI's own So400m/14)."""
+def siglip_variant(variant: str | None, depth: int | None = None):
+    """Make `Pi0.__init__` build SigLIP `variant` inside the block (None: OpenPI's own So400m/14), with
+    `depth` layers instead of the variant's own where given."""
     from openpi_prune.adapter import install, table
 
     if variant is None:
         yield
         return
-    with install.patched(table.SMALL_SIGLIP, siglip_variant=variant):
+    with install.patched(table.SMALL_SIGLIP, siglip_variant=variant, siglip_depth=depth):
         yield
 
 
@@ -41,12 +42,14 @@ def config(*, pi05: bool = True, action_horizon: int = 10, max_token_len: int = 
     return pi0_config.Pi0Config(**{**fields, **changes})
 
 
-def create(model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb: bool = True):
+def create(
+    model_config, *, seed: int = 0, siglip: str | None = "mu/14", perturb: bool = True, siglip_depth: int | None = None
+):
     """A real `Pi0`. OpenPI zero-initialises some kernels (SigLIP's head, pi0.5's adaRMS
     modulation), so a fresh model's image tokens are all zero and its actions ignore the
     observation; `perturb` gives every all-zero kernel random weights, so there is something to
     prune by and pruning shows in the actions."""
-    with siglip_variant(siglip):
+    with siglip_variant(siglip, siglip_depth):
         model = model_config.create(jax.random.key(seed))
     if perturb:
         params = get_params(model)

@@ -87,6 +87,13 @@ def load_trained(path: pathlib.Path, spec: scenes.SceneSpec, pruned: bool = Fals
                 "settings (before the default head took a hidden layer, relevance_hidden was 0). Run it under the "
                 "settings its closed-loop row records, or from the commit that made it."
             )
+        reshaped = [k for k in saved.files if saved[k].shape != params[k].shape]
+        if reshaped:
+            k = reshaped[0]
+            raise SystemExit(
+                f"{path} holds {k} of shape {saved[k].shape}, where this model's is {params[k].shape}: it was "
+                "made for a model of another shape (another --siglip-depth?). Load it with the plan that made it."
+            )
         params.update({k: saved[k] for k in saved.files})
     return traverse_util.unflatten_dict(params, sep="/")
 

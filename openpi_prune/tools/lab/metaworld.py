@@ -68,6 +68,9 @@ class MetaWorldSpec:
     train_seeds: int = 30  # expert episodes per task
     image_size: int = 224
     patch: int = 28  # SigLIP mu/28: 8 x 8 patches a camera
+    # SigLIP's layers (mu/28 has 1; full pi0.5's So400m 27): how often each patch has mixed with the
+    # others before it is pruned. None: mu/28's own.
+    siglip_depth: int | None = None
     horizon: int = 10
     replan: int = 5  # actions executed per policy call (OpenPI's LIBERO client: 5 of 10)
     action_dim: int = 4

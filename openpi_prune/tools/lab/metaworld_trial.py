@@ -211,9 +211,10 @@ def run(
     reference_dir: str | None = None,
     train_scenes: int | None = None,
     teacher: str | None = None,
+    siglip_depth: int | None = None,
 ) -> dict:
     out_dir = prepare(out, only, VARIANTS)
-    plan = _plan(out_dir, quick, episodes_dir)
+    plan = _plan(out_dir, quick, episodes_dir, siglip_depth)
     if episodes is not None:
         plan = dataclasses.replace(plan, episodes=episodes)
     if baseline_steps is not None:
@@ -258,6 +259,7 @@ def run(
                     {
                         "commit": code,
                         "schedule": dataclasses.asdict(plan.baseline),
+                        "siglip_depth": plan.spec.siglip_depth,
                         "loss": [h["loss"] for h in history],
                     }
                 )
@@ -376,9 +378,14 @@ def _left_to_train(out_dir: pathlib.Path, base_path: pathlib.Path, only: list[st
     )
 
 
-def _plan(out_dir: pathlib.Path, quick: bool, episodes_dir: str | None) -> SuitePlan:
-    """The suite's plan, its expert episodes in `episodes_dir` or the user's cache (quick: in `out_dir`)."""
+def _plan(out_dir: pathlib.Path, quick: bool, episodes_dir: str | None, siglip_depth: int | None = None) -> SuitePlan:
+    """The suite's plan, its expert episodes in `episodes_dir` or the user's cache (quick: in `out_dir`),
+    its policy's SigLIP `siglip_depth` layers deep (None: mu/28's one)."""
     plan = quick_plan(out_dir) if quick else SuitePlan()
+    if siglip_depth is not None:  # another policy: its own --baseline-dir and --out
+        if siglip_depth < 1:
+            raise metaworld.SuiteError(f"--siglip-depth must be at least 1 (SigLIP's layers); got {siglip_depth}")
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, siglip_depth=siglip_depth))
     folder = episodes_dir or (None if quick else metaworld.episode_cache(plan.spec))
     if folder is None:
         return plan
@@ -419,6 +426,12 @@ def _check_same_plan(out_dir: pathlib.Path, plan: SuitePlan) -> None:
                 f"{path} was trained on {scenes} expert episodes per task, and this run's plan on "
                 f"{plan.spec.train_seeds}: give this plan another --out."
             )
+        depth = earlier.get("spec", {}).get("siglip_depth")
+        if depth != plan.spec.siglip_depth:
+            raise SystemExit(
+                f"{path} ran a policy whose SigLIP has {depth or 1} layer(s), and this run's plan "
+                f"{plan.spec.siglip_depth or 1}: give this plan another --out (and --baseline-dir)."
+            )
         if earlier.get("teacher") != plan.teacher:
             raise SystemExit(
                 f"{path} was fine-tuned on {earlier.get('teacher') or 'the expert'}'s actions, and this run "
@@ -440,6 +453,7 @@ def action_mse(
     noise_draws: int = 2,
     baseline_dir: str | None = None,
     shares_of: list[str] | None = None,
+    siglip_depth: int | None = None,
 ) -> dict:
     """Sampled-action MSE against the expert on validation reset seeds (from `VALIDATION_SEEDS`: never
     trained on, never in the closed loop): the unpruned checkpoint, each fine-tuned variant in `out` as
@@ -454,7 +468,7 @@ def action_mse(
             f"--shares-of {', '.join(missing)}: no fine-tuned weights in {out_dir / 'finetuned'}; "
             f"fine-tune it first (`openpi-prune metaworld --out {out} --only ...`)"
         )
-    plan = _plan(out_dir, quick, episodes_dir)
+    plan = _plan(out_dir, quick, episodes_dir, siglip_depth)
     spec, seeds = plan.spec, range(metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + validation_episodes)
     shares = shares or ([0.2] if quick else [0.1, 0.2, 0.3, 0.5, 1.0])
     base_path = baseline_folder(out_dir, baseline_dir) / "params.npz"

@@ -67,15 +67,20 @@ def model_config(spec: scenes.SceneSpec):
     )
 
 
+def siglip_depth(spec) -> int | None:
+    """SigLIP's layers where `spec` names them (Meta-World's `--siglip-depth`), else `mu/28`'s one."""
+    return getattr(spec, "siglip_depth", None)
+
+
 def create(spec: scenes.SceneSpec, seed: int = 0):
     """A fresh pi0.5 for the lab (the active pruning method adds its parameters)."""
-    return small.create(model_config(spec), seed=seed, siglip=SIGLIP)
+    return small.create(model_config(spec), seed=seed, siglip=SIGLIP, siglip_depth=siglip_depth(spec))
 
 
 def load(spec: scenes.SceneSpec, params: dict):
     """A model from `params` through OpenPI's `BaseModelConfig.load`, as OpenPI serves a checkpoint:
     a method's parameters the checkpoint lacks start fresh (with a warning)."""
-    with small.siglip_variant(SIGLIP):
+    with small.siglip_variant(SIGLIP, siglip_depth(spec)):
         return model_config(spec).load(params)
 
 
