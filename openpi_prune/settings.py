@@ -158,7 +158,11 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise SettingsError(f"{name} must be an integer >= {lowest} (training steps); got {value!r}")
-        if isinstance(self.relevance_hidden, bool) or not isinstance(self.relevance_hidden, int) or self.relevance_hidden < 0:
+        if (
+            isinstance(self.relevance_hidden, bool)
+            or not isinstance(self.relevance_hidden, int)
+            or self.relevance_hidden < 0
+        ):
             raise SettingsError(
                 f"relevance_hidden must be an integer >= 0 (the width of the head's hidden layer; 0: none); "
                 f"got {self.relevance_hidden!r}"

@@ -172,7 +172,9 @@ def test_a_reset_seed_is_one_scene_on_every_run():
 
 def test_an_environment_is_made_in_a_fresh_process_without_importing_metaworld_first():
     metaworld.require_rendering()  # the libraries are there: what is tested is the registration
-    code = "from openpi_prune.tools.lab import metaworld as m; m.make_env('drawer-open-v3', m.MetaWorldSpec(), 0).close()"
+    code = (
+        "from openpi_prune.tools.lab import metaworld as m; m.make_env('drawer-open-v3', m.MetaWorldSpec(), 0).close()"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -377,7 +379,9 @@ def test_expert_episodes_are_kept_outside_the_checkout_by_what_shapes_them(tmp_p
 
 
 def test_a_run_made_with_uncommitted_changes_to_the_package_says_so(tmp_path, tmp_path_factory):
-    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True)
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True)
+
     package = tmp_path / "openpi_prune"
     package.mkdir()
     (package / "code.py").write_text("x = 1\n")
@@ -498,7 +502,10 @@ def test_a_deeper_siglip_is_another_policy_whose_weights_the_shallow_one_refuses
     assert shallow[kernel].shape[0] == 1 and deep[kernel].shape[0] == 3  # mu/28 has one layer
     assert deep[kernel].shape[1:] == shallow[kernel].shape[1:]
     np.savez(tmp_path / "params.npz", **{kernel: np.asarray(shallow[kernel])})
-    with pytest.raises(SystemExit, match=r"holds .*encoderblock.* of shape \(1, 32, 128\), where this model's is \(3, 32, 128\).*--siglip-depth"):
+    with pytest.raises(
+        SystemExit,
+        match=r"holds .*encoderblock.* of shape \(1, 32, 128\), where this model's is \(3, 32, 128\).*--siglip-depth",
+    ):
         checkpoint.load_trained(tmp_path / "params.npz", deeper)
     loaded = traverse_util.flatten_dict(checkpoint.load_trained(tmp_path / "params.npz", spec), sep="/")
     np.testing.assert_array_equal(loaded[kernel], shallow[kernel])
@@ -507,7 +514,9 @@ def test_a_deeper_siglip_is_another_policy_whose_weights_the_shallow_one_refuses
     path.parent.mkdir(parents=True)
     plan = metaworld_trial.SuitePlan()
     path.write_text(json.dumps({"episodes": [], "plan": dataclasses.asdict(plan)}))
-    with pytest.raises(SystemExit, match=r"SigLIP has 1 layer\(s\), and this run's plan 3: give this plan another --out"):
+    with pytest.raises(
+        SystemExit, match=r"SigLIP has 1 layer\(s\), and this run's plan 3: give this plan another --out"
+    ):
         metaworld_trial._check_same_plan(tmp_path / "run", dataclasses.replace(plan, spec=deeper))
     assert cli.main(["metaworld", "--out", str(tmp_path / "none"), "--siglip-depth", "0"]) == 2
     assert "--siglip-depth must be at least 1" in capsys.readouterr().err

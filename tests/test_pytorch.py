@@ -326,7 +326,12 @@ def _both_pipelines(settings, head: dict[str, np.ndarray]):
     ar_mask = np.zeros(108 + 7, bool)
     model = types.SimpleNamespace(**{name: types.SimpleNamespace(value=jnp.asarray(k)) for name, k in head.items()})
     prefix = pipeline.Prefix(
-        jnp.asarray(patches), jnp.asarray(task), jnp.asarray(candidate), jnp.asarray(task_mask), jnp.asarray(ar_mask), 36
+        jnp.asarray(patches),
+        jnp.asarray(task),
+        jnp.asarray(candidate),
+        jnp.asarray(task_mask),
+        jnp.asarray(ar_mask),
+        36,
     )
     want = pipeline.prune(model, prefix, None, settings)
     got = torch_pipeline.prune(

@@ -185,7 +185,9 @@ def test_the_hidden_layer_reads_each_patch_beside_its_scene_s_mean_of_live_patch
     # What a dead patch holds does not move the scene's mean.
     changed = patches.copy()
     changed[0, 2] += 100.0
-    np.testing.assert_array_equal(np.asarray(relevance.hidden_features(changed, live, kernel, bias))[0, live[0]], features[0, live[0]])
+    np.testing.assert_array_equal(
+        np.asarray(relevance.hidden_features(changed, live, kernel, bias))[0, live[0]], features[0, live[0]]
+    )
 
 
 def test_a_head_with_a_hidden_layer_trains_all_its_parameters(relevance_hidden_model):

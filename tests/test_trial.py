@@ -166,7 +166,10 @@ def test_the_gap_splits_into_scenes_that_held_every_named_patch_and_those_that_l
     there, lost = split["test_ratio_all_named_kept"], split["test_ratio_named_patch_lost"]
     assert there["ratio"] == pytest.approx(2.0) and there["low"] == pytest.approx(2.0)
     assert lost["ratio"] == pytest.approx(10.0) and lost["high"] == pytest.approx(10.0)
-    excess = lambda keep: sum(((variant[s] - reference[s]).mean(0))[keep[s]].sum() for s in range(2))
+
+    def excess(keep):
+        return sum(((variant[s] - reference[s]).mean(0))[keep[s]].sum() for s in range(2))
+
     assert split["excess_from_named_patch_lost"] == pytest.approx(
         excess({s: ~h for s, h in held.items()}) / excess({s: np.ones(400, bool) for s in range(2)})
     )
@@ -293,7 +296,10 @@ def _trial_folder(root, steps, ratios, validation_ratios, family="named"):
             path = folder / "runs" / f"seed-{seed}" / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             row = {"variant": name, "seed": seed, "finetune_minutes": steps / 100, "fingerprint": f"print-{steps}"}
-            row |= {"test_mse": (scale * reference_test).tolist(), "validation_mse": (val_scale * reference_val).tolist()}
+            row |= {
+                "test_mse": (scale * reference_test).tolist(),
+                "validation_mse": (val_scale * reference_val).tolist(),
+            }
             if name == trial_plan.DEFAULT:
                 row["recall"] = [1.0, 0.8] * 25  # every named patch kept in half of the scenes
             path.write_text(json.dumps(row))

@@ -51,9 +51,7 @@ VARIANTS = {
     ),
     # SigLIP on each camera's kept patches alone (a share per camera): cheaper, and on the blocks trial
     # more accurate than pruning after it.
-    "relevance, pruned before SigLIP (siglip_layer=0)": dict(
-        method="relevance", siglip_layer=0, **trial_plan.BILINEAR
-    ),
+    "relevance, pruned before SigLIP (siglip_layer=0)": dict(method="relevance", siglip_layer=0, **trial_plan.BILINEAR),
     # The head follows the model's saliency loosely (its picks are about 60 % of the saliency's top);
     # the saliency of a quarter of each batch on every step gives it four times the updates of the
     # default's (every 4th step) at a lower cost.
@@ -225,7 +223,9 @@ def run(
         plan = dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, seed=finetune_seed))
     if train_scenes is not None:  # as with the steps
         if train_scenes < 1:
-            raise metaworld.SuiteError(f"--train-scenes must be at least 1 (expert episodes per task); got {train_scenes}")
+            raise metaworld.SuiteError(
+                f"--train-scenes must be at least 1 (expert episodes per task); got {train_scenes}"
+            )
         plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=train_scenes))
     for flag, path in (("--finetune-from", finetune_from), ("--teacher", teacher)):
         if path is not None and not pathlib.Path(path).is_file():
@@ -265,11 +265,15 @@ def run(
                 )
             )
         base_params = checkpoint.load_trained(base_path, plan.spec)
-        start_params = base_params if plan.finetune_from is None else _unpruned_weights(plan, "--finetune-from")
+        start_params = (
+            base_params
+            if plan.finetune_from is None
+            else _unpruned_weights(plan.finetune_from, plan.spec, "--finetune-from")
+        )
         teacher = None
         if plan.teacher is not None:
             with openpi_prune.disabled():
-                teacher = train.load(plan.spec, _unpruned_weights(plan, "--teacher"))
+                teacher = train.load(plan.spec, _unpruned_weights(plan.teacher, plan.spec, "--teacher"))
         for name, changes in VARIANTS.items():
             path = out_dir / "closed-loop" / f"{slug(name)}.json"
             if (only and name not in only) or path.exists():
@@ -333,13 +337,12 @@ def run(
     return report
 
 
-def _unpruned_weights(plan: SuitePlan, flag: str) -> dict:
-    """The unpruned weights that `flag` names (`plan.finetune_from` or `plan.teacher`), refused where a
-    pruner's own parameters are among them (a pruned variant's fine-tune is neither the policy
-    LightVLA's recipe starts from nor an unpruned teacher)."""
-    path = plan.finetune_from if flag == "--finetune-from" else plan.teacher
+def _unpruned_weights(path: str, spec: metaworld.MetaWorldSpec, flag: str) -> dict:
+    """The unpruned weights at `path`, named by `flag`, refused where a pruner's own parameters are
+    among them (a pruned variant's fine-tune is neither the policy LightVLA's recipe starts from nor
+    an unpruned teacher)."""
     try:
-        return checkpoint.load_trained(pathlib.Path(path), plan.spec)
+        return checkpoint.load_trained(pathlib.Path(path), spec)
     except SystemExit as error:
         raise metaworld.SuiteError(
             f"{flag} {path}: {error}; name an unpruned variant's weights (finetuned/reference-unpruned.npz)"
@@ -550,7 +553,9 @@ def action_mse(
             "|---" * (len(spec.tasks) + 2) + "|",
         ]
         for row, values in agreement.items():
-            lines.append(f"| {row} | {values['all']:.0%} | " + " | ".join(f"{values[t]:.0%}" for t in spec.tasks) + " |")
+            lines.append(
+                f"| {row} | {values['all']:.0%} | " + " | ".join(f"{values[t]:.0%}" for t in spec.tasks) + " |"
+            )
     (out_dir / "action-mse.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines))
     return report
@@ -630,7 +635,10 @@ def _reference_of(reference_dir: str) -> dict:
 
 
 def scene_map(
-    out: str = "metaworld-results", reference_dir: str | None = None, quick: bool = False, episodes_dir: str | None = None
+    out: str = "metaworld-results",
+    reference_dir: str | None = None,
+    quick: bool = False,
+    episodes_dir: str | None = None,
 ) -> dict:
     """Where each task's object was in the scenes each finished run of `out` failed, beside the
     training scenes: `scene-map.png` (a row per task that any run failed, a panel per run) and
@@ -652,7 +660,9 @@ def scene_map(
     if not runs:
         raise metaworld.SuiteError(f"--scene-map: no finished closed-loop run in {out_dir / 'closed-loop'}")
     metaworld.require_rendering()
-    tasks = [t for t in plan.spec.tasks if any(e["task"] == t and not e["success"] for eps in runs.values() for e in eps)]
+    tasks = [
+        t for t in plan.spec.tasks if any(e["task"] == t and not e["success"] for eps in runs.values() for e in eps)
+    ]
     report = {"tasks": {}}
     with progress_bars() as progress:
         seeds = {task: sorted({e["seed"] for eps in runs.values() for e in eps if e["task"] == task}) for task in tasks}

@@ -336,7 +336,9 @@ def scene_map(tasks: dict, names: list[str], path: pathlib.Path) -> None:
             ax.plot(train[:, 0], train[:, 1], "+", color="0.55", label="training scene")
             ax.plot(solved[:, 0], solved[:, 1], "o", color="tab:green", markerfacecolor="none", label="solved")
             ax.plot(lost[:, 0], lost[:, 1], "x", color="tab:red", markersize=8, mew=2, label="failed")
-            ax.set_title(f"{textwrap.fill(name, 34)}\n{task.removesuffix('-v3')}: {len(lost)} of {len(test)} failed", fontsize=7)
+            ax.set_title(
+                f"{textwrap.fill(name, 34)}\n{task.removesuffix('-v3')}: {len(lost)} of {len(test)} failed", fontsize=7
+            )
             ax.set_xlabel("object x (m)", fontsize=7)
             ax.set_ylabel("object y (m)", fontsize=7)
             ax.tick_params(labelsize=6)

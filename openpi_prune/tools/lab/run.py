@@ -223,9 +223,7 @@ def run(
     return report
 
 
-def write_step_comparison(
-    out_dir: pathlib.Path, report: dict, preamble: list[str], headers, cells, title: str
-) -> None:
+def write_step_comparison(out_dir: pathlib.Path, report: dict, preamble: list[str], headers, cells, title: str) -> None:
     """A comparison of fine-tuning lengths: `steps.json` (the report), `steps.md` (the commit and
     folders it summarises, the preamble's lines, then a table with a row of `cells(row)` per row of
     the report) and the same table printed."""
