@@ -237,7 +237,10 @@ def _restore(path: pathlib.Path, schedule: Schedule, state) -> tuple[int, list, 
         )
     fresh, treedef = jax.tree.flatten(state)
     if [np.shape(x) for x in fresh] != [x.shape for x in leaves]:
-        raise ValueError(f"{path} holds another model's training state: delete it to start this run afresh")
+        raise ValueError(
+            f"{path} holds another model's training state (of another shape: another --siglip-depth?): "
+            "resume it with the options that made it, or delete it to start this run afresh"
+        )
     restored = jax.tree.unflatten(treedef, [jnp.asarray(x, dtype=f.dtype) for x, f in zip(leaves, fresh, strict=True)])
     return record["steps_done"], record["history"], restored
 
