@@ -302,7 +302,7 @@ def wrap_small_siglip(wrapped, instance, args, kwargs):
     if state is not None and state.siglip_variant is not None:
         shape = siglip.decode_variant(state.siglip_variant)
         vision = config.vision_config
-        vision.hidden_size, vision.num_hidden_layers = shape["width"], state.siglip_depth or shape["depth"]
+        vision.hidden_size, vision.num_hidden_layers = shape["width"], shape["depth"]
         vision.intermediate_size, vision.num_attention_heads = shape["mlp_dim"], shape["num_heads"]
         vision.patch_size = shape.get("patch_size", (vision.patch_size,))[0]
         vision.projection_dim = config.text_config.hidden_size
