@@ -190,14 +190,43 @@ def test_without_headless_rendering_the_error_names_the_libraries(monkeypatch):
         metaworld.require_rendering()
 
 
-def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
-    only = ["unpruned checkpoint", "default (relevance)"]
-    report = metaworld_trial.run(out=str(tmp_path), quick=True, only=only)
+ONLY = ["unpruned checkpoint", "default (relevance)"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The quick pipeline once for this module: a policy trained, the default fine-tuned from it, both
+    closed loops through OpenPI's server; the tests below read it and run their recipes beside it."""
+    out = tmp_path_factory.mktemp("metaworld")
+    return out, metaworld_trial.run(out=str(out), quick=True, only=ONLY)
+
+
+def _closed_loop(folder, name: str) -> dict:
+    return json.loads((folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def moved(quick_run):
+    """The trained policy with one tensor moved: other unpruned weights to fine-tune or distil from."""
+    out, _ = quick_run
+    with np.load(out / "baseline" / "params.npz") as saved:
+        weights = dict(saved)
+    first_key = sorted(weights)[0]
+    weights[first_key] = weights[first_key] + 0.01
+    np.savez(out / "moved.npz", **weights)
+    return out / "moved.npz", first_key, weights[first_key]
+
+
+def _common(out) -> dict:
+    return dict(quick=True, baseline_dir=str(out / "baseline"), episodes_dir=str(out / "episodes"))
+
+
+def test_closed_loop_through_openpi_s_server_and_client(quick_run):
+    tmp_path, report = quick_run
     plan = metaworld_trial.quick_plan(tmp_path)
-    assert set(report["variants"]) == set(only)
-    for name in only:
-        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
-        (episode,) = run["episodes"]
+    assert set(report["variants"]) == set(ONLY)
+    for name in ONLY:
+        (episode,) = _closed_loop(tmp_path, name)["episodes"]
         # Every call returned a chunk; `replan` of its actions ran before the next call.
         assert len(episode["call_seconds"]) == -(-episode["steps"] // plan.spec.replan)
         assert episode["steps"] == plan.spec.max_steps or episode["success"]
@@ -212,8 +241,8 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     # One episode of each variant as an animation, a frame per call, the pruned one with its kept patches.
     from PIL import Image
 
-    for name in only:
-        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
+    for name in ONLY:
+        run = _closed_loop(tmp_path, name)
         gif = Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}.gif")
         assert gif.n_frames == len(run["episodes"][0]["call_seconds"]) and gif.size == (2 * 224, 224)
         # Each task's first episode, a few calls, on one sheet.
@@ -223,14 +252,10 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
         assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up
         assert call["merged_patches"].shape == (2, 64) and not call["merged_patches"].any()  # the default merges none
     # Each episode names the weights that ran it: the fine-tuned variant's own, not the checkpoint's.
-    digests = {
-        name: json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())["weights"]
-        for name in only
-    }
+    digests = {name: _closed_loop(tmp_path, name)["weights"] for name in ONLY}
     assert len(set(digests.values())) == 2
-    for name in only:
-        run = json.loads((tmp_path / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
-        assert {e["weights"] for e in run["episodes"]} == {digests[name]}
+    for name in ONLY:
+        assert {e["weights"] for e in _closed_loop(tmp_path, name)["episodes"]} == {digests[name]}
     # The fine-tuned variant is kept as what fine-tuning changed, and loads as the weights its episodes name.
     import openpi_prune
     from openpi_prune.tools.lab import checkpoint, train, trial_plan
@@ -243,76 +268,83 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     curve = json.loads((tmp_path / "finetuned" / "default-relevance.curve.json").read_text())
     assert [point["step"] for point in curve] == [1, 2] and all(point["validation_action_mse"] > 0 for point in curve)
     assert not list((tmp_path / "finetuned").glob("*.training-state.npz"))
-    # Another fine-tuning plan is refused in this folder, before anything runs.
-    with pytest.raises(SystemExit, match="another --out"):
-        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_steps=3)
-    with pytest.raises(SystemExit, match="another --out"):  # a second fine-tune, other batches and draws
-        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_seed=7)
-    # That plan goes to another --out, fine-tuned from this folder's policy: no second one trained.
-    other = tmp_path / "three-steps"
-    metaworld_trial.run(
-        out=str(other),
-        quick=True,
-        only=["default (relevance)"],
-        finetune_steps=3,
-        baseline_dir=str(tmp_path / "baseline"),
-        episodes_dir=str(tmp_path / "episodes"),
-    )
-    longer, first = (
-        json.loads((folder / "closed-loop" / "default-relevance.json").read_text()) for folder in (other, tmp_path)
-    )
-    assert longer["baseline"] == first["baseline"] and longer["plan"]["finetune"]["steps"] == 3
-    assert not (other / "baseline").exists()
-    curve = json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())
-    assert [point["step"] for point in curve] == [1, 2, 3]
-    # Fine-tuned from other unpruned weights (LightVLA's recipe: a policy already fine-tuned), here the
-    # policy's with one tensor moved: the row names them, and the fine-tune starts from them.
-    from flax import traverse_util
-
-    with np.load(tmp_path / "baseline" / "params.npz") as saved:
-        moved = dict(saved)
-    first_key = sorted(moved)[0]
-    moved[first_key] = moved[first_key] + 0.01
-    np.savez(tmp_path / "moved.npz", **moved)
-    start = traverse_util.flatten_dict(checkpoint.load_trained(tmp_path / "moved.npz", plan.spec), sep="/")
-    assert np.array_equal(start[first_key], moved[first_key])
-    with pytest.raises(SystemExit, match="fine-tuned from the trained policy.*another --out"):
-        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, finetune_from=str(tmp_path / "moved.npz"))
-    recipe = tmp_path / "from-moved"
-    common = dict(quick=True, baseline_dir=str(tmp_path / "baseline"), episodes_dir=str(tmp_path / "episodes"))
-    metaworld_trial.run(
-        out=str(recipe), only=["default (relevance)"], finetune_from=str(tmp_path / "moved.npz"), **common
-    )
-    pruned = json.loads((recipe / "closed-loop" / "default-relevance.json").read_text())
-    assert pruned["finetuned_from"] == checkpoint.digest(traverse_util.unflatten_dict(start, sep="/"))
-    assert pruned["finetuned_from"] != first["finetuned_from"] == first["baseline"] == pruned["baseline"]
-    assert pruned["weights"] != digests["default (relevance)"]
-    # A pruned variant's fine-tune is not an unpruned policy to start from; a missing file is named.
-    refused = dict(out=str(tmp_path / "refused"), only=["default (relevance)"], **common)
-    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*default-relevance.npz.*lacks"):
-        metaworld_trial.run(finetune_from=str(tmp_path / "finetuned" / "default-relevance.npz"), **refused)
-    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*none.npz: no such file"):
-        metaworld_trial.run(finetune_from=str(tmp_path / "none.npz"), **refused)
-    # Distilled from unpruned weights (`--teacher`): its own plan, refused where the fine-tunes learnt
-    # from the expert; a pruned variant's weights are no teacher.
-    with pytest.raises(SystemExit, match="the expert's actions.*another --out"):
-        metaworld_trial.run(out=str(tmp_path), quick=True, only=only, teacher=str(tmp_path / "moved.npz"))
-    with pytest.raises(metaworld.SuiteError, match="--teacher .*default-relevance.npz.*lacks"):
-        metaworld_trial.run(teacher=str(tmp_path / "finetuned" / "default-relevance.npz"), **refused)
-    taught = tmp_path / "taught"
-    metaworld_trial.run(out=str(taught), only=["default (relevance)"], teacher=str(tmp_path / "moved.npz"), **common)
-    distilled = json.loads((taught / "closed-loop" / "default-relevance.json").read_text())
-    assert distilled["plan"]["teacher"] == str(tmp_path / "moved.npz")
-    assert distilled["finetuned_from"] == first["finetuned_from"]  # the same start, other targets
-    assert distilled["weights"] != digests["default (relevance)"]
-    # Done variants leave no partial episode file; a resumed run serves from the files alone.
+    # Done variants leave no partial episode file.
     assert not list((tmp_path / "closed-loop").glob("*.partial.jsonl"))
     # The expert episodes are cached on disk, each one a success.
     episodes = sorted(p for p in (tmp_path / "episodes").rglob("*.npz") if int(p.stem) < metaworld.VALIDATION_SEEDS)
     assert len(episodes) == plan.spec.train_seeds and all(np.load(p)["success"] for p in episodes)
 
-    # The action-MSE check: on validation reset seeds no run trained on, every variant's weights as
-    # they run, and the default's at the shares asked for (its own share: its own figure).
+
+def test_another_plan_in_the_same_folder_is_refused_before_anything_runs(quick_run, moved):
+    tmp_path, _ = quick_run
+    with pytest.raises(SystemExit, match="another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=ONLY, finetune_steps=3)
+    with pytest.raises(SystemExit, match="another --out"):  # a second fine-tune, other batches and draws
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=ONLY, finetune_seed=7)
+    with pytest.raises(SystemExit, match="fine-tuned from the trained policy.*another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=ONLY, finetune_from=str(moved[0]))
+    with pytest.raises(SystemExit, match="the expert's actions.*another --out"):
+        metaworld_trial.run(out=str(tmp_path), quick=True, only=ONLY, teacher=str(moved[0]))
+    # A pruned variant's fine-tune is no unpruned policy to start from or learn from; a missing file is named.
+    refused = dict(out=str(tmp_path / "refused"), only=["default (relevance)"], **_common(tmp_path))
+    pruned = str(tmp_path / "finetuned" / "default-relevance.npz")
+    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*default-relevance.npz.*lacks"):
+        metaworld_trial.run(finetune_from=pruned, **refused)
+    with pytest.raises(metaworld.SuiteError, match="--finetune-from .*none.npz: no such file"):
+        metaworld_trial.run(finetune_from=str(tmp_path / "none.npz"), **refused)
+    with pytest.raises(metaworld.SuiteError, match="--teacher .*default-relevance.npz.*lacks"):
+        metaworld_trial.run(teacher=pruned, **refused)
+
+
+@pytest.mark.slow  # a fine-tune and a closed loop more
+def test_a_longer_fine_tune_goes_to_another_out_from_the_same_policy(quick_run):
+    tmp_path, _ = quick_run
+    other = tmp_path / "three-steps"
+    metaworld_trial.run(out=str(other), only=["default (relevance)"], finetune_steps=3, **_common(tmp_path))
+    longer, first = (_closed_loop(folder, "default (relevance)") for folder in (other, tmp_path))
+    assert longer["baseline"] == first["baseline"] and longer["plan"]["finetune"]["steps"] == 3
+    assert not (other / "baseline").exists()  # no second policy trained
+    curve = json.loads((other / "finetuned" / "default-relevance.curve.json").read_text())
+    assert [point["step"] for point in curve] == [1, 2, 3]
+
+
+@pytest.mark.slow  # a fine-tune and a closed loop more
+def test_a_fine_tune_from_other_unpruned_weights_starts_from_them(quick_run, moved):
+    # LightVLA's recipe: a policy already fine-tuned; here the trained one with one tensor moved.
+    from flax import traverse_util
+
+    from openpi_prune.tools.lab import checkpoint
+
+    tmp_path, _ = quick_run
+    path, first_key, moved_tensor = moved
+    plan = metaworld_trial.quick_plan(tmp_path)
+    start = traverse_util.flatten_dict(checkpoint.load_trained(path, plan.spec), sep="/")
+    assert np.array_equal(start[first_key], moved_tensor)
+    recipe = tmp_path / "from-moved"
+    metaworld_trial.run(out=str(recipe), only=["default (relevance)"], finetune_from=str(path), **_common(tmp_path))
+    pruned, first = (_closed_loop(folder, "default (relevance)") for folder in (recipe, tmp_path))
+    assert pruned["finetuned_from"] == checkpoint.digest(traverse_util.unflatten_dict(start, sep="/"))
+    assert pruned["finetuned_from"] != first["finetuned_from"] == first["baseline"] == pruned["baseline"]
+    assert pruned["weights"] != first["weights"]
+
+
+@pytest.mark.slow  # a fine-tune and a closed loop more
+def test_a_fine_tune_distilled_from_unpruned_weights_learns_their_actions(quick_run, moved):
+    tmp_path, _ = quick_run
+    taught = tmp_path / "taught"
+    metaworld_trial.run(out=str(taught), only=["default (relevance)"], teacher=str(moved[0]), **_common(tmp_path))
+    distilled, first = (_closed_loop(folder, "default (relevance)") for folder in (taught, tmp_path))
+    assert distilled["plan"]["teacher"] == str(moved[0])
+    assert distilled["finetuned_from"] == first["finetuned_from"]  # the same start, other targets
+    assert distilled["weights"] != first["weights"]
+
+
+@pytest.mark.slow  # renders validation episodes and scores every variant's weights at each share
+def test_the_action_mse_check_on_validation_seeds_no_run_trained_on(quick_run):
+    # Every variant's weights as they run, and the default's at the shares asked for (its own share:
+    # its own figure).
+    tmp_path, _ = quick_run
+    plan = metaworld_trial.quick_plan(tmp_path)
     check = metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1)
     assert check["validation_seeds"] == [metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + 1]
     assert (tmp_path / "episodes" / plan.spec.tasks[0] / f"{metaworld.VALIDATION_SEEDS}.npz").exists()
@@ -348,13 +380,17 @@ def test_closed_loop_through_openpi_s_server_and_client(tmp_path):
     with pytest.raises(metaworld.SuiteError, match="--shares-of verbatim LightVLA: no fine-tuned weights"):
         metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares_of=["verbatim LightVLA"])
 
-    # A run with only a closed loop left, its weights trained, renders no expert episode.
+
+def test_a_run_with_only_a_closed_loop_left_renders_no_expert_episode(quick_run):
+    # Last in this module: it moves the expert episodes away. A resumed run serves from the files alone.
+    tmp_path, _ = quick_run
+    digest = _closed_loop(tmp_path, "default (relevance)")["weights"]
     (tmp_path / "closed-loop" / "default-relevance.json").unlink()
     (tmp_path / "episodes").rename(tmp_path / "episodes-elsewhere")
     metaworld_trial.run(out=str(tmp_path), quick=True, only=["default (relevance)"])
     assert not (tmp_path / "episodes").exists()
-    rerun = json.loads((tmp_path / "closed-loop" / "default-relevance.json").read_text())
-    assert rerun["weights"] == digests["default (relevance)"] and len(rerun["episodes"]) == plan.episodes
+    rerun = _closed_loop(tmp_path, "default (relevance)")
+    assert rerun["weights"] == digest and len(rerun["episodes"]) == metaworld_trial.quick_plan(tmp_path).episodes
 
 
 def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):

@@ -435,7 +435,11 @@ def serve(policy):
                 raise SuiteError(f"OpenPI's policy server did not start on port {port}") from None
             time.sleep(0.05)
     try:
-        yield websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        # OpenPI's server runs `infer` on its event loop, so it answers no keepalive ping while a call
+        # compiles; on a busy machine that outlasts websockets' 20 s and the client would hang up.
+        client._ws.ping_timeout = None
+        yield client
     finally:
         loop.call_soon_threadsafe(serving.cancel)
         thread.join(timeout=30)
