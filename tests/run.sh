@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/install.sh test 2> >(grep -v "^WARNING: Location" >&2)
-# One pytest process keeps about 1.35 of 2 cores busy (much of XLA's compiling is on one thread), so
-# two processes share the suite, a test file each at a time: a module's models and servers are still
-# built once. PYTEST_WORKERS=0 runs it all in this one process.
+# One pytest process kept about 1.35 of 2 cores busy (104 CPU-minutes in 78), so two processes share
+# the suite, a test file each at a time: a module's models and servers are still built once.
+# PYTEST_WORKERS=0 runs it all in this one process.
 exec .venv/bin/python -m pytest -ra --durations=15 -m "not slow" -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
