@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from openpi import transforms
-from openpi.training import checkpoints, data_loader, weight_loaders
+from openpi.training import checkpoints, data_loader, sharding, weight_loaders
 from openpi.training import config as _config
 from openpi.training import optimizer as _optimizer
 from openpi.training import utils as training_utils
@@ -90,6 +90,13 @@ def write_plain_checkpoint(folder: pathlib.Path) -> None:
         checkpointer.save(folder.absolute(), {"params": params}, force=True)
 
 
+def on_mesh(config, state: training_utils.TrainState) -> training_utils.TrainState:
+    """`state` placed as OpenPI's `scripts/train.py` places it, on the batch's mesh, where the train
+    step's output lands: the step then compiles once, not once more for its own output."""
+    mesh = sharding.make_mesh(config.fsdp_devices)
+    return jax.device_put(state, sharding.fsdp_sharding(state, mesh))
+
+
 def init_train_state(config, rng) -> training_utils.TrainState:
     tx = _optimizer.create_optimizer(config.optimizer, config.lr_schedule)
     with small.siglip_variant(SIGLIP):
@@ -99,8 +106,8 @@ def init_train_state(config, rng) -> training_utils.TrainState:
     loaded = config.weight_loader.load(state.to_pure_dict())
     state.replace_by_pure_dict(loaded)
     params = nnx.state(nnx.merge(graphdef, state))
-    return training_utils.TrainState(
-        step=0,
+    state = training_utils.TrainState(
+        step=jnp.zeros((), jnp.int32),  # typed as a restored checkpoint's step is
         params=params,
         model_def=graphdef,
         opt_state=tx.init(params.filter(config.trainable_filter)),
@@ -108,6 +115,7 @@ def init_train_state(config, rng) -> training_utils.TrainState:
         ema_decay=None,
         ema_params=None,
     )
+    return on_mesh(config, state)
 
 
 def train_step(config, rng, state: training_utils.TrainState, batch):

@@ -1,6 +1,7 @@
 """Training a pruned model: the schedules the settings carry, counted by the model's own step through
 OpenPI's train state and checkpoints; the saliency on every k-th step; the compact training pass."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -63,13 +64,16 @@ def test_a_train_step_with_no_openpi_prune_call_ramps_and_resumes_from_a_checkpo
 
         # A new process: a fresh train state, restored from the checkpoint.
         fresh = train_twin.init_train_state(config, jax.random.key(config.seed))
-        resumed = checkpoints.restore_state(manager, fresh, loader, restart)
+        # Its optimizer object is a static field: this process's, so the compiled step serves it.
+        fresh = dataclasses.replace(fresh, tx=state.tx)
+        resumed = train_twin.on_mesh(config, checkpoints.restore_state(manager, fresh, loader, restart))
         assert int(resumed.params[training.STEP].value) == restart
         for step in range(restart, steps):
             resumed, _ = step_fn(rng, resumed, next(batches))
             report = _kept_at(step)
             np.testing.assert_array_equal(report.kept, hand_written(step, report.candidates))
     assert report.kept[0] == np.ceil(0.2 * report.candidates[0])  # past the ramp: the setting's share
+    assert step_fn._cache_size() == 1  # one compile serves the first state, its outputs and the restored one
     # The pruner's line in the training log, every `log_every` (2) steps, with no code for it.
     lines = [r.getMessage() for r in caplog.records if "openpi-prune at training step" in r.getMessage()]
     assert [int(line.split("step ")[1].split(":")[0]) for line in lines] == [1, 3, 5, 7], lines
