@@ -64,7 +64,8 @@ def test_a_train_step_with_no_openpi_prune_call_ramps_and_resumes_from_a_checkpo
 
         # A new process: a fresh train state, restored from the checkpoint.
         fresh = train_twin.init_train_state(config, jax.random.key(config.seed))
-        # Its optimizer object is a static field: this process's, so the compiled step serves it.
+        # The optimizer is a static field of TrainState, matched by identity: this process's, so the step
+        # compiled above serves the restored state (a new process compiles once anyway).
         fresh = dataclasses.replace(fresh, tx=state.tx)
         resumed = train_twin.on_mesh(config, checkpoints.restore_state(manager, fresh, loader, restart))
         assert int(resumed.params[training.STEP].value) == restart
