@@ -96,13 +96,20 @@ def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_r
     assert metaworld_trial.learning_curve([{"distill_loss": 0.0, "validation_action_mse": 0.3}])[0]["distill_loss"] == 0
 
 
-def _finished_run(folder, name, steps, wins, commit="seeded", baseline="policy", tasks=("t",)):
+def _finished_run(
+    folder, name, steps, wins, commit="seeded", baseline="policy", tasks=("t",), seed=100_000, settings=None
+):
     """A closed-loop run as the command leaves it, one scene per entry of `wins`."""
-    plan = {"spec": {"episodes_dir": str(folder), "tasks": list(tasks)}, "finetune": {"steps": steps}, "episodes": 9}
+    plan = {
+        "spec": {"episodes_dir": str(folder), "tasks": list(tasks)},
+        "finetune": {"steps": steps, "seed": seed},
+        "episodes": 9,
+    }
     episodes = [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]
     path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"commit": commit, "baseline": baseline, "plan": plan, "episodes": episodes}))
+    run = {"variant": name, "commit": commit, "baseline": baseline, "plan": plan, "episodes": episodes}
+    path.write_text(json.dumps(run | {"settings": settings or {"method": name}}))
 
 
 def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monkeypatch, capsys):
@@ -147,6 +154,61 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
     # The shares of a variant's weights are an --action-mse figure: asked for without it, refused.
     assert cli.main(["metaworld", "--out", str(short), "--shares-of", reference]) == 2
     assert "--shares and --shares-of apply to --action-mse only" in capsys.readouterr().err
+
+
+def test_fine_tunes_of_another_seed_pooled_scene_by_scene(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+    reference, default = metaworld_trial.trial_plan.REFERENCE, metaworld_trial.trial_plan.DEFAULT
+    hidden = {"method": "relevance", "relevance_hidden": 256}
+    first, second = tmp_path / "seed-1", tmp_path / "seed-2"
+    _finished_run(first, reference, 300, [1] * 10)
+    _finished_run(first, default, 300, [1] * 8 + [0] * 2, settings=hidden)
+    _finished_run(first, "distinct (prompt-blind)", 300, [0] * 10)  # one fine-tune: no mean row
+    _finished_run(second, reference, 300, [1] * 9 + [0], seed=200_000)
+    # The same settings under the name they had then: pooled with the default, named in its row.
+    _finished_run(second, "relevance, a hidden layer of 256 in the head", 300, [1] * 10, seed=200_000, settings=hidden)
+    out = tmp_path / "out"
+    assert cli.main(["metaworld", "--compare-seeds", str(second), str(first), "--out", str(out)]) == 0
+    report = json.loads((out / "seeds.json").read_text())
+    rows = {(r["variant"], r["seed"]): r for r in report["rows"]}
+    assert list(rows) == [
+        (reference, 100_000),
+        (reference, 200_000),
+        (reference, "all"),
+        (default, 100_000),
+        (default, 200_000),
+        (default, "all"),
+        ("distinct (prompt-blind)", 100_000),
+    ]
+    # The reference's two fine-tunes average 0.95 a scene: 1 on the first nine, 0.5 on the last.
+    assert rows[reference, "all"]["success"] == pytest.approx(0.95) and "gap_to_reference" not in rows[reference, "all"]
+    assert rows[default, 100_000]["gap_to_reference"]["points"] == pytest.approx(15.0)  # 95 - 80
+    assert rows[default, 200_000]["gap_to_reference"]["points"] == pytest.approx(-5.0)  # 95 - 100
+    mean = rows[default, "all"]["gap_to_reference"]
+    assert mean["points"] == pytest.approx(5.0) and mean["low"] <= 5.0 <= mean["high"]
+    # Scene 8: 1 against 0.5, leaning to the reference; scene 9: 0.5 both, leaning to neither.
+    assert (mean["reference_only"], mean["variant_only"]) == (1, 0)
+    assert rows[default, 200_000]["name_in_folder"] == "relevance, a hidden layer of 256 in the head"
+    assert rows["distinct (prompt-blind)", 100_000]["gap_to_reference"]["points"] == pytest.approx(95.0)
+    table = (out / "seeds.md").read_text()
+    assert "(fine-tune seed 100000)" in table and "| default (relevance) | **mean** | 90.0% [" in table
+    assert "| default (relevance) (`relevance, a hidden layer of 256 in the head`) | 200000 | 100.0% [" in table
+    assert (out / "seeds.png").stat().st_size > 0
+    # Runs of another policy or plan, on unseeded scenes, or two folders of one seed are refused.
+    with pytest.raises(SystemExit, match="one fine-tune seed a folder"):
+        metaworld_trial.compare_seeds([str(first), str(first)], str(out))
+    _finished_run(second, reference, 600, [1] * 10, seed=200_000)
+    with pytest.raises(SystemExit, match="differ in more than their fine-tunes' seed"):
+        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+    _finished_run(second, reference, 300, [1] * 10, seed=200_000, commit="unseeded")
+    with pytest.raises(SystemExit, match="runs on unseeded scenes cannot be paired"):
+        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+    _finished_run(second, reference, 300, [1] * 10, seed=200_000)
+    _finished_run(second, default, 300, [1] * 10, seed=200_000, settings=hidden)
+    with pytest.raises(SystemExit, match="ran with the same settings and seed as"):
+        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+    assert cli.main(["metaworld", "--compare-seeds", str(first), "--only", reference]) == 2
+    assert "--compare-seeds summarises finished runs" in capsys.readouterr().err
 
 
 def test_git_tells_which_runs_descend_from_a_commit():

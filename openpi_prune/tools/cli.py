@@ -251,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         help="suites that differ only in their fine-tuning steps: success side by side, written to --out",
     )
     suite.add_argument(
+        "--compare-seeds",
+        nargs="+",
+        metavar="DIR",
+        help="suites that differ only in their fine-tunes' seed (--finetune-seed): each fine-tune's gap to the "
+        "reference and their mean, written to --out",
+    )
+    suite.add_argument(
         "--scene-map",
         action="store_true",
         help="where each task's object was in the scenes each finished run of --out failed, beside the "
@@ -298,15 +305,21 @@ def _metaworld(args) -> int:
     try:
         if (args.shares or args.shares_of) and not args.action_mse:
             raise metaworld.SuiteError("--shares and --shares-of apply to --action-mse only")
-        if args.compare_steps and (args.action_mse or args.only or args.quick):
-            raise metaworld.SuiteError("--compare-steps summarises finished runs: it takes --out only")
-        if args.scene_map and (args.action_mse or args.only or args.compare_steps):
+        for summary in ("compare_steps", "compare_seeds"):
+            if getattr(args, summary) and (args.action_mse or args.only or args.quick or args.scene_map):
+                flag = "--" + summary.replace("_", "-")
+                raise metaworld.SuiteError(f"{flag} summarises finished runs: it takes --out only")
+        if args.compare_steps and args.compare_seeds:
+            raise metaworld.SuiteError("--compare-steps and --compare-seeds: one comparison a run")
+        if args.scene_map and (args.action_mse or args.only):
             raise metaworld.SuiteError("--scene-map draws finished runs: it takes --out and --reference-dir only")
         command = (
             metaworld_trial.scene_map
             if args.scene_map
             else metaworld_trial.compare_steps
             if args.compare_steps
+            else metaworld_trial.compare_seeds
+            if args.compare_seeds
             else metaworld_trial.action_mse
             if args.action_mse
             else metaworld_trial.run

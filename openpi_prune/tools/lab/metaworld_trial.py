@@ -807,9 +807,13 @@ def paired_gap(reference: dict, run: dict) -> dict | None:
     pairs = np.asarray(
         [(solved[key], e["success"]) for e in run["episodes"] if (key := (e["task"], e["seed"])) in solved], float
     )
-    if not pairs.size:
-        return None
-    differences = 100 * (pairs[:, 0] - pairs[:, 1])
+    return _points_below(pairs[:, 0] - pairs[:, 1]) if pairs.size else None
+
+
+def _points_below(differences: np.ndarray) -> dict:
+    """Per-scene success differences (one side's minus the other's, rates in [-1, 1]) as points, with a
+    95 % bootstrap interval over the scenes and how many scenes lean each way."""
+    differences = 100 * np.asarray(differences, float)
     resampled = np.random.default_rng(0).choice(differences, size=(trial_plan.BOOTSTRAP, len(differences)))
     low, high = np.percentile(resampled.mean(axis=1), [2.5, 97.5])
     return {
@@ -820,6 +824,133 @@ def paired_gap(reference: dict, run: dict) -> dict | None:
         "reference_only": int(np.sum(differences > 0)),
         "variant_only": int(np.sum(differences < 0)),
     }
+
+
+def compare_seeds(compare_seeds: list[str], out: str) -> dict:
+    """Suites that differ only in their fine-tunes' seed, a folder each: how much of a gap is one
+    fine-tune's draw. Runs are grouped by their pruning settings (a variant's name may have meant
+    other settings when it ran); each group's runs are set against the reference's, its fine-tunes
+    averaged scene by scene: a row per fine-tune, then, where a group has two or more, their mean,
+    its interval a bootstrap over the scenes (each carrying all its fine-tunes' results; the spread
+    between fine-tunes shows in their rows, not in it). Refuses runs of another policy or plan, or on
+    unseeded scenes. `seeds.md`, `seeds.json` and `seeds.png` in `out`."""
+    folders: dict[int, pathlib.Path] = {}
+    runs = []  # (seed, folder, run)
+    for folder in map(pathlib.Path, compare_seeds):
+        found = [
+            json.loads(path.read_text())
+            for name in VARIANTS
+            if (path := folder / "closed-loop" / f"{slug(name)}.json").exists()
+        ]
+        if not found:
+            raise SystemExit(f"{folder / 'closed-loop'} holds no finished run: nothing to compare.")
+        seeds = {run["plan"]["finetune"]["seed"] for run in found}
+        if len(seeds) != 1 or (seed := seeds.pop()) in folders:
+            raise SystemExit(
+                f"{folder}: its runs, with those of the other folders, must be one fine-tune seed a folder "
+                "(the command gives each --finetune-seed its own --out)."
+            )
+        folders[seed] = folder
+        runs += [(seed, folder, run) for run in found]
+    if len({json.dumps(_without_seed(run), sort_keys=True) for *_, run in runs}) != 1 or (
+        len({run.get("baseline") for *_, run in runs}) != 1
+    ):
+        raise SystemExit(
+            f"the runs in {', '.join(compare_seeds)} differ in more than their fine-tunes' seed (the policy they "
+            "start from, the tasks, the schedule): their success cannot be pooled."
+        )
+    unseeded = [f"{f}: {r['variant']}" for _, f, r in runs if not checkpoint.descends_from(r["commit"], SEEDED_SINCE)]
+    if unseeded:
+        raise SystemExit(f"runs on unseeded scenes cannot be paired scene by scene: {'; '.join(unseeded)}")
+    groups: dict[str, list] = {}
+    for seed, folder, run in runs:
+        group = groups.setdefault(json.dumps(run["settings"], sort_keys=True), [])
+        if twin := next((f"{f}: {r['variant']}" for s, f, r in group if s == seed), None):
+            raise SystemExit(f"{folder}: {run['variant']} ran with the same settings and seed as {twin}")
+        group.append((seed, folder, run))
+    references = [g for g in groups.values() if any(r["variant"] == trial_plan.REFERENCE for *_, r in g)]
+    if len(references) != 1:
+        raise SystemExit(f"the folders {', '.join(compare_seeds)} must hold the reference's runs, of one setting")
+    reference = references[0]
+    scenes = set.intersection(*({(e["task"], e["seed"]) for e in r["episodes"]} for _, _, r in runs))
+    order = sorted(scenes)
+
+    def wins(run: dict) -> np.ndarray:
+        solved = {(e["task"], e["seed"]): e["success"] for e in run["episodes"]}
+        return np.asarray([solved[scene] for scene in order], float)
+
+    reference_rate = np.mean([wins(r) for *_, r in reference], axis=0)
+    rows = []
+    for group in groups.values():
+        group.sort(key=lambda entry: entry[0])  # named as its first seed's run is
+    for group in sorted(groups.values(), key=lambda g: (g is not reference, list(VARIANTS).index(g[0][2]["variant"]))):
+        name = group[0][2]["variant"]
+        each = []
+        for seed, folder, run in group:
+            solved = wins(run)
+            low, high = wilson(int(solved.sum()), len(solved))
+            row = {"variant": name, "seed": seed, "folder": str(folder), "commit": run["commit"]}
+            row |= {"name_in_folder": run["variant"], "success": float(solved.mean()), "low": low, "high": high}
+            if group is not reference:
+                row["gap_to_reference"] = _points_below(reference_rate - solved)
+            each.append((row, solved))
+        rows += [row for row, _ in each]
+        if len(each) > 1:
+            rate = np.mean([solved for _, solved in each], axis=0)
+            pooled = _points_below(rate)  # its points: the mean success; its interval: over the scenes
+            row = {"variant": name, "seed": "all", "folder": "-", "commit": "-", "name_in_folder": name}
+            row |= {"success": pooled["points"] / 100, "low": pooled["low"] / 100, "high": pooled["high"] / 100}
+            if group is not reference:
+                row["gap_to_reference"] = _points_below(reference_rate - rate)
+            rows.append(row)
+    report = {
+        "folders": {str(seed): str(folder) for seed, folder in sorted(folders.items())},
+        "summarised_by": checkpoint.commit(),
+        "scenes": len(order),
+        "reference_fine_tunes": len(reference),
+        "rows": rows,
+    }
+    preamble = [
+        f"Success over the {len(order)} scenes every run met; a row per fine-tune, then their mean (its interval "
+        "a bootstrap over the scenes). Gaps to the reference's fine-tunes averaged scene by scene, 95 % bootstrap "
+        "over the scenes (scenes leaning to it / to this).",
+        "",
+    ]
+    title = "Meta-World: the same variants, each fine-tune seed a row"
+    write_step_comparison(
+        pathlib.Path(out), report, preamble, SEED_HEADERS, _seed_cells, title, "seeds", lambda s: f"fine-tune seed {s}"
+    )
+    from openpi_prune.tools.lab import pictures
+
+    pictures.gaps_by_fine_tune(rows, pathlib.Path(out) / "seeds.png")
+    return report
+
+
+def _without_seed(run: dict) -> dict:
+    """What a run shares with the same suite fine-tuned from another seed: its plan, less the seed and
+    where its expert episodes were kept."""
+    plan = json.loads(json.dumps(run["plan"]))
+    del plan["finetune"]["seed"], plan["spec"]["episodes_dir"]
+    return plan
+
+
+SEED_HEADERS = (
+    "variant",
+    "fine-tune seed",
+    "success [95 %]",
+    "points below the reference, same scenes [95 %] (scenes leaning to it / to this)",
+    "commit",
+)
+
+
+def _seed_cells(row: dict) -> list[str]:
+    return [
+        row["variant"] if row["name_in_folder"] == row["variant"] else f"{row['variant']} (`{row['name_in_folder']}`)",
+        "**mean**" if row["seed"] == "all" else str(row["seed"]),
+        f"{row['success']:.1%} [{row['low']:.1%}, {row['high']:.1%}]",
+        _gap_cell(row, "gap_to_reference"),
+        row["commit"][:7],
+    ]
 
 
 def _gap_cell(row: dict, key: str = "paired_gap", above: bool = False) -> str:

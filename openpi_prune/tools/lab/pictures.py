@@ -231,6 +231,41 @@ def success_by_steps(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def gaps_by_fine_tune(rows: list[dict], path: pathlib.Path) -> None:
+    """Each variant's points below the reference, a dot per fine-tune and their mean with its 95 %
+    interval over the scenes: how far one fine-tune's gap is from another's, against the goal of 3."""
+    pruned = [r for r in rows if "gap_to_reference" in r]
+    names = list(dict.fromkeys(r["variant"] for r in pruned))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(names)))
+    colours = _line_colours(names)
+    for y, name in enumerate(names):
+        for row in (r for r in pruned if r["variant"] == name):
+            gap = row["gap_to_reference"]
+            mean = row["seed"] == "all"
+            spread = [[gap["points"] - gap["low"]], [gap["high"] - gap["points"]]]
+            ax.errorbar(
+                gap["points"],
+                y + (0.15 if mean else -0.15),
+                xerr=spread,
+                fmt="D" if mean else "o",
+                color=colours[name],
+                alpha=1.0 if mean else 0.45,
+                capsize=3,
+                markersize=8 if mean else 5,
+            )
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.axvline(3, color="tab:gray", linestyle=":", label="3 points below the reference")
+    ax.errorbar([], [], fmt="o", color="black", alpha=0.45, label="one fine-tune (95 % over the scenes)")
+    ax.errorbar([], [], fmt="D", color="black", label="their mean (95 % over the scenes)")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("points below the unpruned reference, same scenes")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def validation_curves(curves: dict, path: pathlib.Path) -> None:
     """Each fine-tune's validation action MSE against its step (log scale): whether more steps would help."""
     fig, ax = plt.subplots(figsize=(11, 3.8))

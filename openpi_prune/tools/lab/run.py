@@ -223,17 +223,27 @@ def run(
     return report
 
 
-def write_step_comparison(out_dir: pathlib.Path, report: dict, preamble: list[str], headers, cells, title: str) -> None:
-    """A comparison of fine-tuning lengths: `steps.json` (the report), `steps.md` (the commit and
-    folders it summarises, the preamble's lines, then a table with a row of `cells(row)` per row of
-    the report) and the same table printed."""
+def write_step_comparison(
+    out_dir: pathlib.Path,
+    report: dict,
+    preamble: list[str],
+    headers,
+    cells,
+    title: str,
+    stem: str = "steps",
+    label=lambda key: f"{key} steps",
+) -> None:
+    """A comparison of suites that differ in one thing (the fine-tuning length; `stem="seeds"`: the
+    fine-tunes' seed): `<stem>.json` (the report), `<stem>.md` (the commit and folders it summarises,
+    each with the `label` of its `report["folders"]` key, the preamble's lines, then a table with a row of
+    `cells(row)` per row of the report) and the same table printed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "steps.json").write_text(json.dumps(report, indent=1))
-    source = ", ".join(f"`{folder}` ({steps} steps)" for steps, folder in report["folders"].items())
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    source = ", ".join(f"`{folder}` ({label(key)})" for key, folder in report["folders"].items())
     lines = [f"Summarised by `{report['summarised_by']}` from {source}. " + preamble[0], *preamble[1:]]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in report["rows"]]
-    (out_dir / "steps.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     table = Table(*headers, title=title)
     for row in report["rows"]:
         table.add_row(*cells(row))
