@@ -23,7 +23,7 @@ from rich.table import Table
 import openpi_prune
 from openpi_prune.adapter import prefix
 from openpi_prune.tools.lab import checkpoint, metaworld, train, trial, trial_plan
-from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug, write_step_comparison
+from openpi_prune.tools.lab.run import baseline_folder, console, prepare, progress_bars, slug, write_comparison
 
 # name -> settings changes, None: the baseline as trained (no fine-tuning, no pruning).
 VARIANTS = {
@@ -758,7 +758,7 @@ def compare_steps(compare_steps: list[str], out: str) -> dict:
     }
     preamble = ["Success over each run's held-out episodes; gaps paired by scene, 95 % bootstrap over them.", ""]
     title = "Meta-World: the same variants fine-tuned for different lengths"
-    write_step_comparison(pathlib.Path(out), report, preamble, STEP_HEADERS, _step_cells, title)
+    write_comparison(pathlib.Path(out), report, preamble, STEP_HEADERS, _step_cells, title)
     from openpi_prune.tools.lab import pictures
 
     pictures.success_by_steps(rows, pathlib.Path(out) / "steps.png")
@@ -917,7 +917,7 @@ def compare_seeds(compare_seeds: list[str], out: str) -> dict:
         "",
     ]
     title = "Meta-World: the same variants, each fine-tune seed a row"
-    write_step_comparison(
+    write_comparison(
         pathlib.Path(out), report, preamble, SEED_HEADERS, _seed_cells, title, "seeds", lambda s: f"fine-tune seed {s}"
     )
     from openpi_prune.tools.lab import pictures

@@ -223,7 +223,7 @@ def run(
     return report
 
 
-def write_step_comparison(
+def write_comparison(
     out_dir: pathlib.Path,
     report: dict,
     preamble: list[str],

@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from openpi_prune.tools.lab import checkpoint, named, train
-from openpi_prune.tools.lab.run import console, write_step_comparison
+from openpi_prune.tools.lab.run import console, write_comparison
 from openpi_prune.tools.lab.trial_plan import (
     BOOTSTRAP,
     DEFAULT,
@@ -349,7 +349,7 @@ def compare_steps(folders: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
         "chosen_steps": min(defaults, key=lambda r: r["validation_ratio"]["ratio"])["steps"] if defaults else None,
         "rows": rows,
     }
-    write_step_comparison(
+    write_comparison(
         out_dir,
         report,
         _steps_preamble(report),
