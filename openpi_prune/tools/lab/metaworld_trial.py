@@ -814,16 +814,22 @@ def _points_below(differences: np.ndarray) -> dict:
     """Per-scene success differences (one side's minus the other's, rates in [-1, 1]) as points, with a
     95 % bootstrap interval over the scenes and how many scenes lean each way."""
     differences = 100 * np.asarray(differences, float)
-    resampled = np.random.default_rng(0).choice(differences, size=(trial_plan.BOOTSTRAP, len(differences)))
-    low, high = np.percentile(resampled.mean(axis=1), [2.5, 97.5])
+    points, low, high = _bootstrap_mean(differences)
     return {
-        "points": float(differences.mean()),
-        "low": float(low),
-        "high": float(high),
+        "points": points,
+        "low": low,
+        "high": high,
         "episodes": len(differences),
         "reference_only": int(np.sum(differences > 0)),
         "variant_only": int(np.sum(differences < 0)),
     }
+
+
+def _bootstrap_mean(values: np.ndarray) -> tuple[float, float, float]:
+    """The mean of per-scene values and its 95 % bootstrap interval over the scenes."""
+    resampled = np.random.default_rng(0).choice(values, size=(trial_plan.BOOTSTRAP, len(values)))
+    low, high = np.percentile(resampled.mean(axis=1), [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
 
 
 def compare_seeds(compare_seeds: list[str], out: str) -> dict:
@@ -897,9 +903,9 @@ def compare_seeds(compare_seeds: list[str], out: str) -> dict:
         rows += [row for row, _ in each]
         if len(each) > 1:
             rate = np.mean([solved for _, solved in each], axis=0)
-            pooled = _points_below(rate)  # its points: the mean success; its interval: over the scenes
+            success, low, high = _bootstrap_mean(rate)
             row = {"variant": name, "seed": "all", "folder": "-", "commit": "-", "name_in_folder": name}
-            row |= {"success": pooled["points"] / 100, "low": pooled["low"] / 100, "high": pooled["high"] / 100}
+            row |= {"success": success, "low": low, "high": high}
             if group is not reference:
                 row["gap_to_reference"] = _points_below(reference_rate - rate)
             rows.append(row)
