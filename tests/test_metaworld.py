@@ -73,6 +73,10 @@ def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
     assert metaworld_trial._gap_cell({"g": gap}, "g").startswith("10.0 [")
     assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).startswith("-10.0 [")
     assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).endswith("(1 / 2 of 10)")
+    # A bound that rounds to zero from below reads as 0.0, in either direction.
+    at_zero = gap | {"points": 2.2, "low": -0.04, "high": 4.6}
+    assert metaworld_trial._gap_cell({"g": at_zero}, "g").startswith("2.2 [0.0, 4.6]")
+    assert metaworld_trial._gap_cell({"g": at_zero}, "g", above=True).startswith("-2.2 [-4.6, 0.0]")
 
 
 def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_ran():

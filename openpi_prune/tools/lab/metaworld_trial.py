@@ -966,8 +966,11 @@ def _gap_cell(row: dict, key: str = "paired_gap", above: bool = False) -> str:
         return "-" if gap == "-" else "other scenes"
     solved_alone = (gap["reference_only"], gap["variant_only"])
     sign, alone = (-1, solved_alone[::-1]) if above else (1, solved_alone)
-    low, high = sorted((sign * gap["low"], sign * gap["high"]))
-    return f"{sign * gap['points']:.1f} [{low:.1f}, {high:.1f}] ({alone[0]} / {alone[1]} of {gap['episodes']})"
+    # Rounded first, then + 0.0: a bound of -0.0 or -0.04 reads "0.0", not "-0.0".
+    points, low, high = (
+        round(x, 1) + 0.0 for x in (sign * gap["points"], *sorted((sign * gap["low"], sign * gap["high"])))
+    )
+    return f"{points:.1f} [{low:.1f}, {high:.1f}] ({alone[0]} / {alone[1]} of {gap['episodes']})"
 
 
 def _cells(name: str, row: dict, plan: SuitePlan) -> list[str]:
