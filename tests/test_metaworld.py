@@ -101,13 +101,13 @@ def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_r
 
 
 def _finished_run(
-    folder, name, steps, wins, commit="seeded", baseline="policy", tasks=("t",), seed=100_000, settings=None
+    folder, name, steps, wins, commit="seeded", baseline="policy", tasks=("t",), seed=100_000, settings=None, episodes=9
 ):
     """A closed-loop run as the command leaves it, one scene per entry of `wins`."""
     plan = {
         "spec": {"episodes_dir": str(folder), "tasks": list(tasks)},
         "finetune": {"steps": steps, "seed": seed},
-        "episodes": 9,
+        "episodes": episodes,
     }
     episodes = [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]
     path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
@@ -168,6 +168,8 @@ def test_fine_tunes_of_another_seed_pooled_scene_by_scene(tmp_path, monkeypatch,
     _finished_run(first, reference, 300, [1] * 10)
     _finished_run(first, default, 300, [1] * 8 + [0] * 2, settings=hidden)
     _finished_run(first, "distinct (prompt-blind)", 300, [0] * 10)  # one fine-tune: no mean row
+    # The checkpoint with its images blanked, on fewer scenes: not fine-tuned, so left out.
+    _finished_run(first, metaworld_trial.BLANKED, 300, [0] * 5, episodes=5)
     _finished_run(second, reference, 300, [1] * 9 + [0], seed=200_000)
     # The same settings under the name they had then: pooled with the default, named in its row.
     _finished_run(second, "relevance, a hidden layer of 256 in the head", 300, [1] * 10, seed=200_000, settings=hidden)

@@ -843,10 +843,11 @@ def compare_seeds(compare_seeds: list[str], out: str) -> dict:
     folders: dict[int, pathlib.Path] = {}
     runs = []  # (seed, folder, run)
     for folder in map(pathlib.Path, compare_seeds):
+        # The checkpoint's own runs (blanked or not) have no fine-tune to pool, and may be shorter.
         found = [
             json.loads(path.read_text())
-            for name in VARIANTS
-            if (path := folder / "closed-loop" / f"{slug(name)}.json").exists()
+            for name, changes in VARIANTS.items()
+            if changes is not None and (path := folder / "closed-loop" / f"{slug(name)}.json").exists()
         ]
         if not found:
             raise SystemExit(f"{folder / 'closed-loop'} holds no finished run: nothing to compare.")
