@@ -240,16 +240,17 @@ def gaps_by_fine_tune(rows: list[dict], path: pathlib.Path) -> None:
     colours = _line_colours(names)
     for y, name in enumerate(names):
         fine_tunes = [r for r in pruned if r["variant"] == name and r["seed"] != "all"]
+        means = [r for r in pruned if r["variant"] == name and r["seed"] == "all"]
         # Each fine-tune a line of its own above the mean, so that intervals that overlap stay apart.
         lines = np.linspace(-0.35, -0.05, len(fine_tunes)) if len(fine_tunes) > 1 else [-0.15]
-        heights = {id(r): h for r, h in zip(fine_tunes, lines, strict=True)}
-        for row in (r for r in pruned if r["variant"] == name):
+        placed = [*zip(fine_tunes, lines, strict=True), *((r, 0.2) for r in means)]
+        for row, height in placed:
             gap = row["gap_to_reference"]
             mean = row["seed"] == "all"
             spread = [[gap["points"] - gap["low"]], [gap["high"] - gap["points"]]]
             ax.errorbar(
                 gap["points"],
-                y + (0.2 if mean else heights[id(row)]),
+                y + height,
                 xerr=spread,
                 fmt="D" if mean else "o",
                 color=colours[name],
