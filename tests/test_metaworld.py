@@ -217,6 +217,38 @@ def test_fine_tunes_of_another_seed_pooled_scene_by_scene(tmp_path, monkeypatch,
     assert "--compare-seeds summarises finished runs" in capsys.readouterr().err
 
 
+def test_the_seeds_picture_draws_each_fine_tune_on_a_line_of_its_own(tmp_path, monkeypatch):
+    from openpi_prune.tools.lab import pictures
+
+    def gap(points):
+        return {"points": points, "low": points - 2.0, "high": points + 2.0}
+
+    rows = [
+        {"variant": "reference (unpruned)", "seed": 100_000},
+        *({"variant": "default", "seed": s, "gap_to_reference": gap(p)} for s, p in [(1, 3.0), (2, 3.0), (3, 6.0)]),
+        {"variant": "default", "seed": "all", "gap_to_reference": gap(4.0)},
+        {"variant": "distinct", "seed": 1, "gap_to_reference": gap(16.0)},
+    ]
+    figures = []
+    monkeypatch.setattr(pictures.plt, "close", figures.append)
+    pictures.gaps_by_fine_tune(rows, tmp_path / "seeds.png")
+    (ax,) = figures[0].axes
+    drawn = sorted(
+        (float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0]), c.lines[0].get_marker())
+        for c in ax.containers
+        if len(c.lines[0].get_xdata())  # the legend's empty entries
+    )
+    # The reference has no gap: two variants, one row each, the default's three fine-tunes apart
+    # (two of them at the same 3.0) above their mean's diamond.
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["default", "distinct"]
+    default = [(x, y, m) for x, y, m in drawn if y < 0.5]
+    assert [x for x, _, m in default if m == "o"] == [3.0, 3.0, 6.0]
+    assert len({y for _, y, m in default if m == "o"}) == 3 and all(y < 0 for _, y, m in default if m == "o")
+    assert [(x, y) for x, y, m in default if m == "D"] == [(4.0, 0.2)]
+    assert [(x, m) for x, y, m in drawn if y > 0.5] == [(16.0, "o")]
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+
+
 def test_git_tells_which_runs_descend_from_a_commit():
     assert metaworld_trial.checkpoint.descends_from("HEAD", "HEAD")
     assert not metaworld_trial.checkpoint.descends_from("HEAD", "0" * 40)
