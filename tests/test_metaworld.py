@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from openpi_prune.tools import cli
-from openpi_prune.tools.lab import metaworld, metaworld_trial
+from openpi_prune.tools.lab import checkpoint, metaworld, metaworld_plan, metaworld_report, metaworld_trial, trial_plan
+from openpi_prune.tools.lab.run import slug
 
 SPEC = metaworld.MetaWorldSpec()
 
@@ -46,14 +47,14 @@ def test_policy_inputs_are_openpi_s_observation_with_the_right_wrist_masked():
 
 
 def test_wilson_interval():
-    assert metaworld_trial.wilson(0, 0) == (0.0, 1.0)
-    low, high = metaworld_trial.wilson(30, 50)
+    assert metaworld_report.wilson(0, 0) == (0.0, 1.0)
+    low, high = metaworld_report.wilson(30, 50)
     assert low == pytest.approx(0.4618, abs=1e-3) and high == pytest.approx(0.7239, abs=1e-3)
-    assert metaworld_trial.wilson(50, 50)[1] == 1.0 and metaworld_trial.wilson(50, 50)[0] > 0.9
+    assert metaworld_report.wilson(50, 50)[1] == 1.0 and metaworld_report.wilson(50, 50)[0] > 0.9
 
 
 def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
-    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+    monkeypatch.setattr(checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
 
     def run(commit, wins):
         return {"commit": commit, "episodes": [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]}
@@ -61,22 +62,22 @@ def test_the_paired_gap_counts_the_scenes_each_alone_solved(monkeypatch):
     reference = run("seeded", [1] * 8 + [0, 1])
     variant = run("seeded", [1] * 6 + [0, 0, 1, 1])
     variant["episodes"].reverse()  # paired by scene, not by order
-    gap = metaworld_trial.paired_gap(reference, variant)
+    gap = metaworld_report.paired_gap(reference, variant)
     assert (gap["reference_only"], gap["variant_only"], gap["episodes"]) == (2, 1, 10)
     assert gap["points"] == pytest.approx(10.0) and gap["low"] <= 10.0 <= gap["high"] and gap["low"] < gap["high"]
-    assert metaworld_trial.paired_gap(reference, run("unseeded", [1] * 10)) is None
+    assert metaworld_report.paired_gap(reference, run("unseeded", [1] * 10)) is None
     elsewhere = run("seeded", [1])
     elsewhere["episodes"][0]["task"] = "another task"
-    assert metaworld_trial.paired_gap(reference, elsewhere) is None  # no scene in common
-    assert metaworld_trial._gap_cell({"paired_gap": None}) == "other scenes"
+    assert metaworld_report.paired_gap(reference, elsewhere) is None  # no scene in common
+    assert metaworld_report._gap_cell({"paired_gap": None}) == "other scenes"
     # Against the default, a better variant's gap reads as points above it.
-    assert metaworld_trial._gap_cell({"g": gap}, "g").startswith("10.0 [")
-    assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).startswith("-10.0 [")
-    assert metaworld_trial._gap_cell({"g": gap}, "g", above=True).endswith("(1 / 2 of 10)")
+    assert metaworld_report._gap_cell({"g": gap}, "g").startswith("10.0 [")
+    assert metaworld_report._gap_cell({"g": gap}, "g", above=True).startswith("-10.0 [")
+    assert metaworld_report._gap_cell({"g": gap}, "g", above=True).endswith("(1 / 2 of 10)")
     # A bound that rounds to zero from below reads as 0.0, in either direction.
     at_zero = gap | {"points": 2.2, "low": -0.04, "high": 4.6}
-    assert metaworld_trial._gap_cell({"g": at_zero}, "g").startswith("2.2 [0.0, 4.6]")
-    assert metaworld_trial._gap_cell({"g": at_zero}, "g", above=True).startswith("-2.2 [-4.6, 0.0]")
+    assert metaworld_report._gap_cell({"g": at_zero}, "g").startswith("2.2 [0.0, 4.6]")
+    assert metaworld_report._gap_cell({"g": at_zero}, "g", above=True).startswith("-2.2 [-4.6, 0.0]")
 
 
 def test_the_learning_curve_averages_each_stretch_and_the_head_s_loss_where_it_ran():
@@ -110,15 +111,15 @@ def _finished_run(
         "episodes": episodes,
     }
     episodes = [{"task": "t", "seed": k, "success": w} for k, w in enumerate(wins)]
-    path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+    path = folder / "closed-loop" / f"{slug(name)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     run = {"variant": name, "commit": commit, "baseline": baseline, "plan": plan, "episodes": episodes}
     path.write_text(json.dumps(run | {"settings": settings or {"method": name}}))
 
 
 def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
-    reference, default = metaworld_trial.trial_plan.REFERENCE, metaworld_trial.trial_plan.DEFAULT
+    monkeypatch.setattr(checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+    reference, default = trial_plan.REFERENCE, trial_plan.DEFAULT
     short, long = tmp_path / "short", tmp_path / "long"
     _finished_run(short, reference, 100, [1] * 10, commit="unseeded")
     _finished_run(short, default, 100, [1] * 5 + [0] * 5)
@@ -144,14 +145,14 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
     # Runs of another policy, or of another plan, are refused; so are two folders of one length.
     _finished_run(long, default, 300, [1] * 10, baseline="another policy")
     with pytest.raises(SystemExit, match="differ in more than their fine-tuning steps"):
-        metaworld_trial.compare_steps([str(short), str(long)], str(tmp_path / "out"))
+        metaworld_report.compare_steps([str(short), str(long)], str(tmp_path / "out"))
     _finished_run(long, default, 300, [1] * 10, tasks=("t", "u"))
     with pytest.raises(SystemExit, match="differ in more than their fine-tuning steps"):
-        metaworld_trial.compare_steps([str(short), str(long)], str(tmp_path / "out"))
+        metaworld_report.compare_steps([str(short), str(long)], str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="one fine-tuning length a folder"):
-        metaworld_trial.compare_steps([str(short), str(short)], str(tmp_path / "out"))
+        metaworld_report.compare_steps([str(short), str(short)], str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="holds no finished run"):
-        metaworld_trial.compare_steps([str(short), str(tmp_path / "empty")], str(tmp_path / "out"))
+        metaworld_report.compare_steps([str(short), str(tmp_path / "empty")], str(tmp_path / "out"))
     # It summarises finished runs: an option that would run something is refused.
     assert cli.main(["metaworld", "--compare-steps", str(short), "--only", reference]) == 2
     assert "--compare-steps summarises finished runs" in capsys.readouterr().err
@@ -161,15 +162,15 @@ def test_fine_tuning_lengths_set_side_by_side_on_the_same_scenes(tmp_path, monke
 
 
 def test_fine_tunes_of_another_seed_pooled_scene_by_scene(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
-    reference, default = metaworld_trial.trial_plan.REFERENCE, metaworld_trial.trial_plan.DEFAULT
+    monkeypatch.setattr(checkpoint, "descends_from", lambda commit, ancestor: commit != "unseeded")
+    reference, default = trial_plan.REFERENCE, trial_plan.DEFAULT
     hidden = {"method": "relevance", "relevance_hidden": 256}
     first, second = tmp_path / "seed-1", tmp_path / "seed-2"
     _finished_run(first, reference, 300, [1] * 10)
     _finished_run(first, default, 300, [1] * 8 + [0] * 2, settings=hidden)
     _finished_run(first, "distinct (prompt-blind)", 300, [0] * 10)  # one fine-tune: no mean row
     # The checkpoint with its images blanked, on fewer scenes: not fine-tuned, so left out.
-    _finished_run(first, metaworld_trial.BLANKED, 300, [0] * 5, episodes=5)
+    _finished_run(first, metaworld_plan.BLANKED, 300, [0] * 5, episodes=5)
     _finished_run(second, reference, 300, [1] * 9 + [0], seed=200_000)
     # The same settings under the name they had then: pooled with the default, named in its row.
     _finished_run(second, "relevance, a hidden layer of 256 in the head", 300, [1] * 10, seed=200_000, settings=hidden)
@@ -202,17 +203,17 @@ def test_fine_tunes_of_another_seed_pooled_scene_by_scene(tmp_path, monkeypatch,
     assert (out / "seeds.png").stat().st_size > 0
     # Runs of another policy or plan, on unseeded scenes, or two folders of one seed are refused.
     with pytest.raises(SystemExit, match="one fine-tune seed a folder"):
-        metaworld_trial.compare_seeds([str(first), str(first)], str(out))
+        metaworld_report.compare_seeds([str(first), str(first)], str(out))
     _finished_run(second, reference, 600, [1] * 10, seed=200_000)
     with pytest.raises(SystemExit, match="differ in more than their fine-tunes' seed"):
-        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+        metaworld_report.compare_seeds([str(first), str(second)], str(out))
     _finished_run(second, reference, 300, [1] * 10, seed=200_000, commit="unseeded")
     with pytest.raises(SystemExit, match="runs on unseeded scenes cannot be paired"):
-        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+        metaworld_report.compare_seeds([str(first), str(second)], str(out))
     _finished_run(second, reference, 300, [1] * 10, seed=200_000)
     _finished_run(second, default, 300, [1] * 10, seed=200_000, settings=hidden)
     with pytest.raises(SystemExit, match="ran with the same settings and seed as"):
-        metaworld_trial.compare_seeds([str(first), str(second)], str(out))
+        metaworld_report.compare_seeds([str(first), str(second)], str(out))
     assert cli.main(["metaworld", "--compare-seeds", str(first), "--only", reference]) == 2
     assert "--compare-seeds summarises finished runs" in capsys.readouterr().err
 
@@ -250,8 +251,8 @@ def test_the_seeds_picture_draws_each_fine_tune_on_a_line_of_its_own(tmp_path, m
 
 
 def test_git_tells_which_runs_descend_from_a_commit():
-    assert metaworld_trial.checkpoint.descends_from("HEAD", "HEAD")
-    assert not metaworld_trial.checkpoint.descends_from("HEAD", "0" * 40)
+    assert checkpoint.descends_from("HEAD", "HEAD")
+    assert not checkpoint.descends_from("HEAD", "0" * 40)
 
 
 def test_a_reset_seed_is_one_scene_on_every_run():
@@ -302,7 +303,7 @@ def quick_run(tmp_path_factory):
 
 
 def _closed_loop(folder, name: str) -> dict:
-    return json.loads((folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json").read_text())
+    return json.loads((folder / "closed-loop" / f"{slug(name)}.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +324,7 @@ def _common(out) -> dict:
 
 def test_closed_loop_through_openpi_s_server_and_client(quick_run):
     tmp_path, report = quick_run
-    plan = metaworld_trial.quick_plan(tmp_path)
+    plan = metaworld_plan.quick_plan(tmp_path)
     assert set(report["variants"]) == set(ONLY)
     for name in ONLY:
         (episode,) = _closed_loop(tmp_path, name)["episodes"]
@@ -343,11 +344,11 @@ def test_closed_loop_through_openpi_s_server_and_client(quick_run):
 
     for name in ONLY:
         run = _closed_loop(tmp_path, name)
-        gif = Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}.gif")
+        gif = Image.open(tmp_path / "animations" / f"{slug(name)}.gif")
         assert gif.n_frames == len(run["episodes"][0]["call_seconds"]) and gif.size == (2 * 224, 224)
         # Each task's first episode, a few calls, on one sheet.
-        assert Image.open(tmp_path / "animations" / f"{metaworld_trial.slug(name)}-by-task.png").size[0] > 448
-    with np.load(tmp_path / "animations" / f"{metaworld_trial.slug('default (relevance)')}-first-call.npz") as call:
+        assert Image.open(tmp_path / "animations" / f"{slug(name)}-by-task.png").size[0] > 448
+    with np.load(tmp_path / "animations" / f"{slug('default (relevance)')}-first-call.npz") as call:
         assert call["kept_patches"].shape == (2, 64)  # both live cameras, 8 x 8 patches each
         assert call["kept_patches"].sum() == 26  # 20 % of the 128 live patches, rounded up
         assert call["merged_patches"].shape == (2, 64) and not call["merged_patches"].any()  # the default merges none
@@ -358,9 +359,9 @@ def test_closed_loop_through_openpi_s_server_and_client(quick_run):
         assert {e["weights"] for e in _closed_loop(tmp_path, name)["episodes"]} == {digests[name]}
     # The fine-tuned variant is kept as what fine-tuning changed, and loads as the weights its episodes name.
     import openpi_prune
-    from openpi_prune.tools.lab import checkpoint, train, trial_plan
+    from openpi_prune.tools.lab import train
 
-    with openpi_prune.enabled(trial_plan.settings_for(metaworld_trial.VARIANTS["default (relevance)"])):
+    with openpi_prune.enabled(trial_plan.settings_for(metaworld_plan.VARIANTS["default (relevance)"])):
         saved = checkpoint.load_trained(tmp_path / "finetuned" / "default-relevance.npz", plan.spec, pruned=True)
         reloaded = train.params_of(train.load(plan.spec, saved))
     assert checkpoint.digest(reloaded) == digests["default (relevance)"]
@@ -413,11 +414,9 @@ def test_a_fine_tune_from_other_unpruned_weights_starts_from_them(quick_run, mov
     # LightVLA's recipe: a policy already fine-tuned; here the trained one with one tensor moved.
     from flax import traverse_util
 
-    from openpi_prune.tools.lab import checkpoint
-
     tmp_path, _ = quick_run
     path, first_key, moved_tensor = moved
-    plan = metaworld_trial.quick_plan(tmp_path)
+    plan = metaworld_plan.quick_plan(tmp_path)
     start = traverse_util.flatten_dict(checkpoint.load_trained(path, plan.spec), sep="/")
     assert np.array_equal(start[first_key], moved_tensor)
     recipe = tmp_path / "from-moved"
@@ -444,7 +443,7 @@ def test_the_action_mse_check_on_validation_seeds_no_run_trained_on(quick_run):
     # Every variant's weights as they run, and the default's at the shares asked for (its own share:
     # its own figure).
     tmp_path, _ = quick_run
-    plan = metaworld_trial.quick_plan(tmp_path)
+    plan = metaworld_plan.quick_plan(tmp_path)
     check = metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1)
     assert check["validation_seeds"] == [metaworld.VALIDATION_SEEDS, metaworld.VALIDATION_SEEDS + 1]
     assert (tmp_path / "episodes" / plan.spec.tasks[0] / f"{metaworld.VALIDATION_SEEDS}.npz").exists()
@@ -468,14 +467,14 @@ def test_the_action_mse_check_on_validation_seeds_no_run_trained_on(quick_run):
     # default's weights under a variant with the default's settings (named before the default took them).
     hidden = "relevance, a hidden layer of 256 in the head"
     finetuned = tmp_path / "finetuned"
-    (finetuned / f"{metaworld_trial.slug(hidden)}.npz").write_bytes((finetuned / "default-relevance.npz").read_bytes())
+    (finetuned / f"{slug(hidden)}.npz").write_bytes((finetuned / "default-relevance.npz").read_bytes())
     named = metaworld_trial.action_mse(
         out=str(tmp_path), quick=True, shares=[0.2, 1.0], validation_episodes=1, shares_of=[hidden]
     )["rows"]
     assert f"  its weights, 20% kept ({hidden})" in named and "  its weights, 20% kept" not in named
     assert named[f"  its weights, 20% kept ({hidden})"] == named[hidden] == named["default (relevance)"]
     assert named[f"  its weights, 100% kept ({hidden})"] != named[hidden]
-    (finetuned / f"{metaworld_trial.slug(hidden)}.npz").unlink()
+    (finetuned / f"{slug(hidden)}.npz").unlink()
     # One not fine-tuned here is refused.
     with pytest.raises(metaworld.SuiteError, match="--shares-of verbatim LightVLA: no fine-tuned weights"):
         metaworld_trial.action_mse(out=str(tmp_path), quick=True, shares_of=["verbatim LightVLA"])
@@ -490,11 +489,11 @@ def test_a_run_with_only_a_closed_loop_left_renders_no_expert_episode(quick_run)
     metaworld_trial.run(out=str(tmp_path), quick=True, only=["default (relevance)"])
     assert not (tmp_path / "episodes").exists()
     rerun = _closed_loop(tmp_path, "default (relevance)")
-    assert rerun["weights"] == digest and len(rerun["episodes"]) == metaworld_trial.quick_plan(tmp_path).episodes
+    assert rerun["weights"] == digest and len(rerun["episodes"]) == metaworld_plan.quick_plan(tmp_path).episodes
 
 
 def test_a_resumed_variant_refuses_episodes_of_other_weights(tmp_path):
-    plan = metaworld_trial.quick_plan(tmp_path)
+    plan = metaworld_plan.quick_plan(tmp_path)
     partial = tmp_path / "closed-loop" / "default-relevance.partial.jsonl"
     partial.parent.mkdir(parents=True)
     episode = {"task": plan.spec.tasks[0], "seed": 10_000, "success": True, "steps": 3}
@@ -509,7 +508,7 @@ def test_expert_episodes_are_kept_outside_the_checkout_by_what_shapes_them(tmp_p
     assert full.is_relative_to(tmp_path / "openpi-prune" / "metaworld-episodes")
     assert metaworld.episode_cache(SPEC) == full
     # Episodes of another length or image size are other episodes; other tasks or seeds are other files.
-    assert metaworld.episode_cache(metaworld_trial.quick_plan(tmp_path).spec) != full
+    assert metaworld.episode_cache(metaworld_plan.quick_plan(tmp_path).spec) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(image_size=112)) != full
     assert metaworld.episode_cache(metaworld.MetaWorldSpec(tasks=("drawer-open-v3",), train_seeds=3)) == full
 
@@ -526,7 +525,7 @@ def test_a_run_made_with_uncommitted_changes_to_the_package_says_so(tmp_path, tm
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     head = git("rev-parse", "HEAD").stdout.strip()
-    read = metaworld_trial.checkpoint._read_commit
+    read = checkpoint._read_commit
     assert read(package) == head
     (tmp_path / "README.md").write_text("other notes\n")  # outside the package: the code is the same
     assert read(package) == head
@@ -537,37 +536,37 @@ def test_a_run_made_with_uncommitted_changes_to_the_package_says_so(tmp_path, tm
 
 def test_a_run_records_the_commit_its_code_was_loaded_from(monkeypatch):
     # A commit made while a long run goes on must not be taken for the code it runs.
-    loaded = metaworld_trial.checkpoint.commit()
-    monkeypatch.setattr(metaworld_trial.checkpoint.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError))
-    assert metaworld_trial.checkpoint.commit() == loaded
+    loaded = checkpoint.commit()
+    monkeypatch.setattr(checkpoint.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    assert checkpoint.commit() == loaded
 
 
 def test_a_folder_without_a_reference_pairs_with_another_s_on_the_same_scenes(tmp_path, monkeypatch):
-    monkeypatch.setattr(metaworld_trial.checkpoint, "descends_from", lambda commit, ancestor: True)
+    monkeypatch.setattr(checkpoint, "descends_from", lambda commit, ancestor: True)
     task = "button-press-topdown-v3"
-    plan = metaworld_trial.SuitePlan(spec=metaworld.MetaWorldSpec(tasks=(task,)))
+    plan = metaworld_plan.SuitePlan(spec=metaworld.MetaWorldSpec(tasks=(task,)))
 
     def finished(folder, name, wins):
         episodes = [
             {"task": task, "seed": k, "success": w, "call_seconds": [1.0, 0.02], "kept_per_camera": [[9, 17, 0]]}
             for k, w in enumerate(wins)
         ]
-        path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+        path = folder / "closed-loop" / f"{slug(name)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes}))
 
-    finished(tmp_path / "reference-run", metaworld_trial.trial_plan.REFERENCE, [1] * 10)
-    finished(tmp_path / "recipe", metaworld_trial.trial_plan.DEFAULT, [1] * 8 + [0, 0])
-    alone = metaworld_trial.summarise(tmp_path / "recipe", plan)
-    assert "paired_gap" not in alone["variants"][metaworld_trial.trial_plan.DEFAULT]
-    report = metaworld_trial.summarise(tmp_path / "recipe", plan, str(tmp_path / "reference-run"))
-    gap = report["variants"][metaworld_trial.trial_plan.DEFAULT]["paired_gap"]
+    finished(tmp_path / "reference-run", trial_plan.REFERENCE, [1] * 10)
+    finished(tmp_path / "recipe", trial_plan.DEFAULT, [1] * 8 + [0, 0])
+    alone = metaworld_report.summarise(tmp_path / "recipe", plan)
+    assert "paired_gap" not in alone["variants"][trial_plan.DEFAULT]
+    report = metaworld_report.summarise(tmp_path / "recipe", plan, str(tmp_path / "reference-run"))
+    gap = report["variants"][trial_plan.DEFAULT]["paired_gap"]
     assert gap["points"] == pytest.approx(20.0) and (gap["reference_only"], gap["variant_only"]) == (2, 0)
-    assert list(report["variants"]) == [metaworld_trial.trial_plan.DEFAULT]  # the borrowed run is no row
+    assert list(report["variants"]) == [trial_plan.DEFAULT]  # the borrowed run is no row
     table = (tmp_path / "recipe" / "results.md").read_text()
     assert "| 20.0 [" in table and f"reference (unpruned) of `{tmp_path / 'reference-run'}` (by `c0ffee0`)" in table
     with pytest.raises(metaworld.SuiteError, match="--reference-dir .*: no finished reference run"):
-        metaworld_trial.summarise(tmp_path / "recipe", plan, str(tmp_path / "recipe"))
+        metaworld_report.summarise(tmp_path / "recipe", plan, str(tmp_path / "recipe"))
 
 
 def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_scenes(tmp_path, capsys):
@@ -578,20 +577,20 @@ def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_sce
             {"task": task, "seed": metaworld.TEST_SEEDS + k, "success": w, "call_seconds": [1.0], "kept_per_camera": []}
             for k, w in enumerate(wins)
         ]
-        path = folder / "closed-loop" / f"{metaworld_trial.slug(name)}.json"
+        path = folder / "closed-loop" / f"{slug(name)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         # Trained on 3 scenes a task (--train-scenes 3): the map draws those, not the plan's default.
         plan = {"spec": {"train_seeds": 3}}
         path.write_text(json.dumps({"commit": "c0ffee0", "episodes": episodes, "plan": plan}))
 
     with pytest.raises(metaworld.SuiteError, match="no finished closed-loop run"):
-        metaworld_trial.scene_map(str(tmp_path / "run"), quick=True)
-    finished(tmp_path / "reference-run", metaworld_trial.trial_plan.REFERENCE, [1, 1, 1])
-    finished(tmp_path / "run", metaworld_trial.trial_plan.DEFAULT, [1, 0, 1])
-    report = metaworld_trial.scene_map(str(tmp_path / "run"), str(tmp_path / "reference-run"), quick=True)
+        metaworld_report.scene_map(str(tmp_path / "run"), quick=True)
+    finished(tmp_path / "reference-run", trial_plan.REFERENCE, [1, 1, 1])
+    finished(tmp_path / "run", trial_plan.DEFAULT, [1, 0, 1])
+    report = metaworld_report.scene_map(str(tmp_path / "run"), str(tmp_path / "reference-run"), quick=True)
     found = report["tasks"][task]
-    spec = metaworld_trial.quick_plan(tmp_path).spec
-    assert found["failed"] == {metaworld_trial.trial_plan.REFERENCE: [], metaworld_trial.trial_plan.DEFAULT: [10_001]}
+    spec = metaworld_plan.quick_plan(tmp_path).spec
+    assert found["failed"] == {trial_plan.REFERENCE: [], trial_plan.DEFAULT: [10_001]}
     assert found["train"] == [metaworld.object_position(task, seed, spec).tolist() for seed in range(3)]
     assert found["test"][10_001] == metaworld.object_position(task, 10_001, spec).tolist()
     assert found["test"][10_000] != found["test"][10_001]  # each seed its own scene
@@ -599,8 +598,8 @@ def test_the_scene_map_places_each_failed_scene_s_object_beside_the_training_sce
     assert json.loads((tmp_path / "run" / "scene-map.json").read_text())["tasks"][task]["failed"] == found["failed"]
     assert f"{task}, scenes failed: reference (unpruned): 0; default (relevance): 1" in capsys.readouterr().out
     # A run that failed nothing draws no map.
-    finished(tmp_path / "all-solved", metaworld_trial.trial_plan.DEFAULT, [1, 1])
-    assert metaworld_trial.scene_map(str(tmp_path / "all-solved"), quick=True) == {"tasks": {}}
+    finished(tmp_path / "all-solved", trial_plan.DEFAULT, [1, 1])
+    assert metaworld_report.scene_map(str(tmp_path / "all-solved"), quick=True) == {"tasks": {}}
     assert not (tmp_path / "all-solved" / "scene-map.png").exists()
     # It draws finished runs: an option that would run something is refused.
     assert cli.main(["metaworld", "--out", str(tmp_path / "run"), "--scene-map", "--only", "reference (unpruned)"]) == 2
@@ -611,7 +610,7 @@ def test_another_number_of_training_scenes_is_another_plan(tmp_path):
     """`--train-scenes`: a folder's runs share their training scenes, as their fine-tuning steps."""
     path = tmp_path / "closed-loop" / "reference-unpruned.json"
     path.parent.mkdir(parents=True)
-    plan = metaworld_trial.SuitePlan()
+    plan = metaworld_plan.SuitePlan()
     path.write_text(json.dumps({"episodes": [], "plan": dataclasses.asdict(plan)}))
     metaworld_trial._check_same_plan(tmp_path, plan)  # the same plan: goes on
     wider = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, train_seeds=60))
@@ -648,7 +647,7 @@ def test_a_deeper_siglip_is_another_policy_whose_weights_the_shallow_one_refuses
 
     path = tmp_path / "run" / "closed-loop" / "reference-unpruned.json"
     path.parent.mkdir(parents=True)
-    plan = metaworld_trial.SuitePlan()
+    plan = metaworld_plan.SuitePlan()
     path.write_text(json.dumps({"episodes": [], "plan": dataclasses.asdict(plan)}))
     with pytest.raises(
         SystemExit, match=r"SigLIP has 1 layer\(s\), and this run's plan 3: give this plan another --out"

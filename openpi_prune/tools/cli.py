@@ -300,7 +300,7 @@ def _trial(args) -> int:
 
 
 def _metaworld(args) -> int:
-    from openpi_prune.tools.lab import metaworld, metaworld_trial
+    from openpi_prune.tools.lab import metaworld, metaworld_report, metaworld_trial
 
     try:
         if (args.shares or args.shares_of) and not args.action_mse:
@@ -314,11 +314,11 @@ def _metaworld(args) -> int:
         if args.scene_map and (args.action_mse or args.only):
             raise metaworld.SuiteError("--scene-map draws finished runs: it takes --out and --reference-dir only")
         command = (
-            metaworld_trial.scene_map
+            metaworld_report.scene_map
             if args.scene_map
-            else metaworld_trial.compare_steps
+            else metaworld_report.compare_steps
             if args.compare_steps
-            else metaworld_trial.compare_seeds
+            else metaworld_report.compare_seeds
             if args.compare_seeds
             else metaworld_trial.action_mse
             if args.action_mse
